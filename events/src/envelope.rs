@@ -1,0 +1,336 @@
+//! The JSON envelope every event travels in, and the typed events.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{CorrelationId, CustomerId, FailureReason, LineItem, Money, OrderId, Sku};
+use crate::topics;
+
+/// Version of the envelope and event payloads this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One saga event with its metadata. Serialised as the Kafka message value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique per event; consumers deduplicate on it.
+    pub event_id: Uuid,
+    /// The order the event is about; also the Kafka message key.
+    pub order_id: OrderId,
+    pub correlation_id: CorrelationId,
+    /// The event this one was emitted in reaction to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    pub occurred_at: DateTime<Utc>,
+    pub schema_version: u32,
+    /// `event_type` and `data`.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Every event of the saga. `event_type` names the variant, `data` holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event_type", content = "data")]
+pub enum Event {
+    OrderCreated(OrderCreated),
+    OrderConfirmed(OrderConfirmed),
+    OrderFailed(OrderFailed),
+    PaymentSucceeded(PaymentSucceeded),
+    PaymentFailed(PaymentFailed),
+    PaymentRefunded(PaymentRefunded),
+    InventoryReserved(InventoryReserved),
+    InventoryOutOfStock(InventoryOutOfStock),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCreated {
+    pub customer_id: CustomerId,
+    pub items: Vec<LineItem>,
+    pub total: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderConfirmed {
+    pub total: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderFailed {
+    pub reason: FailureReason,
+    /// Human-readable detail (which SKU ran out, why the card was declined).
+    pub detail: String,
+}
+
+/// The order was charged. Carries the items so inventory can reserve them
+/// without asking anyone (choreography: events are self-contained).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentSucceeded {
+    pub payment_id: Uuid,
+    pub amount: Money,
+    pub items: Vec<LineItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentFailed {
+    pub amount: Money,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRefunded {
+    pub payment_id: Uuid,
+    pub amount: Money,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReserved {
+    pub items: Vec<ReservedLine>,
+}
+
+/// One reserved SKU (an order's lines for the same SKU are merged, so the
+/// quantity may exceed one line's limit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedLine {
+    pub sku: Sku,
+    pub quantity: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryOutOfStock {
+    /// Every SKU that could not be served; nothing was reserved.
+    pub shortages: Vec<Shortage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shortage {
+    pub sku: Sku,
+    pub requested: u32,
+    /// Units on hand when the reservation was tried (0 for an unknown SKU).
+    pub available: i64,
+}
+
+
+impl Event {
+    /// The `event_type` string, as in the envelope and the Kafka header.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::OrderCreated(_) => "OrderCreated",
+            Event::OrderConfirmed(_) => "OrderConfirmed",
+            Event::OrderFailed(_) => "OrderFailed",
+            Event::PaymentSucceeded(_) => "PaymentSucceeded",
+            Event::PaymentFailed(_) => "PaymentFailed",
+            Event::PaymentRefunded(_) => "PaymentRefunded",
+            Event::InventoryReserved(_) => "InventoryReserved",
+            Event::InventoryOutOfStock(_) => "InventoryOutOfStock",
+        }
+    }
+
+    /// The (unprefixed) topic this event is published on: each service owns one.
+    pub fn topic(&self) -> &'static str {
+        match self {
+            Event::OrderCreated(_) | Event::OrderConfirmed(_) | Event::OrderFailed(_) => {
+                topics::ORDER_EVENTS
+            }
+            Event::PaymentSucceeded(_) | Event::PaymentFailed(_) | Event::PaymentRefunded(_) => {
+                topics::PAYMENT_EVENTS
+            }
+            Event::InventoryReserved(_) | Event::InventoryOutOfStock(_) => topics::INVENTORY_EVENTS,
+        }
+    }
+}
+
+/// Why a message value is not a saga event this build understands.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message has no value")]
+    Empty,
+    #[error("not a valid event envelope: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported schema_version {found} (this build reads up to {SCHEMA_VERSION})")]
+    UnsupportedSchema { found: u32 },
+}
+
+impl Envelope {
+    /// A new event about `order_id`, stamped now with a fresh ID.
+    pub fn new(order_id: OrderId, correlation_id: CorrelationId, event: Event) -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            order_id,
+            correlation_id,
+            causation_id: None,
+            occurred_at: Utc::now(),
+            schema_version: SCHEMA_VERSION,
+            event,
+        }
+    }
+
+    /// A new event emitted in reaction to `cause`: same order, same correlation.
+    pub fn caused_by(cause: &Envelope, event: Event) -> Self {
+        Self {
+            causation_id: Some(cause.event_id),
+            ..Self::new(cause.order_id, cause.correlation_id.clone(), event)
+        }
+    }
+
+    pub fn event_type(&self) -> &'static str {
+        self.event.event_type()
+    }
+
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let envelope: Envelope = serde_json::from_slice(bytes)?;
+        if envelope.schema_version == 0 || envelope.schema_version > SCHEMA_VERSION {
+            return Err(DecodeError::UnsupportedSchema {
+                found: envelope.schema_version,
+            });
+        }
+        Ok(envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Quantity;
+
+    fn item(sku: &str, qty: i64, price: &str) -> LineItem {
+        LineItem {
+            sku: Sku::parse(sku).unwrap(),
+            quantity: Quantity::new(qty).unwrap(),
+            unit_price: Money::parse_decimal(price).unwrap(),
+        }
+    }
+
+    fn all_events() -> Vec<Event> {
+        let items = vec![item("SKU-1", 2, "29.99"), item("SKU-2", 1, "5.00")];
+        vec![
+            Event::OrderCreated(OrderCreated {
+                customer_id: CustomerId::parse("c-42").unwrap(),
+                items: items.clone(),
+                total: Money::from_minor(6498),
+            }),
+            Event::OrderConfirmed(OrderConfirmed {
+                total: Money::from_minor(6498),
+            }),
+            Event::OrderFailed(OrderFailed {
+                reason: FailureReason::OutOfStock,
+                detail: "SKU-2".into(),
+            }),
+            Event::PaymentSucceeded(PaymentSucceeded {
+                payment_id: Uuid::new_v4(),
+                amount: Money::from_minor(6498),
+                items,
+            }),
+            Event::PaymentFailed(PaymentFailed {
+                amount: Money::from_minor(200_000),
+                reason: "over limit".into(),
+            }),
+            Event::PaymentRefunded(PaymentRefunded {
+                payment_id: Uuid::new_v4(),
+                amount: Money::from_minor(6498),
+                reason: "out of stock".into(),
+            }),
+            Event::InventoryReserved(InventoryReserved {
+                items: vec![ReservedLine {
+                    sku: Sku::parse("SKU-1").unwrap(),
+                    quantity: 2,
+                }],
+            }),
+            Event::InventoryOutOfStock(InventoryOutOfStock {
+                shortages: vec![Shortage {
+                    sku: Sku::parse("SKU-2").unwrap(),
+                    requested: 1,
+                    available: 0,
+                }],
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_event_round_trips_through_the_envelope() {
+        for event in all_events() {
+            let env = Envelope::new(OrderId::new(), CorrelationId::generate(), event);
+            let bytes = env.to_json().unwrap();
+            let back = Envelope::from_json(&bytes).unwrap();
+            assert_eq!(back, env);
+        }
+    }
+
+    #[test]
+    fn envelope_has_the_documented_flat_fields() {
+        let env = Envelope::new(
+            OrderId::new(),
+            CorrelationId::parse("corr-1").unwrap(),
+            all_events().remove(0),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&env.to_json().unwrap()).unwrap();
+        assert_eq!(v["event_type"], "OrderCreated");
+        assert_eq!(v["correlation_id"], "corr-1");
+        assert_eq!(v["order_id"], env.order_id.to_string());
+        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["data"]["total"], "64.98");
+        assert_eq!(v["data"]["items"][0]["unit_price"], "29.99");
+        assert!(v["event_id"].as_str().unwrap().parse::<Uuid>().is_ok());
+        assert!(chrono::DateTime::parse_from_rfc3339(v["occurred_at"].as_str().unwrap()).is_ok());
+        assert!(v.get("causation_id").is_none());
+    }
+
+    #[test]
+    fn caused_by_keeps_order_and_correlation() {
+        let cause = Envelope::new(OrderId::new(), CorrelationId::generate(), all_events().remove(0));
+        let effect = Envelope::caused_by(&cause, all_events().remove(1));
+        assert_eq!(effect.order_id, cause.order_id);
+        assert_eq!(effect.correlation_id, cause.correlation_id);
+        assert_eq!(effect.causation_id, Some(cause.event_id));
+        assert_ne!(effect.event_id, cause.event_id);
+    }
+
+    #[test]
+    fn each_event_lives_on_its_owners_topic() {
+        let owners: Vec<_> = all_events().iter().map(|e| (e.event_type(), e.topic())).collect();
+        assert_eq!(
+            owners,
+            vec![
+                ("OrderCreated", "order-events"),
+                ("OrderConfirmed", "order-events"),
+                ("OrderFailed", "order-events"),
+                ("PaymentSucceeded", "payment-events"),
+                ("PaymentFailed", "payment-events"),
+                ("PaymentRefunded", "payment-events"),
+                ("InventoryReserved", "inventory-events"),
+                ("InventoryOutOfStock", "inventory-events"),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_values_are_rejected_with_a_reason() {
+        assert!(matches!(Envelope::from_json(b""), Err(DecodeError::Empty)));
+        assert!(matches!(Envelope::from_json(b"{not json"), Err(DecodeError::Json(_))));
+        let unknown = br#"{"event_id":"00000000-0000-0000-0000-000000000001","order_id":"00000000-0000-0000-0000-000000000002","correlation_id":"c","occurred_at":"2026-01-01T00:00:00Z","schema_version":1,"event_type":"Teleported","data":{}}"#;
+        assert!(matches!(Envelope::from_json(unknown), Err(DecodeError::Json(_))));
+        let mut env = Envelope::new(OrderId::new(), CorrelationId::generate(), all_events().remove(1));
+        env.schema_version = 99;
+        let bytes = env.to_json().unwrap();
+        assert!(matches!(
+            Envelope::from_json(&bytes),
+            Err(DecodeError::UnsupportedSchema { found: 99 })
+        ));
+        // A valid envelope whose payload breaks a domain rule is malformed too.
+        let bad_qty = String::from_utf8(
+            Envelope::new(OrderId::new(), CorrelationId::generate(), all_events().remove(0))
+                .to_json()
+                .unwrap(),
+        )
+        .unwrap()
+        .replace("\"quantity\":2", "\"quantity\":0");
+        assert!(Envelope::from_json(bad_qty.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,46 @@
+//! inventory-service: reserves stock on `PaymentSucceeded`, all items of an
+//! order or none, and never oversells.
+
+mod catalog;
+mod reserve;
+
+use saga_runtime::config::{self, ConfigError};
+use saga_runtime::{App, Infra, ServiceConfig};
+
+pub use catalog::DEMO_CATALOG;
+pub use reserve::Reserver;
+
+pub const SERVICE: &str = "inventory-service";
+pub const DEFAULT_PORT: u16 = 3002;
+pub const SUBSCRIBES: &[&str] = &[events::topics::PAYMENT_EVENTS];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// `SEED_DEMO_CATALOG`: load [`DEMO_CATALOG`] when the catalog is empty (default true).
+    pub seed_demo_catalog: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            seed_demo_catalog: true,
+        }
+    }
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            seed_demo_catalog: config::parsed("SEED_DEMO_CATALOG", true)?,
+        })
+    }
+}
+
+pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<App> {
+    let infra = Infra::connect(config, sqlx::migrate!("./migrations")).await?;
+    if settings.seed_demo_catalog {
+        catalog::seed_if_empty(&infra.pool).await?;
+    }
+    let router = catalog::router(infra.pool.clone());
+    App::new(infra, router, Some((SUBSCRIBES, Reserver))).await
+}

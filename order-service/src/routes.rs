@@ -1,0 +1,194 @@
+//! HTTP API: `POST /orders`, `GET /orders/{id}`.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use events::{CorrelationId, Envelope, Event, Money, OrderCreated, OrderId};
+use saga_runtime::telemetry;
+use saga_runtime::{ApiError, ApiJson, Outbox};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::domain::{CreateOrderRequest, NewOrder};
+use crate::store::{self, OrderRow};
+
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub outbox: Outbox,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/orders", post(create_order))
+        .route("/orders/{id}", get(get_order))
+        .with_state(state)
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("header {name} must be visible ASCII"))),
+    }
+}
+
+async fn create_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateOrderRequest>,
+) -> Result<Response, ApiError> {
+    let correlation_id = match header_str(&headers, CORRELATION_HEADER)? {
+        Some(v) => CorrelationId::parse(v.trim())
+            .map_err(|e| ApiError::bad_request(format!("header X-Correlation-ID: {e}")))?,
+        None => CorrelationId::generate(),
+    };
+    let idempotency_key = header_str(&headers, IDEMPOTENCY_HEADER)?.map(str::trim);
+    if let Some(key) = idempotency_key {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(ApiError::bad_request(format!(
+                "header Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+            )));
+        }
+    }
+    let order = NewOrder::parse(body).map_err(ApiError::validation)?;
+
+    let span = tracing::Span::current();
+    span.record("correlation_id", correlation_id.as_str());
+    let trace_id = telemetry::trace_id_of(&span);
+
+    if let Some(key) = idempotency_key {
+        if let Some(existing) = store::find_by_idempotency_key(&state.pool, key).await? {
+            return replay(existing, &order);
+        }
+    }
+
+    let order_id = OrderId::new();
+    span.record("order_id", tracing::field::display(order_id));
+    let created = Envelope::new(
+        order_id,
+        correlation_id.clone(),
+        Event::OrderCreated(OrderCreated {
+            customer_id: order.customer_id.clone(),
+            items: order.items.clone(),
+            total: order.total,
+        }),
+    );
+    let mut tx = state.pool.begin().await?;
+    let inserted = store::insert(
+        &mut tx,
+        store::Insert {
+            id: order_id,
+            order: &order,
+            correlation_id: &correlation_id,
+            trace_id: trace_id.as_deref(),
+            idempotency_key,
+        },
+    )
+    .await?;
+    if !inserted {
+        // A concurrent request with the same key won the race.
+        tx.rollback().await?;
+        let key = idempotency_key.unwrap_or_default();
+        let existing = store::find_by_idempotency_key(&state.pool, key)
+            .await?
+            .ok_or_else(|| ApiError::conflict("idempotency key is being used by a concurrent request; retry"))?;
+        return replay(existing, &order);
+    }
+    store::record_history(&mut tx, &[&created]).await?;
+    state.outbox.enqueue(&mut tx, std::slice::from_ref(&created)).await?;
+    tx.commit().await?;
+    state.outbox.wake();
+    tracing::info!(order_id = %order_id, total = %order.total, "order accepted");
+
+    let body = json!({
+        "order_id": order_id,
+        "status": "PENDING",
+        "correlation_id": correlation_id,
+        "trace_id": trace_id,
+    });
+    Ok(accepted(order_id, &correlation_id, body, false))
+}
+
+/// Answers a retry under an Idempotency-Key: the same order for the same
+/// body, an error for a different one.
+fn replay(existing: OrderRow, order: &NewOrder) -> Result<Response, ApiError> {
+    if existing.request_fingerprint.as_deref() != Some(order.fingerprint().as_str()) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request body",
+        ));
+    }
+    let order_id = OrderId::from_uuid(existing.order_id);
+    let correlation_id = CorrelationId::parse(existing.correlation_id.clone())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let body = json!({
+        "order_id": order_id,
+        "status": existing.status,
+        "correlation_id": correlation_id,
+        "trace_id": existing.trace_id,
+    });
+    Ok(accepted(order_id, &correlation_id, body, true))
+}
+
+fn accepted(order_id: OrderId, correlation_id: &CorrelationId, body: serde_json::Value, replayed: bool) -> Response {
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("/orders/{order_id}")) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(correlation_id.as_str()) {
+        h.insert(HeaderName::from_static(CORRELATION_HEADER), v);
+    }
+    if replayed {
+        h.insert(HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true"));
+    }
+    response
+}
+
+async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let order_id: OrderId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{id:?} is not an order ID (a UUID)")))?;
+    let Some(order) = store::find(&state.pool, order_id.as_uuid()).await? else {
+        return Err(ApiError::not_found(format!("order {order_id} does not exist")));
+    };
+    let history = store::history(&state.pool, order_id.as_uuid()).await?;
+    let span = tracing::Span::current();
+    span.record("order_id", tracing::field::display(order_id));
+    span.record("correlation_id", order.correlation_id.as_str());
+    let body = json!({
+        "order_id": order.order_id,
+        "status": order.status,
+        "failure_reason": order.failure_reason,
+        "customer_id": order.customer_id,
+        "items": order.items.0,
+        "total": Money::from_minor(order.total_minor),
+        "refunded": order.refunded,
+        "correlation_id": order.correlation_id,
+        "trace_id": order.trace_id,
+        "created_at": order.created_at,
+        "updated_at": order.updated_at,
+        "history": history.iter().map(|h| json!({
+            "event_type": h.event_type,
+            "event_id": h.event_id,
+            "occurred_at": h.occurred_at,
+            "recorded_at": h.recorded_at,
+            "data": h.data,
+        })).collect::<Vec<_>>(),
+    });
+    let mut response = Json(body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&order.correlation_id) {
+        response.headers_mut().insert(HeaderName::from_static(CORRELATION_HEADER), v);
+    }
+    Ok(response)
+}

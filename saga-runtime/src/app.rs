@@ -1,0 +1,249 @@
+//! Start-up and shutdown, the same for every service: connect the database
+//! and the broker, bind the HTTP port, run the server, the consumer loop and
+//! the outbox relay, and stop them in order on SIGTERM.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use futures::future::BoxFuture;
+use rdkafka::producer::FutureProducer;
+use sqlx::migrate::Migrator;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
+
+use crate::config::{ConfigError, ServiceConfig};
+use crate::consumer::{self, ConsumerOptions, EventLoop, Handler};
+use crate::http::{self, Probes};
+use crate::kafka;
+use crate::outbox::{Outbox, Relay};
+use crate::telemetry;
+
+/// The connections a service is built from.
+#[derive(Clone)]
+pub struct Infra {
+    pub config: ServiceConfig,
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+    pub outbox: Outbox,
+}
+
+impl Infra {
+    /// Creates and migrates the database, the producer, and every saga topic
+    /// (with its dead-letter topic) that is missing.
+    pub async fn connect(config: ServiceConfig, migrations: Migrator) -> anyhow::Result<Self> {
+        let pool = crate::db::connect_and_migrate(&config.database_url, config.max_connections, migrations)
+            .await?;
+        let mut topics = Vec::new();
+        for t in events::topics::ALL {
+            let name = config.kafka.topic(t);
+            topics.push(events::topics::dlq(&name));
+            topics.push(name);
+        }
+        kafka::ensure_topics(&config.kafka, &topics).await?;
+        let producer = kafka::producer(&config.kafka, config.service_name)?;
+        let outbox = Outbox::new(&config.kafka);
+        Ok(Self {
+            config,
+            pool,
+            producer,
+            outbox,
+        })
+    }
+}
+
+type Worker = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
+
+/// A built service, bound to its port, not yet running.
+pub struct App {
+    infra: Infra,
+    listener: TcpListener,
+    router: Router,
+    consumer: Option<Worker>,
+}
+
+impl App {
+    /// Binds `HOST:PORT` (port 0 picks a free one) and wires `router` with the
+    /// probes, body limit and JSON fallbacks. With `subscription`, the service
+    /// consumes those (unprefixed) topics with `handler`.
+    pub async fn new<H: Handler>(
+        infra: Infra,
+        router: Router,
+        subscription: Option<(&[&str], H)>,
+    ) -> anyhow::Result<Self> {
+        let cfg = &infra.config;
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr} (PORT={})", cfg.port))?;
+        let router = router
+            .merge(http::probe_routes(Probes {
+                pool: infra.pool.clone(),
+                producer: infra.producer.clone(),
+            }))
+            .fallback(http::not_found)
+            .method_not_allowed_fallback(http::method_not_allowed)
+            .layer(axum::middleware::from_fn(http::trace_request))
+            .layer(RequestBodyLimitLayer::new(http::MAX_BODY_BYTES))
+            .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES));
+        let consumer = match subscription {
+            None => None,
+            Some((topics, handler)) => {
+                let topics: Vec<String> = topics.iter().map(|t| cfg.kafka.topic(t)).collect();
+                let event_loop = EventLoop {
+                    service: cfg.service_name,
+                    consumer: consumer::subscribe(&cfg.kafka, cfg.service_name, &topics)?,
+                    pool: infra.pool.clone(),
+                    outbox: infra.outbox.clone(),
+                    producer: infra.producer.clone(),
+                    handler: Arc::new(handler),
+                    options: ConsumerOptions::default(),
+                };
+                let worker: Worker = Box::new(move |token| Box::pin(event_loop.run(token)));
+                Some(worker)
+            }
+        };
+        Ok(Self {
+            infra,
+            listener,
+            router,
+            consumer,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.listener.local_addr().context("reading the bound address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.infra.pool
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops in order: the HTTP
+    /// server stops accepting and finishes in-flight requests, the consumer
+    /// finishes its batch and commits offsets, the relay publishes what is
+    /// committed and flushes the producer.
+    ///
+    /// Dropping the returned future (e.g. aborting its task) stops everything
+    /// at once, as a crash would: nothing more is committed.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            infra,
+            listener,
+            router,
+            consumer,
+        } = self;
+        let service = infra.config.service_name;
+        let grace = infra.config.shutdown_grace;
+        let mut workers = JoinSet::new();
+        let relay_token = CancellationToken::new();
+        let relay = Relay::new(infra.pool.clone(), infra.producer.clone(), infra.outbox.clone(), service);
+        workers.spawn(relay.run(relay_token.clone()));
+        let mut consumer_task = JoinSet::new();
+        if let Some(c) = consumer {
+            consumer_task.spawn(c(shutdown.clone()));
+        }
+        tracing::info!(service, addr = %listener.local_addr().context("reading the bound address")?, "service started");
+
+        let http_token = shutdown.clone();
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_token.cancelled().await })
+            .into_future();
+        tokio::pin!(server);
+        let failure: Option<anyhow::Error> = tokio::select! {
+            r = &mut server => r.err().map(|e| anyhow::Error::new(e).context("HTTP server failed")),
+            Some(_) = consumer_task.join_next() => (!shutdown.is_cancelled()).then(|| anyhow::anyhow!("consumer loop stopped unexpectedly")),
+            Some(_) = workers.join_next() => Some(anyhow::anyhow!("outbox relay stopped unexpectedly")),
+        };
+        shutdown.cancel();
+        tracing::info!(service, "shutting down");
+        let drain = async {
+            let _ = (&mut server).await;
+            while consumer_task.join_next().await.is_some() {}
+            relay_token.cancel();
+            while workers.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            tracing::warn!(service, "shutdown grace period elapsed; stopping anyway");
+        }
+        infra.pool.close().await;
+        tracing::info!(service, "stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// The whole `main` of a service: read the configuration, set up telemetry,
+/// build with `build`, run until SIGTERM or Ctrl-C. Configuration errors are
+/// one line on stderr and exit code 2; other start-up failures exit 1.
+pub async fn run_service<F, Fut>(service: &'static str, default_port: u16, build: F) -> ExitCode
+where
+    F: FnOnce(ServiceConfig) -> Fut,
+    Fut: Future<Output = anyhow::Result<App>>,
+{
+    let config = match ServiceConfig::from_env(service, default_port) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{service}: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _telemetry = telemetry::init(service);
+    let app = match build(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            if let Some(c) = e.downcast_ref::<ConfigError>() {
+                eprintln!("{service}: configuration error: {c}");
+                return ExitCode::from(2);
+            }
+            eprintln!("{service}: failed to start: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        on_signal.cancel();
+    });
+    match app.run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{service}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn wait_for_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,187 @@
+//! Configuration from the environment. A bad or missing value stops start-up
+//! with one line that names the variable and says why.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A configuration problem; `Display` is the one line shown to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is not set: {hint}")]
+    Missing { var: String, hint: String },
+    #[error("{var}={value:?} is invalid: {reason}")]
+    Invalid {
+        var: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Reads a variable; unset and empty count as absent.
+pub fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// A required variable.
+pub fn required(name: &str, hint: &str) -> Result<String, ConfigError> {
+    var(name).ok_or_else(|| ConfigError::Missing {
+        var: name.to_owned(),
+        hint: hint.to_owned(),
+    })
+}
+
+/// A variable parsed with `FromStr`, or `default` when unset.
+pub fn parsed<T>(name: &str, default: T) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(default),
+        Some(raw) => raw.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
+            var: name.to_owned(),
+            value: raw.clone(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// A variable checked by `check` after parsing.
+pub fn parsed_with<T, F>(name: &str, default: T, check: F) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+    F: FnOnce(&T) -> Result<(), String>,
+{
+    let value = parsed(name, default)?;
+    check(&value).map_err(|reason| ConfigError::Invalid {
+        var: name.to_owned(),
+        value: var(name).unwrap_or_default(),
+        reason,
+    })?;
+    Ok(value)
+}
+
+/// Kafka settings shared by producer, consumer and admin client.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `KAFKA_BROKERS`, comma-separated `host:port` (default `localhost:9092`).
+    pub brokers: String,
+    /// `KAFKA_TOPIC_PREFIX`: prepended to every topic and consumer group, so
+    /// isolated systems (or test runs) can share one broker. Default empty.
+    pub topic_prefix: String,
+    /// `KAFKA_FETCH_WAIT_MS`: the consumer's `fetch.wait.max.ms` (default 5).
+    /// Some brokers (tansu) hold every fetch this long even when data
+    /// arrives, so it bounds each hop's latency.
+    pub fetch_wait_ms: u32,
+    /// `KAFKA_PARTITIONS` for topics this service creates (default 3).
+    pub partitions: i32,
+    /// `KAFKA_REPLICATION_FACTOR` for topics this service creates (default 1).
+    pub replication_factor: i32,
+    /// `KAFKA_LINGER_MS`: producer batching delay (default 1).
+    pub linger_ms: u32,
+}
+
+impl KafkaConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            brokers: var("KAFKA_BROKERS").unwrap_or_else(|| "localhost:9092".to_owned()),
+            topic_prefix: parsed_with("KAFKA_TOPIC_PREFIX", String::new(), |p| {
+                if p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    Ok(())
+                } else {
+                    Err("only letters, digits, '-', '_' and '.' are allowed".into())
+                }
+            })?,
+            fetch_wait_ms: parsed_with("KAFKA_FETCH_WAIT_MS", 5, |v| {
+                if (1..=10_000).contains(v) {
+                    Ok(())
+                } else {
+                    Err("must be between 1 and 10000".into())
+                }
+            })?,
+            partitions: parsed_with("KAFKA_PARTITIONS", 3, |v| {
+                if (1..=1000).contains(v) {
+                    Ok(())
+                } else {
+                    Err("must be between 1 and 1000".into())
+                }
+            })?,
+            replication_factor: parsed_with("KAFKA_REPLICATION_FACTOR", 1, |v| {
+                if (1..=10).contains(v) {
+                    Ok(())
+                } else {
+                    Err("must be between 1 and 10".into())
+                }
+            })?,
+            linger_ms: parsed_with("KAFKA_LINGER_MS", 1, |v| {
+                if *v <= 1000 {
+                    Ok(())
+                } else {
+                    Err("must be at most 1000".into())
+                }
+            })?,
+        })
+    }
+
+    /// The real name of an (unprefixed) saga topic.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.topic_prefix, name)
+    }
+
+    /// The consumer group of a service.
+    pub fn group_id(&self, service: &str) -> String {
+        format!("{}{}", self.topic_prefix, service)
+    }
+}
+
+/// What every service reads from its environment.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub service_name: &'static str,
+    /// `PORT`; 0 binds a free port (tests).
+    pub port: u16,
+    /// `HOST` to bind (default `0.0.0.0`).
+    pub host: String,
+    /// `DATABASE_URL` of the service's own database; created if missing.
+    pub database_url: String,
+    /// `DATABASE_MAX_CONNECTIONS` (default 10).
+    pub max_connections: u32,
+    pub kafka: KafkaConfig,
+    /// `SHUTDOWN_GRACE_SECS`: how long in-flight work may take after SIGTERM (default 10).
+    pub shutdown_grace: Duration,
+}
+
+impl ServiceConfig {
+    pub fn from_env(service_name: &'static str, default_port: u16) -> Result<Self, ConfigError> {
+        let database_url = required(
+            "DATABASE_URL",
+            &format!(
+                "set it to this service's PostgreSQL database, e.g. postgres://postgres@localhost:5432/{}",
+                service_name.replace('-', "_")
+            ),
+        )?;
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid {
+                var: "DATABASE_URL".into(),
+                value: database_url,
+                reason: "must start with postgres:// or postgresql://".into(),
+            });
+        }
+        Ok(Self {
+            service_name,
+            port: parsed("PORT", default_port)?,
+            host: var("HOST").unwrap_or_else(|| "0.0.0.0".to_owned()),
+            database_url,
+            max_connections: parsed_with("DATABASE_MAX_CONNECTIONS", 10, |v| {
+                if (2..=500).contains(v) {
+                    Ok(())
+                } else {
+                    Err("must be between 2 and 500".into())
+                }
+            })?,
+            kafka: KafkaConfig::from_env()?,
+            shutdown_grace: Duration::from_secs(parsed("SHUTDOWN_GRACE_SECS", 10u64)?),
+        })
+    }
+}

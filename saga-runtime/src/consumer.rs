@@ -1,0 +1,393 @@
+//! The idempotent consumer loop every service runs.
+//!
+//! For each poll it takes the messages that are ready (up to a batch) and
+//! handles them in one database transaction, each inside a savepoint:
+//!
+//! 1. decode the envelope (malformed → dead-letter topic);
+//! 2. record `(consumer, event_id)` in `processed_events` — already there
+//!    means a redelivery, which changes nothing;
+//! 3. run the service's handler and write the events it emits to the outbox.
+//!
+//! Only after the transaction commits are dead letters produced and the
+//! messages' offsets stored for the (periodic and shutdown) offset commit.
+//! A crash anywhere before that redelivers the batch, which step 2 absorbs.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use events::{Envelope, Event};
+use futures::FutureExt;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{Acquire, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::KafkaConfig;
+use crate::kafka::{self, headers};
+use crate::outbox::Outbox;
+use crate::{db, telemetry};
+
+/// Why a handler could not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// The event can never be applied (it contradicts this service's state):
+    /// it goes to the dead-letter topic and the consumer moves on.
+    #[error("{0}")]
+    Permanent(String),
+    /// A database failure: the batch is retried.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// A service's reaction to saga events.
+pub trait Handler: Send + Sync + 'static {
+    /// Whether this service acts on `event`; others are acknowledged and skipped.
+    fn accepts(&self, event: &Event) -> bool;
+
+    /// Applies `envelope` inside the consumer's transaction and returns the
+    /// events to emit (written to the outbox in the same transaction).
+    fn handle(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<Vec<Envelope>, HandleError>> + Send;
+}
+
+/// Tuning of the loop.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Most messages handled in one transaction.
+    pub max_batch: usize,
+    /// Attempts before a message whose handling keeps failing is dead-lettered
+    /// (database outages are retried without limit).
+    pub max_attempts: u32,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 256,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// Builds the Kafka consumer of `service`, subscribed to `topics`.
+pub fn subscribe(
+    cfg: &KafkaConfig,
+    service: &str,
+    topics: &[String],
+) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = kafka::client_config(cfg, service)
+        .set("group.id", cfg.group_id(service))
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        // Offsets are stored by hand, after the database commit.
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", cfg.fetch_wait_ms.to_string())
+        .set("fetch.min.bytes", "1")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create()
+        .context("creating the Kafka consumer")?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .with_context(|| format!("subscribing to {}", names.join(", ")))?;
+    Ok(consumer)
+}
+
+/// The loop: owns the consumer and applies `H` to every message.
+pub struct EventLoop<H> {
+    pub service: &'static str,
+    pub consumer: StreamConsumer,
+    pub pool: PgPool,
+    pub outbox: Outbox,
+    pub producer: FutureProducer,
+    pub handler: Arc<H>,
+    pub options: ConsumerOptions,
+}
+
+/// One polled message, decoded or not.
+struct Item<'m> {
+    msg: BorrowedMessage<'m>,
+    decoded: Result<Envelope, String>,
+}
+
+/// The outcome of applying one message.
+enum Applied {
+    Done,
+    Duplicate,
+    Dead(String),
+}
+
+/// Raised when shutdown interrupts a retry: the batch is left unacknowledged.
+struct Interrupted;
+
+impl<H: Handler> EventLoop<H> {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut poll_backoff = Duration::from_millis(100);
+        loop {
+            let first = tokio::select! {
+                m = self.consumer.recv() => m,
+                _ = shutdown.cancelled() => break,
+            };
+            let first = match first {
+                Ok(m) => {
+                    poll_backoff = Duration::from_millis(100);
+                    m
+                }
+                Err(e) => {
+                    tracing::warn!(service = self.service, error = %e, "Kafka poll failed");
+                    tokio::time::sleep(poll_backoff).await;
+                    poll_backoff = (poll_backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.options.max_batch {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => batch.push(m),
+                    _ => break,
+                }
+            }
+            let items: Vec<Item<'_>> = batch
+                .into_iter()
+                .map(|msg| {
+                    let decoded = match msg.payload() {
+                        None => Err("message has no value".to_owned()),
+                        Some(bytes) => Envelope::from_json(bytes).map_err(|e| e.to_string()),
+                    };
+                    Item { msg, decoded }
+                })
+                .collect();
+            if self.process(&items, &shutdown).await.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit is the usual reason.
+            tracing::debug!(service = self.service, error = %e, "final offset commit");
+        }
+        self.consumer.unsubscribe();
+    }
+
+    /// Handles a polled batch to completion, then acknowledges it.
+    async fn process(&self, items: &[Item<'_>], shutdown: &CancellationToken) -> Result<(), Interrupted> {
+        let mut dead: Vec<(usize, String)> = Vec::new();
+        let mut work: Vec<usize> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match &item.decoded {
+                Err(why) => dead.push((i, format!("malformed message: {why}"))),
+                Ok(env) if self.handler.accepts(&env.event) => work.push(i),
+                Ok(_) => {}
+            }
+        }
+        if !work.is_empty() {
+            dead.extend(self.apply_with_retries(items, &work, shutdown).await?);
+        }
+        for (i, reason) in &dead {
+            self.dead_letter(&items[*i].msg, reason, shutdown).await?;
+        }
+        for item in items {
+            if let Err(e) = self.consumer.store_offset_from_message(&item.msg) {
+                // The partition was revoked meanwhile; its new owner redelivers,
+                // and the inbox absorbs the duplicate.
+                tracing::debug!(error = %e, "could not store offset");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `work` in one transaction, retrying on failure. A batch that
+    /// keeps failing is split so one bad message cannot hold back the others.
+    async fn apply_with_retries(
+        &self,
+        items: &[Item<'_>],
+        work: &[usize],
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<(usize, String)>, Interrupted> {
+        let mut attempt = 0u32;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.apply(items, work).await {
+                Ok(dead) => return Ok(dead),
+                Err(e) => {
+                    attempt += 1;
+                    let outage = db::is_connectivity_error(&e);
+                    tracing::warn!(service = self.service, attempt, error = %e, batch = work.len(), "handling failed; retrying");
+                    if !outage && attempt >= self.options.max_attempts {
+                        if work.len() > 1 {
+                            let mut dead = Vec::new();
+                            for i in work {
+                                dead.extend(Box::pin(self.apply_with_retries(items, &[*i], shutdown)).await?);
+                            }
+                            return Ok(dead);
+                        }
+                        return Ok(vec![(
+                            work[0],
+                            format!("handler failed after {attempt} attempts: {e}"),
+                        )]);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Err(Interrupted),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One transaction over `work`; returns the messages to dead-letter.
+    async fn apply(&self, items: &[Item<'_>], work: &[usize]) -> Result<Vec<(usize, String)>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut dead = Vec::new();
+        let mut emitted = false;
+        for &i in work {
+            let item = &items[i];
+            let Ok(env) = &item.decoded else { continue };
+            let span = message_span(self.service, &item.msg, env);
+            let outcome = async {
+                let mut sp = (&mut *tx).begin().await?;
+                let fresh = sqlx::query(
+                    "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(self.service)
+                .bind(env.event_id)
+                .execute(&mut *sp)
+                .await?
+                .rows_affected()
+                    == 1;
+                if !fresh {
+                    sp.commit().await?;
+                    tracing::info!("duplicate event ignored");
+                    return Ok(Applied::Duplicate);
+                }
+                match self.handler.handle(&mut sp, env).await {
+                    Ok(out) => {
+                        self.outbox.enqueue(&mut sp, &out).await?;
+                        sp.commit().await?;
+                        for e in &out {
+                            tracing::info!(emitted = e.event_type(), "event handled");
+                        }
+                        if out.is_empty() {
+                            tracing::info!("event handled");
+                        }
+                        Ok(Applied::Done)
+                    }
+                    Err(HandleError::Permanent(why)) => {
+                        sp.rollback().await?;
+                        tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
+                        Ok(Applied::Dead(why))
+                    }
+                    Err(HandleError::Db(e)) => Err(e),
+                }
+            }
+            .instrument(span.clone())
+            .await;
+            match outcome {
+                Ok(Applied::Done) => emitted = true,
+                Ok(Applied::Duplicate) => {}
+                Ok(Applied::Dead(why)) => dead.push((i, why)),
+                Err(e) => {
+                    telemetry::mark_error(&span, &e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        tx.commit().await?;
+        if emitted {
+            self.outbox.wake();
+        }
+        Ok(dead)
+    }
+
+    /// Copies `msg` to `<topic>.dlq` with headers saying who gave up and why.
+    /// Retries until the broker takes it (or shutdown): the offset is not
+    /// stored before.
+    async fn dead_letter(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Interrupted> {
+        let topic = events::topics::dlq(msg.topic());
+        let partition = msg.partition().to_string();
+        let offset = msg.offset().to_string();
+        let failed_at = chrono::Utc::now().to_rfc3339();
+        tracing::warn!(
+            service = self.service,
+            topic = msg.topic(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            reason,
+            "dead-lettering message"
+        );
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let mut hdrs = OwnedHeaders::new();
+            if let Some(original) = msg.headers() {
+                for h in original.iter() {
+                    hdrs = hdrs.insert(Header { key: h.key, value: h.value });
+                }
+            }
+            hdrs = hdrs
+                .insert(Header { key: headers::DLQ_CONSUMER, value: Some(self.service) })
+                .insert(Header { key: headers::DLQ_REASON, value: Some(reason) })
+                .insert(Header { key: headers::DLQ_TOPIC, value: Some(msg.topic()) })
+                .insert(Header { key: headers::DLQ_PARTITION, value: Some(partition.as_str()) })
+                .insert(Header { key: headers::DLQ_OFFSET, value: Some(offset.as_str()) })
+                .insert(Header { key: headers::DLQ_FAILED_AT, value: Some(failed_at.as_str()) });
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hdrs);
+            if let Some(k) = msg.key() {
+                record = record.key(k);
+            }
+            if let Some(p) = msg.payload() {
+                record = record.payload(p);
+            }
+            match self.producer.send(record, Duration::from_secs(5)).await {
+                Ok(_) => return Ok(()),
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, topic = %topic, "dead-letter publish failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Err(Interrupted),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// The span of one consumed message: a child of the producer's trace context,
+/// with the OpenTelemetry messaging attributes and the saga's own keys.
+fn message_span(service: &'static str, msg: &BorrowedMessage<'_>, env: &Envelope) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "consume",
+        otel.name = format!("{} process", msg.topic()),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        otel.status_message = tracing::field::Empty,
+        service = service,
+        messaging.system = "kafka",
+        messaging.operation = "process",
+        messaging.destination.name = msg.topic(),
+        messaging.kafka.message.key = %env.order_id,
+        messaging.kafka.destination.partition = msg.partition(),
+        messaging.kafka.message.offset = msg.offset(),
+        messaging.message.id = %env.event_id,
+        event_type = env.event_type(),
+        order_id = %env.order_id,
+        correlation_id = %env.correlation_id,
+    );
+    telemetry::set_remote_parent(&span, kafka::header(msg, headers::TRACEPARENT).as_deref());
+    span
+}

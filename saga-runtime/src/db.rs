@@ -1,0 +1,102 @@
+//! Database set-up: create the service's database when missing, connect with
+//! a deadline, run the shared migrations (outbox, inbox) and the service's own.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+/// How long start-up waits for PostgreSQL to accept connections.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Connects to `url`, creating the database first if it does not exist, and
+/// migrates it: the runtime's tables first, then `service_migrations`.
+pub async fn connect_and_migrate(
+    url: &str,
+    max_connections: u32,
+    mut service_migrations: Migrator,
+) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url
+        .parse()
+        .with_context(|| "DATABASE_URL is not a valid PostgreSQL URL".to_owned())?;
+    let db_name = options.get_database().unwrap_or("postgres").to_owned();
+
+    retry_until_deadline("create the database", || async {
+        if !Postgres::database_exists(url).await? {
+            match Postgres::create_database(url).await {
+                Ok(()) => tracing::info!(database = %db_name, "created database"),
+                // Another instance created it in the meantime.
+                Err(e) if is_duplicate_database(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+    .await?;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .with_context(|| format!("connecting to database {db_name}"))?;
+
+    let mut shared = sqlx::migrate!("./migrations");
+    // Both migrators record into the same `_sqlx_migrations` table, each
+    // ignoring the other's versions.
+    shared.set_ignore_missing(true);
+    shared
+        .run(&pool)
+        .await
+        .context("running the shared outbox/inbox migrations")?;
+    service_migrations.set_ignore_missing(true);
+    service_migrations
+        .run(&pool)
+        .await
+        .context("running the service's migrations")?;
+    Ok(pool)
+}
+
+fn is_duplicate_database(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04"))
+}
+
+/// Retries `op` while it fails with a connection-level error, up to a deadline,
+/// so services may start before the database is ready (docker compose).
+async fn retry_until_deadline<F, Fut>(what: &str, mut op: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(()) => return Ok(()),
+            Err(e) if is_connectivity_error(&e) && started.elapsed() < CONNECT_DEADLINE => {
+                tracing::warn!(error = %e, "database not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e).with_context(|| format!("could not {what}")),
+        }
+    }
+}
+
+/// Errors that say "the database is not there right now", not "this is wrong".
+pub fn is_connectivity_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+    ) || matches!(e, sqlx::Error::Database(db) if db.code().as_deref().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+/// Errors worth retrying the same transaction for: connectivity, serialisation
+/// failures and deadlocks.
+pub fn is_retriable(e: &sqlx::Error) -> bool {
+    is_connectivity_error(e)
+        || matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
+}

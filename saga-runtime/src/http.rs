@@ -1,0 +1,210 @@
+//! HTTP building blocks: the one JSON error type, a JSON extractor whose
+//! rejections are JSON too, probes and the fallbacks.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use rdkafka::producer::{FutureProducer, Producer};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use sqlx::PgPool;
+use std::time::Duration;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Every 4xx/5xx body: `{"error": {"code": …, "message": …}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.status, self.code, self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        tracing::error!(error = %e, "database error while serving a request");
+        if crate::db::is_connectivity_error(&e) {
+            Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database is not reachable; try again")
+        } else {
+            Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        }
+    }
+}
+
+/// `Json<T>` whose rejections (bad content type, malformed JSON, wrong
+/// fields, body too large) are [`ApiError`]s.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let status = r.status();
+    let code = match &r {
+        JsonRejection::JsonDataError(_) => "invalid_body",
+        JsonRejection::JsonSyntaxError(_) => "malformed_json",
+        JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        _ => "bad_request",
+    };
+    let message = match &r {
+        JsonRejection::JsonDataError(e) => {
+            // Serde's message names the field and the rule ("items[0].quantity: …").
+            use std::error::Error;
+            let detail = e.source().map(|s| s.to_string()).unwrap_or_else(|| e.body_text());
+            format!("request body does not match the expected shape: {detail}")
+        }
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("request body is larger than {MAX_BODY_BYTES} bytes")
+        }
+        other => other.body_text(),
+    };
+    ApiError::new(status, code, message)
+}
+
+/// What the probes check.
+#[derive(Clone)]
+pub struct Probes {
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+}
+
+/// `/health` (the process answers) and `/ready` (database and broker reachable).
+pub fn probe_routes(probes: Probes) -> Router {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/ready", get(ready))
+        .with_state(probes)
+}
+
+async fn ready(State(p): State<Probes>) -> Response {
+    let db = sqlx::query("SELECT 1").execute(&p.pool).await.map(|_| ()).map_err(|e| e.to_string());
+    let producer = p.producer.clone();
+    let kafka = tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let status = if db.is_ok() && kafka.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => json!("ok"),
+        Err(e) => json!(e),
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
+        "checks": { "database": show(&db), "kafka": show(&kafka) },
+    });
+    (status, Json(body)).into_response()
+}
+
+/// JSON 404 for unknown routes.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+/// JSON 405 for a known route with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}
+
+/// Middleware: one server span per request, continuing the caller's trace
+/// when it sends a W3C `traceparent`, with the HTTP semantic-convention
+/// attributes. Handlers may fill in `correlation_id` and `order_id`.
+pub async fn trace_request(req: Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let span = tracing::info_span!(
+        "http",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        otel.status_message = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        url.path = req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        order_id = tracing::field::Empty,
+    );
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    crate::telemetry::set_remote_parent(&span, traceparent.as_deref());
+    let response = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        crate::telemetry::mark_error(&span, status.canonical_reason().unwrap_or("server error"));
+    }
+    response
+}

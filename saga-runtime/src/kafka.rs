@@ -1,0 +1,125 @@
+//! Kafka clients: one configuration, topic creation, message headers and the
+//! classification of producer errors.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::FutureProducer;
+
+use crate::config::KafkaConfig;
+
+/// Base client configuration shared by producer, consumer and admin client.
+pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", client_id)
+        // Keep librdkafka quiet about brokers that come and go; we log ourselves.
+        .set("log_level", "4");
+    c
+}
+
+/// The idempotent producer used by the outbox relay and the dead-letter path.
+pub fn producer(cfg: &KafkaConfig, client_id: &str) -> anyhow::Result<FutureProducer> {
+    client_config(cfg, client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("message.timeout.ms", "30000")
+        .create()
+        .context("creating the Kafka producer")
+}
+
+/// Creates every topic in `topics` that does not exist yet. Waits for the
+/// broker for up to a minute, so services may start before it is ready.
+pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg, "saga-admin")
+        .create()
+        .context("creating the Kafka admin client")?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                cfg.partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let outcome = admin.create_topics(&new_topics, &options).await;
+        let err = match outcome {
+            Ok(results) => {
+                let mut failed = Vec::new();
+                for r in results {
+                    match r {
+                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((topic, code)) => failed.push(format!("{topic}: {code}")),
+                    }
+                }
+                if failed.is_empty() {
+                    return Ok(());
+                }
+                anyhow::anyhow!("creating topics failed: {}", failed.join(", "))
+            }
+            Err(e) => anyhow::Error::new(e).context("creating topics"),
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(err.context(format!(
+                "Kafka at {} not usable after 60 s",
+                cfg.brokers
+            )));
+        }
+        tracing::warn!(error = %format!("{err:#}"), "Kafka not ready yet, retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(3));
+    }
+}
+
+/// Producer failures that will not go away by retrying the same message.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidTopic
+        )
+    )
+}
+
+/// The value of header `name`, as UTF-8, if present.
+pub fn header<M: Message>(msg: &M, name: &str) -> Option<String> {
+    let headers = msg.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Standard header names on every saga message.
+pub mod headers {
+    pub const EVENT_TYPE: &str = "event_type";
+    pub const EVENT_ID: &str = "event_id";
+    pub const CORRELATION_ID: &str = "correlation_id";
+    pub const TRACEPARENT: &str = "traceparent";
+    pub const CONTENT_TYPE: &str = "content-type";
+
+    pub const DLQ_CONSUMER: &str = "dlq.consumer";
+    pub const DLQ_REASON: &str = "dlq.reason";
+    pub const DLQ_TOPIC: &str = "dlq.original.topic";
+    pub const DLQ_PARTITION: &str = "dlq.original.partition";
+    pub const DLQ_OFFSET: &str = "dlq.original.offset";
+    pub const DLQ_FAILED_AT: &str = "dlq.failed_at";
+}

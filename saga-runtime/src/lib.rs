@@ -1,0 +1,28 @@
+//! Machinery shared by the three saga services, written once:
+//!
+//! - [`config`]: environment variables, one clear line per mistake;
+//! - [`db`]: create-if-missing, connect, migrate (shared + service tables);
+//! - [`outbox`]: transactional outbox and its relay to Kafka;
+//! - [`consumer`]: the idempotent, batched consumer loop with dead letters;
+//! - [`http`]: the JSON error type, JSON extractor, probes;
+//! - [`telemetry`]: logs, tracing and W3C trace-context propagation;
+//! - [`app`]: start-up, run, graceful shutdown.
+//!
+//! Start-up glue returns `anyhow::Result` (its callers only report); the error
+//! types callers act on ([`config::ConfigError`], [`consumer::HandleError`],
+//! [`http::ApiError`]) are enums.
+
+pub mod app;
+pub mod config;
+pub mod consumer;
+pub mod db;
+pub mod http;
+pub mod kafka;
+pub mod outbox;
+pub mod telemetry;
+
+pub use app::{run_service, App, Infra};
+pub use config::{ConfigError, KafkaConfig, ServiceConfig};
+pub use consumer::{HandleError, Handler};
+pub use http::{ApiError, ApiJson};
+pub use outbox::Outbox;

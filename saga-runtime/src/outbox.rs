@@ -1,0 +1,299 @@
+//! Transactional outbox: events are written in the same transaction as the
+//! state change they describe, and a relay publishes them to Kafka.
+//!
+//! The relay wakes when a transaction commits (an in-process signal, and a
+//! PostgreSQL `NOTIFY` from an insert trigger for rows written by other
+//! processes), publishes unpublished rows in batches with the idempotent
+//! producer and marks them sent. A crash between publishing and marking
+//! republishes; consumers deduplicate by `event_id`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use events::Envelope;
+use futures::future::join_all;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+use crate::kafka::{self, headers};
+use crate::telemetry;
+
+/// Rows published per round trip.
+const BATCH_SIZE: i64 = 500;
+/// Safety-net poll when no wake-up arrives (e.g. the listener is down).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Published rows are kept this long for inspection, then purged.
+const RETENTION: &str = "1 hour";
+
+/// Writes events into the outbox and wakes the relay.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    topic_prefix: Arc<str>,
+    wake: Arc<Notify>,
+}
+
+impl Outbox {
+    pub fn new(kafka: &KafkaConfig) -> Self {
+        Self {
+            topic_prefix: kafka.topic_prefix.as_str().into(),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Adds `events` to the outbox inside the caller's transaction. The
+    /// current span's trace context is stored with each row.
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        events: &[Envelope],
+    ) -> Result<(), sqlx::Error> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let traceparent = telemetry::current_traceparent();
+        let mut ids = Vec::with_capacity(events.len());
+        let mut topics = Vec::with_capacity(events.len());
+        let mut keys = Vec::with_capacity(events.len());
+        let mut types = Vec::with_capacity(events.len());
+        let mut correlations = Vec::with_capacity(events.len());
+        let mut payloads = Vec::with_capacity(events.len());
+        for e in events {
+            ids.push(e.event_id);
+            topics.push(format!("{}{}", self.topic_prefix, e.event.topic()));
+            keys.push(e.order_id.to_string());
+            types.push(e.event_type().to_owned());
+            correlations.push(e.correlation_id.to_string());
+            payloads.push(e.to_json().map_err(|err| sqlx::Error::Encode(Box::new(err)))?);
+        }
+        sqlx::query(
+            "INSERT INTO outbox (event_id, topic, message_key, event_type, correlation_id, traceparent, payload)
+             SELECT id, topic, k, t, c, $6, p
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $7::bytea[])
+                  AS e(id, topic, k, t, c, p)",
+        )
+        .bind(&ids)
+        .bind(&topics)
+        .bind(&keys)
+        .bind(&types)
+        .bind(&correlations)
+        .bind(traceparent)
+        .bind(&payloads)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Tells the relay that new rows committed. Call after `commit()`.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Publishes outbox rows to Kafka until cancelled.
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    outbox: Outbox,
+    service: &'static str,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: i64,
+    topic: String,
+    message_key: String,
+    event_type: String,
+    event_id: uuid::Uuid,
+    correlation_id: String,
+    traceparent: Option<String>,
+    payload: Vec<u8>,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, producer: FutureProducer, outbox: Outbox, service: &'static str) -> Self {
+        Self {
+            pool,
+            producer,
+            outbox,
+            service,
+        }
+    }
+
+    /// Runs until `shutdown`, then publishes what is left and flushes.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut listener = match PgListener::connect_with(&self.pool).await {
+            Ok(mut l) => match l.listen("outbox").await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay cannot LISTEN; relying on in-process wake-ups and polling");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay has no listener connection; relying on in-process wake-ups and polling");
+                None
+            }
+        };
+        let mut purge = tokio::time::interval(Duration::from_secs(60));
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.publish_batch().await {
+                Ok(n) if n as i64 == BATCH_SIZE => continue,
+                Ok(_) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox publish failed; will retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = self.outbox.wake.notified() => {}
+                n = recv_or_pending(&mut listener) => {
+                    if let Err(e) = n {
+                        tracing::warn!(error = %e, "outbox listener failed; falling back to polling");
+                        listener = None;
+                    }
+                }
+                _ = purge.tick() => self.purge().await,
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        // Graceful stop: whatever committed before shutdown still goes out.
+        for _ in 0..10 {
+            match self.publish_batch().await {
+                Ok(n) if n as i64 == BATCH_SIZE => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "final outbox publish failed; rows stay for the next start");
+                    break;
+                }
+            }
+        }
+        let producer = self.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("producer flush on shutdown did not complete");
+        }
+    }
+
+    /// Publishes up to one batch; returns how many rows were marked sent.
+    pub async fn publish_batch(&self) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, topic, message_key, event_type, event_id, correlation_id, traceparent, payload
+             FROM outbox WHERE published_at IS NULL AND parked_at IS NULL
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(BATCH_SIZE)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        // Enqueue every message first, then await the deliveries together:
+        // awaiting one by one would serialise them behind linger.ms.
+        let mut pending = Vec::with_capacity(rows.len());
+        let mut retriable: Option<anyhow::Error> = None;
+        for row in &rows {
+            let event_id = row.event_id.to_string();
+            let mut hdrs = OwnedHeaders::new_with_capacity(5)
+                .insert(Header { key: headers::EVENT_TYPE, value: Some(row.event_type.as_str()) })
+                .insert(Header { key: headers::EVENT_ID, value: Some(event_id.as_str()) })
+                .insert(Header { key: headers::CORRELATION_ID, value: Some(row.correlation_id.as_str()) })
+                .insert(Header { key: headers::CONTENT_TYPE, value: Some("application/json") });
+            if let Some(tp) = &row.traceparent {
+                hdrs = hdrs.insert(Header { key: headers::TRACEPARENT, value: Some(tp.as_str()) });
+            }
+            let record = FutureRecord::to(&row.topic)
+                .key(row.message_key.as_str())
+                .payload(row.payload.as_slice())
+                .headers(hdrs);
+            match self.producer.send_result(record) {
+                Ok(delivery) => pending.push((row.id, delivery)),
+                Err((e, _)) => {
+                    // Queue full or similar: publish what is enqueued, retry the rest.
+                    retriable = Some(anyhow::Error::new(e).context("enqueueing outbox row"));
+                    break;
+                }
+            }
+        }
+        let ids: Vec<i64> = pending.iter().map(|(id, _)| *id).collect();
+        let results = join_all(pending.into_iter().map(|(_, d)| d)).await;
+        let mut sent = Vec::with_capacity(results.len());
+        let mut dead = Vec::new();
+        for (id, result) in ids.into_iter().zip(results) {
+            match result {
+                Ok(Ok(_)) => sent.push(id),
+                Ok(Err((e, _))) if kafka::is_permanent(&e) => {
+                    tracing::error!(outbox_id = id, error = %e, "outbox row can never be published; parking it");
+                    dead.push((id, e.to_string()));
+                }
+                Ok(Err((e, _))) => {
+                    retriable.get_or_insert_with(|| anyhow::Error::new(e).context("publishing outbox row"));
+                }
+                Err(_canceled) => {
+                    retriable.get_or_insert_with(|| anyhow::anyhow!("producer dropped a delivery"));
+                }
+            }
+        }
+        if !sent.is_empty() {
+            sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+                .bind(&sent)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (id, why) in &dead {
+            // Parked rows are marked so they no longer block the relay; they
+            // keep their payload for an operator to inspect and replay.
+            sqlx::query("UPDATE outbox SET parked_at = now(), last_error = $2 WHERE id = $1")
+                .bind(id)
+                .bind(why)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        match retriable {
+            Some(e) if sent.is_empty() => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "some outbox rows will be retried");
+                Ok(sent.len())
+            }
+            None => Ok(sent.len()),
+        }
+    }
+
+    async fn purge(&self) {
+        let result = sqlx::query(&format!(
+            "DELETE FROM outbox WHERE published_at < now() - interval '{RETENTION}'"
+        ))
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "purging published outbox rows failed");
+        }
+        let result = sqlx::query("DELETE FROM processed_events WHERE processed_at < now() - interval '7 days'")
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "purging old processed-event ids failed");
+        }
+    }
+}
+
+async fn recv_or_pending(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
+    match listener {
+        Some(l) => l.recv().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
