@@ -258,7 +258,9 @@ impl Money {
             None => (digits, ""),
         };
         if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad("expected digits, optionally followed by '.' and up to 2 decimals"));
+            return Err(bad(
+                "expected digits, optionally followed by '.' and up to 2 decimals",
+            ));
         }
         if digits.contains('.') && frac.is_empty() {
             return Err(bad("expected digits after '.'"));
@@ -381,14 +383,33 @@ mod tests {
             (" 7.25 ", 725),
         ];
         for (text, minor) in cases {
-            assert_eq!(Money::parse_decimal(text), Ok(Money::from_minor(minor)), "{text}");
+            assert_eq!(
+                Money::parse_decimal(text),
+                Ok(Money::from_minor(minor)),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn money_rejects_sub_cent_and_garbage() {
-        for text in ["1.999", "", ".5", "5.", "1e3", "1,000.00", "abc", "--1", "+1", "1.2.3", "99999999999999999999"] {
-            assert!(Money::parse_decimal(text).is_err(), "{text:?} should be rejected");
+        for text in [
+            "1.999",
+            "",
+            ".5",
+            "5.",
+            "1e3",
+            "1,000.00",
+            "abc",
+            "--1",
+            "+1",
+            "1.2.3",
+            "99999999999999999999",
+        ] {
+            assert!(
+                Money::parse_decimal(text).is_err(),
+                "{text:?} should be rejected"
+            );
         }
     }
 
@@ -404,15 +425,24 @@ mod tests {
     fn money_round_trips_as_a_json_string_and_refuses_numbers() {
         let json = serde_json::to_string(&Money::from_minor(5998)).unwrap();
         assert_eq!(json, "\"59.98\"");
-        assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), Money::from_minor(5998));
+        assert_eq!(
+            serde_json::from_str::<Money>(&json).unwrap(),
+            Money::from_minor(5998)
+        );
         assert!(serde_json::from_str::<Money>("59.98").is_err());
     }
 
     #[test]
     fn money_arithmetic_reports_overflow() {
-        assert_eq!(Money::from_minor(i64::MAX).checked_add(Money::from_minor(1)), None);
+        assert_eq!(
+            Money::from_minor(i64::MAX).checked_add(Money::from_minor(1)),
+            None
+        );
         assert_eq!(Money::from_minor(i64::MAX / 2).checked_mul(3), None);
-        assert_eq!(Money::from_minor(250).checked_mul(4), Some(Money::from_minor(1000)));
+        assert_eq!(
+            Money::from_minor(250).checked_mul(4),
+            Some(Money::from_minor(1000))
+        );
     }
 
     #[test]
@@ -460,7 +490,10 @@ mod tests {
     #[test]
     fn failure_reason_names() {
         assert_eq!(FailureReason::PaymentDeclined.as_str(), "payment_declined");
-        assert_eq!("out_of_stock".parse::<FailureReason>(), Ok(FailureReason::OutOfStock));
+        assert_eq!(
+            "out_of_stock".parse::<FailureReason>(),
+            Ok(FailureReason::OutOfStock)
+        );
         assert_eq!(
             serde_json::to_string(&FailureReason::OutOfStock).unwrap(),
             "\"out_of_stock\""

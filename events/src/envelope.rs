@@ -110,7 +110,6 @@ pub struct Shortage {
     pub available: i64,
 }
 
-
 impl Event {
     /// The `event_type` string, as in the envelope and the Kafka header.
     pub fn event_type(&self) -> &'static str {
@@ -284,7 +283,11 @@ mod tests {
 
     #[test]
     fn caused_by_keeps_order_and_correlation() {
-        let cause = Envelope::new(OrderId::new(), CorrelationId::generate(), all_events().remove(0));
+        let cause = Envelope::new(
+            OrderId::new(),
+            CorrelationId::generate(),
+            all_events().remove(0),
+        );
         let effect = Envelope::caused_by(&cause, all_events().remove(1));
         assert_eq!(effect.order_id, cause.order_id);
         assert_eq!(effect.correlation_id, cause.correlation_id);
@@ -294,7 +297,10 @@ mod tests {
 
     #[test]
     fn each_event_lives_on_its_owners_topic() {
-        let owners: Vec<_> = all_events().iter().map(|e| (e.event_type(), e.topic())).collect();
+        let owners: Vec<_> = all_events()
+            .iter()
+            .map(|e| (e.event_type(), e.topic()))
+            .collect();
         assert_eq!(
             owners,
             vec![
@@ -313,10 +319,20 @@ mod tests {
     #[test]
     fn malformed_values_are_rejected_with_a_reason() {
         assert!(matches!(Envelope::from_json(b""), Err(DecodeError::Empty)));
-        assert!(matches!(Envelope::from_json(b"{not json"), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            Envelope::from_json(b"{not json"),
+            Err(DecodeError::Json(_))
+        ));
         let unknown = br#"{"event_id":"00000000-0000-0000-0000-000000000001","order_id":"00000000-0000-0000-0000-000000000002","correlation_id":"c","occurred_at":"2026-01-01T00:00:00Z","schema_version":1,"event_type":"Teleported","data":{}}"#;
-        assert!(matches!(Envelope::from_json(unknown), Err(DecodeError::Json(_))));
-        let mut env = Envelope::new(OrderId::new(), CorrelationId::generate(), all_events().remove(1));
+        assert!(matches!(
+            Envelope::from_json(unknown),
+            Err(DecodeError::Json(_))
+        ));
+        let mut env = Envelope::new(
+            OrderId::new(),
+            CorrelationId::generate(),
+            all_events().remove(1),
+        );
         env.schema_version = 99;
         let bytes = env.to_json().unwrap();
         assert!(matches!(
@@ -325,9 +341,13 @@ mod tests {
         ));
         // A valid envelope whose payload breaks a domain rule is malformed too.
         let bad_qty = String::from_utf8(
-            Envelope::new(OrderId::new(), CorrelationId::generate(), all_events().remove(0))
-                .to_json()
-                .unwrap(),
+            Envelope::new(
+                OrderId::new(),
+                CorrelationId::generate(),
+                all_events().remove(0),
+            )
+            .to_json()
+            .unwrap(),
         )
         .unwrap()
         .replace("\"quantity\":2", "\"quantity\":0");

@@ -22,8 +22,8 @@ mod envelope;
 pub mod topics;
 
 pub use domain::{
-    CorrelationId, CustomerId, DomainError, FailureReason, LineItem, Money, OrderId, Quantity,
-    Sku, MAX_ITEMS_PER_ORDER, MAX_QUANTITY, MAX_UNIT_PRICE_MINOR,
+    CorrelationId, CustomerId, DomainError, FailureReason, LineItem, Money, OrderId, Quantity, Sku,
+    MAX_ITEMS_PER_ORDER, MAX_QUANTITY, MAX_UNIT_PRICE_MINOR,
 };
 pub use envelope::{
     DecodeError, Envelope, Event, InventoryOutOfStock, InventoryReserved, OrderConfirmed,

@@ -74,24 +74,31 @@ fn to_json(p: &ProductRow) -> serde_json::Value {
 }
 
 async fn list(State(pool): State<PgPool>) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows: Vec<ProductRow> =
-        sqlx::query_as("SELECT sku, name, available, reserved, updated_at FROM products ORDER BY sku")
-            .fetch_all(&pool)
-            .await?;
-    Ok(Json(json!({ "products": rows.iter().map(to_json).collect::<Vec<_>>() })))
+    let rows: Vec<ProductRow> = sqlx::query_as(
+        "SELECT sku, name, available, reserved, updated_at FROM products ORDER BY sku",
+    )
+    .fetch_all(&pool)
+    .await?;
+    Ok(Json(
+        json!({ "products": rows.iter().map(to_json).collect::<Vec<_>>() }),
+    ))
 }
 
 fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
     Sku::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-async fn show(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn show(
+    State(pool): State<PgPool>,
+    Path(sku): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let sku = parse_sku(&sku)?;
-    let row: Option<ProductRow> =
-        sqlx::query_as("SELECT sku, name, available, reserved, updated_at FROM products WHERE sku = $1")
-            .bind(sku.as_str())
-            .fetch_optional(&pool)
-            .await?;
+    let row: Option<ProductRow> = sqlx::query_as(
+        "SELECT sku, name, available, reserved, updated_at FROM products WHERE sku = $1",
+    )
+    .bind(sku.as_str())
+    .fetch_optional(&pool)
+    .await?;
     row.map(|r| Json(to_json(&r)))
         .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))
 }
@@ -112,7 +119,9 @@ async fn upsert(
     let sku = parse_sku(&sku)?;
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
-        return Err(ApiError::validation(format!("name: must be 1 to {MAX_NAME_LEN} characters")));
+        return Err(ApiError::validation(format!(
+            "name: must be 1 to {MAX_NAME_LEN} characters"
+        )));
     }
     if !(0..=MAX_STOCK).contains(&body.available) {
         return Err(ApiError::validation(format!(
@@ -143,6 +152,10 @@ async fn upsert(
         )
     };
     tracing::info!(sku = %sku, available = row.available, created, "product stocked");
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(to_json(&row))))
 }

@@ -17,14 +17,19 @@ impl Handler for Reserver {
         matches!(event, Event::PaymentSucceeded(_))
     }
 
-    async fn handle(&self, conn: &mut PgConnection, env: &Envelope) -> Result<Vec<Envelope>, HandleError> {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        env: &Envelope,
+    ) -> Result<Vec<Envelope>, HandleError> {
         let Event::PaymentSucceeded(paid) = &env.event else {
             return Ok(Vec::new());
         };
-        let already: Option<(String,)> = sqlx::query_as("SELECT status FROM reservations WHERE order_id = $1")
-            .bind(env.order_id.as_uuid())
-            .fetch_optional(&mut *conn)
-            .await?;
+        let already: Option<(String,)> =
+            sqlx::query_as("SELECT status FROM reservations WHERE order_id = $1")
+                .bind(env.order_id.as_uuid())
+                .fetch_optional(&mut *conn)
+                .await?;
         if already.is_some() {
             tracing::warn!("order already went through inventory; not reserving twice");
             return Ok(Vec::new());
@@ -32,7 +37,10 @@ impl Handler for Reserver {
         let wanted = merge(&paid.items)?;
         let outcome = reserve(conn, &wanted).await?;
         let (status, event) = match outcome {
-            Ok(lines) => ("RESERVED", Event::InventoryReserved(InventoryReserved { items: lines })),
+            Ok(lines) => (
+                "RESERVED",
+                Event::InventoryReserved(InventoryReserved { items: lines }),
+            ),
             Err(shortages) => (
                 "REJECTED",
                 Event::InventoryOutOfStock(InventoryOutOfStock { shortages }),
@@ -69,18 +77,20 @@ async fn reserve(
 ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, HandleError> {
     let skus: Vec<&str> = wanted.keys().map(String::as_str).collect();
     let qtys: Vec<i64> = wanted.values().copied().collect();
-    let on_hand: Vec<(String, i64)> =
-        sqlx::query_as("SELECT sku, available FROM products WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
-            .bind(&skus)
-            .fetch_all(&mut *conn)
-            .await?;
+    let on_hand: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sku, available FROM products WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(&skus)
+    .fetch_all(&mut *conn)
+    .await?;
     let on_hand: BTreeMap<String, i64> = on_hand.into_iter().collect();
     let mut shortages = Vec::new();
     for (sku, &qty) in wanted {
         let available = on_hand.get(sku).copied().unwrap_or(0);
         if available < qty {
             shortages.push(Shortage {
-                sku: events::Sku::parse(sku.as_str()).map_err(|e| HandleError::Permanent(e.to_string()))?,
+                sku: events::Sku::parse(sku.as_str())
+                    .map_err(|e| HandleError::Permanent(e.to_string()))?,
                 requested: u32::try_from(qty).unwrap_or(u32::MAX),
                 available,
             });
@@ -100,7 +110,8 @@ async fn reserve(
     let mut lines = Vec::with_capacity(wanted.len());
     for (sku, &qty) in wanted {
         lines.push(ReservedLine {
-            sku: events::Sku::parse(sku.as_str()).map_err(|e| HandleError::Permanent(e.to_string()))?,
+            sku: events::Sku::parse(sku.as_str())
+                .map_err(|e| HandleError::Permanent(e.to_string()))?,
             quantity: u32::try_from(qty).map_err(|e| HandleError::Permanent(e.to_string()))?,
         });
     }

@@ -1,6 +1,9 @@
 //! The `POST /orders` body, parsed into domain types at the edge.
 
-use events::{CustomerId, DomainError, LineItem, Money, Quantity, Sku, MAX_ITEMS_PER_ORDER, MAX_UNIT_PRICE_MINOR};
+use events::{
+    CustomerId, DomainError, LineItem, Money, Quantity, Sku, MAX_ITEMS_PER_ORDER,
+    MAX_UNIT_PRICE_MINOR,
+};
 use serde::{Deserialize, Serialize};
 
 /// The body as it arrives. Field types are loose on purpose so that every
@@ -32,7 +35,8 @@ impl NewOrder {
     /// Checks every rule; the error names the offending field.
     pub fn parse(req: CreateOrderRequest) -> Result<Self, String> {
         let field = |name: String| move |e: DomainError| format!("{name}: {e}");
-        let customer_id = CustomerId::parse(req.customer_id).map_err(field("customer_id".into()))?;
+        let customer_id =
+            CustomerId::parse(req.customer_id).map_err(field("customer_id".into()))?;
         if req.items.is_empty() {
             return Err("items: an order needs at least one item".into());
         }
@@ -46,9 +50,10 @@ impl NewOrder {
         let mut total = Money::ZERO;
         for (i, item) in req.items.into_iter().enumerate() {
             let sku = Sku::parse(item.sku).map_err(field(format!("items[{i}].sku")))?;
-            let quantity = Quantity::new(item.quantity).map_err(field(format!("items[{i}].quantity")))?;
-            let unit_price =
-                Money::parse_decimal(&item.unit_price).map_err(field(format!("items[{i}].unit_price")))?;
+            let quantity =
+                Quantity::new(item.quantity).map_err(field(format!("items[{i}].quantity")))?;
+            let unit_price = Money::parse_decimal(&item.unit_price)
+                .map_err(field(format!("items[{i}].unit_price")))?;
             if unit_price.minor() <= 0 {
                 return Err(format!("items[{i}].unit_price: must be greater than 0"));
             }
@@ -108,15 +113,42 @@ mod tests {
     #[test]
     fn each_rule_names_its_field() {
         let cases = [
-            (serde_json::json!({"customer_id": "", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}]}), "customer_id"),
-            (serde_json::json!({"customer_id": "c", "items": []}), "items"),
-            (serde_json::json!({"customer_id": "c", "items": [{"sku": "", "quantity": 1, "unit_price": "1"}]}), "items[0].sku"),
-            (serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 0, "unit_price": "1"}]}), "items[0].quantity"),
-            (serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1000000, "unit_price": "1"}]}), "items[0].quantity"),
-            (serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "0"}]}), "items[0].unit_price"),
-            (serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "-1.00"}]}), "items[0].unit_price"),
-            (serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1.001"}]}), "items[0].unit_price"),
-            (serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}, {"sku": "B", "quantity": -2, "unit_price": "1"}]}), "items[1].quantity"),
+            (
+                serde_json::json!({"customer_id": "", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}]}),
+                "customer_id",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": []}),
+                "items",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "", "quantity": 1, "unit_price": "1"}]}),
+                "items[0].sku",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 0, "unit_price": "1"}]}),
+                "items[0].quantity",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1000000, "unit_price": "1"}]}),
+                "items[0].quantity",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "0"}]}),
+                "items[0].unit_price",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "-1.00"}]}),
+                "items[0].unit_price",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1.001"}]}),
+                "items[0].unit_price",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}, {"sku": "B", "quantity": -2, "unit_price": "1"}]}),
+                "items[1].quantity",
+            ),
         ];
         for (body, field) in cases {
             let err = NewOrder::parse(req(body.clone())).unwrap_err();
@@ -129,7 +161,8 @@ mod tests {
         let items: Vec<_> = (0..=MAX_ITEMS_PER_ORDER)
             .map(|i| serde_json::json!({"sku": format!("S{i}"), "quantity": 1, "unit_price": "1"}))
             .collect();
-        let err = NewOrder::parse(req(serde_json::json!({"customer_id": "c", "items": items}))).unwrap_err();
+        let err = NewOrder::parse(req(serde_json::json!({"customer_id": "c", "items": items})))
+            .unwrap_err();
         assert!(err.contains("at most"), "{err}");
     }
 

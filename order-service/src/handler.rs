@@ -23,9 +23,16 @@ impl Handler for OrderSaga {
         )
     }
 
-    async fn handle(&self, conn: &mut PgConnection, env: &Envelope) -> Result<Vec<Envelope>, HandleError> {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        env: &Envelope,
+    ) -> Result<Vec<Envelope>, HandleError> {
         let Some((status, total_minor)) = store::lock(conn, env.order_id).await? else {
-            return Err(HandleError::Permanent(format!("order {} does not exist", env.order_id)));
+            return Err(HandleError::Permanent(format!(
+                "order {} does not exist",
+                env.order_id
+            )));
         };
         let pending = status == "PENDING";
         let outcome = match &env.event {
@@ -47,7 +54,12 @@ impl Handler for OrderSaga {
                 let skus: Vec<String> = e
                     .shortages
                     .iter()
-                    .map(|s| format!("{} (requested {}, available {})", s.sku, s.requested, s.available))
+                    .map(|s| {
+                        format!(
+                            "{} (requested {}, available {})",
+                            s.sku, s.requested, s.available
+                        )
+                    })
                     .collect();
                 Some(Event::OrderFailed(OrderFailed {
                     reason: FailureReason::OutOfStock,
@@ -69,7 +81,10 @@ impl Handler for OrderSaga {
                 None
             }
         };
-        let emitted: Vec<Envelope> = outcome.map(|e| Envelope::caused_by(env, e)).into_iter().collect();
+        let emitted: Vec<Envelope> = outcome
+            .map(|e| Envelope::caused_by(env, e))
+            .into_iter()
+            .collect();
         let mut touched: Vec<&Envelope> = vec![env];
         touched.extend(emitted.iter());
         store::record_history(conn, &touched).await?;

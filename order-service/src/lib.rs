@@ -16,7 +16,10 @@ pub const SERVICE: &str = "order-service";
 pub const DEFAULT_PORT: u16 = 3000;
 
 /// Topics whose events end or annotate the saga.
-pub const SUBSCRIBES: &[&str] = &[events::topics::PAYMENT_EVENTS, events::topics::INVENTORY_EVENTS];
+pub const SUBSCRIBES: &[&str] = &[
+    events::topics::PAYMENT_EVENTS,
+    events::topics::INVENTORY_EVENTS,
+];
 
 /// Builds the service (database, broker, HTTP) ready to run.
 pub async fn build(config: ServiceConfig) -> anyhow::Result<App> {

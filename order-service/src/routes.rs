@@ -100,11 +100,16 @@ async fn create_order(
         let key = idempotency_key.unwrap_or_default();
         let existing = store::find_by_idempotency_key(&state.pool, key)
             .await?
-            .ok_or_else(|| ApiError::conflict("idempotency key is being used by a concurrent request; retry"))?;
+            .ok_or_else(|| {
+                ApiError::conflict("idempotency key is being used by a concurrent request; retry")
+            })?;
         return replay(existing, &order);
     }
     store::record_history(&mut tx, &[&created]).await?;
-    state.outbox.enqueue(&mut tx, std::slice::from_ref(&created)).await?;
+    state
+        .outbox
+        .enqueue(&mut tx, std::slice::from_ref(&created))
+        .await?;
     tx.commit().await?;
     state.outbox.wake();
     tracing::info!(order_id = %order_id, total = %order.total, "order accepted");
@@ -140,7 +145,12 @@ fn replay(existing: OrderRow, order: &NewOrder) -> Result<Response, ApiError> {
     Ok(accepted(order_id, &correlation_id, body, true))
 }
 
-fn accepted(order_id: OrderId, correlation_id: &CorrelationId, body: serde_json::Value, replayed: bool) -> Response {
+fn accepted(
+    order_id: OrderId,
+    correlation_id: &CorrelationId,
+    body: serde_json::Value,
+    replayed: bool,
+) -> Response {
     let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&format!("/orders/{order_id}")) {
@@ -150,17 +160,25 @@ fn accepted(order_id: OrderId, correlation_id: &CorrelationId, body: serde_json:
         h.insert(HeaderName::from_static(CORRELATION_HEADER), v);
     }
     if replayed {
-        h.insert(HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true"));
+        h.insert(
+            HeaderName::from_static("idempotent-replayed"),
+            HeaderValue::from_static("true"),
+        );
     }
     response
 }
 
-async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let order_id: OrderId = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("{id:?} is not an order ID (a UUID)")))?;
     let Some(order) = store::find(&state.pool, order_id.as_uuid()).await? else {
-        return Err(ApiError::not_found(format!("order {order_id} does not exist")));
+        return Err(ApiError::not_found(format!(
+            "order {order_id} does not exist"
+        )));
     };
     let history = store::history(&state.pool, order_id.as_uuid()).await?;
     let span = tracing::Span::current();
@@ -188,7 +206,9 @@ async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Res
     });
     let mut response = Json(body).into_response();
     if let Ok(v) = HeaderValue::from_str(&order.correlation_id) {
-        response.headers_mut().insert(HeaderName::from_static(CORRELATION_HEADER), v);
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(CORRELATION_HEADER), v);
     }
     Ok(response)
 }

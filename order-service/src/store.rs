@@ -68,23 +68,30 @@ pub async fn insert(conn: &mut PgConnection, new: Insert<'_>) -> Result<bool, sq
 }
 
 pub async fn find<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<OrderRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
 pub async fn find_by_idempotency_key<'e>(
     db: impl PgExecutor<'e>,
     key: &str,
 ) -> Result<Option<OrderRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE idempotency_key = $1"))
-        .bind(key)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE idempotency_key = $1"
+    ))
+    .bind(key)
+    .fetch_optional(db)
+    .await
 }
 
-pub async fn history<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Vec<HistoryRow>, sqlx::Error> {
+pub async fn history<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+) -> Result<Vec<HistoryRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT event_id, event_type, occurred_at, recorded_at, data
          FROM order_history WHERE order_id = $1 ORDER BY id",
@@ -95,7 +102,10 @@ pub async fn history<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Vec<Histor
 }
 
 /// Appends `events` to their orders' history.
-pub async fn record_history(conn: &mut PgConnection, events: &[&Envelope]) -> Result<(), sqlx::Error> {
+pub async fn record_history(
+    conn: &mut PgConnection,
+    events: &[&Envelope],
+) -> Result<(), sqlx::Error> {
     let mut order_ids = Vec::with_capacity(events.len());
     let mut event_ids = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
@@ -124,7 +134,10 @@ pub async fn record_history(conn: &mut PgConnection, events: &[&Envelope]) -> Re
 }
 
 /// Locks the order for the rest of the transaction; returns its status and total.
-pub async fn lock(conn: &mut PgConnection, id: OrderId) -> Result<Option<(String, i64)>, sqlx::Error> {
+pub async fn lock(
+    conn: &mut PgConnection,
+    id: OrderId,
+) -> Result<Option<(String, i64)>, sqlx::Error> {
     sqlx::query_as("SELECT status, total_minor FROM orders WHERE order_id = $1 FOR UPDATE")
         .bind(id.as_uuid())
         .fetch_optional(conn)
@@ -139,7 +152,11 @@ pub async fn confirm(conn: &mut PgConnection, id: OrderId) -> Result<(), sqlx::E
     Ok(())
 }
 
-pub async fn fail(conn: &mut PgConnection, id: OrderId, reason: FailureReason) -> Result<(), sqlx::Error> {
+pub async fn fail(
+    conn: &mut PgConnection,
+    id: OrderId,
+    reason: FailureReason,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE orders SET status = 'FAILED', failure_reason = $2, updated_at = now() WHERE order_id = $1")
         .bind(id.as_uuid())
         .bind(reason.as_str())
@@ -148,11 +165,17 @@ pub async fn fail(conn: &mut PgConnection, id: OrderId, reason: FailureReason) -
     Ok(())
 }
 
-pub async fn touch(conn: &mut PgConnection, id: OrderId, refunded: bool) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orders SET refunded = refunded OR $2, updated_at = now() WHERE order_id = $1")
-        .bind(id.as_uuid())
-        .bind(refunded)
-        .execute(conn)
-        .await?;
+pub async fn touch(
+    conn: &mut PgConnection,
+    id: OrderId,
+    refunded: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE orders SET refunded = refunded OR $2, updated_at = now() WHERE order_id = $1",
+    )
+    .bind(id.as_uuid())
+    .bind(refunded)
+    .execute(conn)
+    .await?;
     Ok(())
 }

@@ -4,9 +4,7 @@
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use events::{
-    Envelope, Event, Money, OrderId, PaymentFailed, PaymentRefunded, PaymentSucceeded,
-};
+use events::{Envelope, Event, Money, OrderId, PaymentFailed, PaymentRefunded, PaymentSucceeded};
 use saga_runtime::config::{self, ConfigError};
 use saga_runtime::{ApiError, App, HandleError, Handler, Infra, ServiceConfig};
 use serde_json::json;
@@ -15,7 +13,10 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "payment-service";
 pub const DEFAULT_PORT: u16 = 3001;
-pub const SUBSCRIBES: &[&str] = &[events::topics::ORDER_EVENTS, events::topics::INVENTORY_EVENTS];
+pub const SUBSCRIBES: &[&str] = &[
+    events::topics::ORDER_EVENTS,
+    events::topics::INVENTORY_EVENTS,
+];
 
 /// The simulated gateway's rules.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,7 +78,10 @@ struct PaymentRow {
     updated_at: chrono::DateTime<chrono::Utc>,
 }
 
-async fn get_payment(State(pool): State<PgPool>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn get_payment(
+    State(pool): State<PgPool>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let order_id: OrderId = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("{id:?} is not an order ID (a UUID)")))?;
@@ -125,16 +129,26 @@ impl Gateway {
 
 impl Handler for Gateway {
     fn accepts(&self, event: &Event) -> bool {
-        matches!(event, Event::OrderCreated(_) | Event::InventoryOutOfStock(_))
+        matches!(
+            event,
+            Event::OrderCreated(_) | Event::InventoryOutOfStock(_)
+        )
     }
 
-    async fn handle(&self, conn: &mut PgConnection, env: &Envelope) -> Result<Vec<Envelope>, HandleError> {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        env: &Envelope,
+    ) -> Result<Vec<Envelope>, HandleError> {
         let event = match &env.event {
             Event::OrderCreated(order) => charge(self, conn, env, order).await?,
             Event::InventoryOutOfStock(_) => refund(conn, env).await?,
             _ => None,
         };
-        Ok(event.map(|e| Envelope::caused_by(env, e)).into_iter().collect())
+        Ok(event
+            .map(|e| Envelope::caused_by(env, e))
+            .into_iter()
+            .collect())
     }
 }
 
@@ -182,11 +196,12 @@ async fn charge(
 }
 
 async fn refund(conn: &mut PgConnection, env: &Envelope) -> Result<Option<Event>, HandleError> {
-    let row: Option<(Uuid, i64, String)> =
-        sqlx::query_as("SELECT payment_id, amount_minor, status FROM payments WHERE order_id = $1 FOR UPDATE")
-            .bind(env.order_id.as_uuid())
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(Uuid, i64, String)> = sqlx::query_as(
+        "SELECT payment_id, amount_minor, status FROM payments WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(env.order_id.as_uuid())
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some((payment_id, amount_minor, status)) = row else {
         return Err(HandleError::Permanent(format!(
             "no payment for order {} to refund",
@@ -195,10 +210,12 @@ async fn refund(conn: &mut PgConnection, env: &Envelope) -> Result<Option<Event>
     };
     match status.as_str() {
         "CHARGED" => {
-            sqlx::query("UPDATE payments SET status = 'REFUNDED', updated_at = now() WHERE order_id = $1")
-                .bind(env.order_id.as_uuid())
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(
+                "UPDATE payments SET status = 'REFUNDED', updated_at = now() WHERE order_id = $1",
+            )
+            .bind(env.order_id.as_uuid())
+            .execute(&mut *conn)
+            .await?;
             let amount = Money::from_minor(amount_minor);
             tracing::info!(amount = %amount, "payment refunded");
             Ok(Some(Event::PaymentRefunded(PaymentRefunded {

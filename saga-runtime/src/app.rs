@@ -38,8 +38,12 @@ impl Infra {
     /// Creates and migrates the database, the producer, and every saga topic
     /// (with its dead-letter topic) that is missing.
     pub async fn connect(config: ServiceConfig, migrations: Migrator) -> anyhow::Result<Self> {
-        let pool = crate::db::connect_and_migrate(&config.database_url, config.max_connections, migrations)
-            .await?;
+        let pool = crate::db::connect_and_migrate(
+            &config.database_url,
+            config.max_connections,
+            migrations,
+        )
+        .await?;
         let mut topics = Vec::new();
         for t in events::topics::ALL {
             let name = config.kafka.topic(t);
@@ -118,7 +122,9 @@ impl App {
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        self.listener.local_addr().context("reading the bound address")
+        self.listener
+            .local_addr()
+            .context("reading the bound address")
     }
 
     pub fn port(&self) -> u16 {
@@ -147,7 +153,12 @@ impl App {
         let grace = infra.config.shutdown_grace;
         let mut workers = JoinSet::new();
         let relay_token = CancellationToken::new();
-        let relay = Relay::new(infra.pool.clone(), infra.producer.clone(), infra.outbox.clone(), service);
+        let relay = Relay::new(
+            infra.pool.clone(),
+            infra.producer.clone(),
+            infra.outbox.clone(),
+            service,
+        );
         workers.spawn(relay.run(relay_token.clone()));
         let mut consumer_task = JoinSet::new();
         if let Some(c) = consumer {
@@ -160,15 +171,21 @@ impl App {
             .with_graceful_shutdown(async move { http_token.cancelled().await })
             .into_future();
         tokio::pin!(server);
+        let mut server_done = false;
         let failure: Option<anyhow::Error> = tokio::select! {
-            r = &mut server => r.err().map(|e| anyhow::Error::new(e).context("HTTP server failed")),
+            r = &mut server => {
+                server_done = true;
+                r.err().map(|e| anyhow::Error::new(e).context("HTTP server failed"))
+            }
             Some(_) = consumer_task.join_next() => (!shutdown.is_cancelled()).then(|| anyhow::anyhow!("consumer loop stopped unexpectedly")),
             Some(_) = workers.join_next() => Some(anyhow::anyhow!("outbox relay stopped unexpectedly")),
         };
         shutdown.cancel();
         tracing::info!(service, "shutting down");
         let drain = async {
-            let _ = (&mut server).await;
+            if !server_done {
+                let _ = (&mut server).await;
+            }
             while consumer_task.join_next().await.is_some() {}
             relay_token.cancel();
             while workers.join_next().await.is_some() {}

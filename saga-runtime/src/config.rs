@@ -38,11 +38,14 @@ where
 {
     match var(name) {
         None => Ok(default),
-        Some(raw) => raw.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
-            var: name.to_owned(),
-            value: raw.clone(),
-            reason: e.to_string(),
-        }),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|e: T::Err| ConfigError::Invalid {
+                var: name.to_owned(),
+                value: raw.clone(),
+                reason: e.to_string(),
+            }),
     }
 }
 
@@ -87,7 +90,9 @@ impl KafkaConfig {
         Ok(Self {
             brokers: var("KAFKA_BROKERS").unwrap_or_else(|| "localhost:9092".to_owned()),
             topic_prefix: parsed_with("KAFKA_TOPIC_PREFIX", String::new(), |p| {
-                if p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                if p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
                     Ok(())
                 } else {
                     Err("only letters, digits, '-', '_' and '.' are allowed".into())

@@ -178,7 +178,11 @@ impl<H: Handler> EventLoop<H> {
     }
 
     /// Handles a polled batch to completion, then acknowledges it.
-    async fn process(&self, items: &[Item<'_>], shutdown: &CancellationToken) -> Result<(), Interrupted> {
+    async fn process(
+        &self,
+        items: &[Item<'_>],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Interrupted> {
         let mut dead: Vec<(usize, String)> = Vec::new();
         let mut work: Vec<usize> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
@@ -225,7 +229,10 @@ impl<H: Handler> EventLoop<H> {
                         if work.len() > 1 {
                             let mut dead = Vec::new();
                             for i in work {
-                                dead.extend(Box::pin(self.apply_with_retries(items, &[*i], shutdown)).await?);
+                                dead.extend(
+                                    Box::pin(self.apply_with_retries(items, &[*i], shutdown))
+                                        .await?,
+                                );
                             }
                             return Ok(dead);
                         }
@@ -245,7 +252,11 @@ impl<H: Handler> EventLoop<H> {
     }
 
     /// One transaction over `work`; returns the messages to dead-letter.
-    async fn apply(&self, items: &[Item<'_>], work: &[usize]) -> Result<Vec<(usize, String)>, sqlx::Error> {
+    async fn apply(
+        &self,
+        items: &[Item<'_>],
+        work: &[usize],
+    ) -> Result<Vec<(usize, String)>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let mut dead = Vec::new();
         let mut emitted = false;
@@ -334,16 +345,37 @@ impl<H: Handler> EventLoop<H> {
             let mut hdrs = OwnedHeaders::new();
             if let Some(original) = msg.headers() {
                 for h in original.iter() {
-                    hdrs = hdrs.insert(Header { key: h.key, value: h.value });
+                    hdrs = hdrs.insert(Header {
+                        key: h.key,
+                        value: h.value,
+                    });
                 }
             }
             hdrs = hdrs
-                .insert(Header { key: headers::DLQ_CONSUMER, value: Some(self.service) })
-                .insert(Header { key: headers::DLQ_REASON, value: Some(reason) })
-                .insert(Header { key: headers::DLQ_TOPIC, value: Some(msg.topic()) })
-                .insert(Header { key: headers::DLQ_PARTITION, value: Some(partition.as_str()) })
-                .insert(Header { key: headers::DLQ_OFFSET, value: Some(offset.as_str()) })
-                .insert(Header { key: headers::DLQ_FAILED_AT, value: Some(failed_at.as_str()) });
+                .insert(Header {
+                    key: headers::DLQ_CONSUMER,
+                    value: Some(self.service),
+                })
+                .insert(Header {
+                    key: headers::DLQ_REASON,
+                    value: Some(reason),
+                })
+                .insert(Header {
+                    key: headers::DLQ_TOPIC,
+                    value: Some(msg.topic()),
+                })
+                .insert(Header {
+                    key: headers::DLQ_PARTITION,
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: headers::DLQ_OFFSET,
+                    value: Some(offset.as_str()),
+                })
+                .insert(Header {
+                    key: headers::DLQ_FAILED_AT,
+                    value: Some(failed_at.as_str()),
+                });
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hdrs);
             if let Some(k) = msg.key() {
                 record = record.key(k);

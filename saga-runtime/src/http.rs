@@ -34,7 +34,11 @@ impl ApiError {
     }
 
     pub fn validation(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            message,
+        )
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -67,9 +71,17 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         tracing::error!(error = %e, "database error while serving a request");
         if crate::db::is_connectivity_error(&e) {
-            Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database is not reachable; try again")
+            Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database is not reachable; try again",
+            )
         } else {
-            Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
         }
     }
 }
@@ -107,7 +119,10 @@ fn json_rejection(r: JsonRejection) -> ApiError {
         JsonRejection::JsonDataError(e) => {
             // Serde's message names the field and the rule ("items[0].quantity: …").
             use std::error::Error;
-            let detail = e.source().map(|s| s.to_string()).unwrap_or_else(|| e.body_text());
+            let detail = e
+                .source()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.body_text());
             format!("request body does not match the expected shape: {detail}")
         }
         _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -134,7 +149,11 @@ pub fn probe_routes(probes: Probes) -> Router {
 }
 
 async fn ready(State(p): State<Probes>) -> Response {
-    let db = sqlx::query("SELECT 1").execute(&p.pool).await.map(|_| ()).map_err(|e| e.to_string());
+    let db = sqlx::query("SELECT 1")
+        .execute(&p.pool)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     let producer = p.producer.clone();
     let kafka = tokio::task::spawn_blocking(move || {
         producer
@@ -168,7 +187,11 @@ pub async fn not_found() -> ApiError {
 
 /// JSON 405 for a known route with the wrong method.
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }
 
 /// Middleware: one server span per request, continuing the caller's trace

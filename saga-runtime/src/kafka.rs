@@ -72,10 +72,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> anyhow::Resu
             Err(e) => anyhow::Error::new(e).context("creating topics"),
         };
         if started.elapsed() > Duration::from_secs(60) {
-            return Err(err.context(format!(
-                "Kafka at {} not usable after 60 s",
-                cfg.brokers
-            )));
+            return Err(err.context(format!("Kafka at {} not usable after 60 s", cfg.brokers)));
         }
         tracing::warn!(error = %format!("{err:#}"), "Kafka not ready yet, retrying");
         tokio::time::sleep(delay).await;

@@ -68,7 +68,10 @@ impl Outbox {
             keys.push(e.order_id.to_string());
             types.push(e.event_type().to_owned());
             correlations.push(e.correlation_id.to_string());
-            payloads.push(e.to_json().map_err(|err| sqlx::Error::Encode(Box::new(err)))?);
+            payloads.push(
+                e.to_json()
+                    .map_err(|err| sqlx::Error::Encode(Box::new(err)))?,
+            );
         }
         sqlx::query(
             "INSERT INTO outbox (event_id, topic, message_key, event_type, correlation_id, traceparent, payload)
@@ -115,7 +118,12 @@ struct Row {
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, producer: FutureProducer, outbox: Outbox, service: &'static str) -> Self {
+    pub fn new(
+        pool: PgPool,
+        producer: FutureProducer,
+        outbox: Outbox,
+        service: &'static str,
+    ) -> Self {
         Self {
             pool,
             producer,
@@ -180,7 +188,8 @@ impl Relay {
             }
         }
         let producer = self.producer.clone();
-        let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        let flushed =
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::warn!("producer flush on shutdown did not complete");
         }
@@ -208,12 +217,27 @@ impl Relay {
         for row in &rows {
             let event_id = row.event_id.to_string();
             let mut hdrs = OwnedHeaders::new_with_capacity(5)
-                .insert(Header { key: headers::EVENT_TYPE, value: Some(row.event_type.as_str()) })
-                .insert(Header { key: headers::EVENT_ID, value: Some(event_id.as_str()) })
-                .insert(Header { key: headers::CORRELATION_ID, value: Some(row.correlation_id.as_str()) })
-                .insert(Header { key: headers::CONTENT_TYPE, value: Some("application/json") });
+                .insert(Header {
+                    key: headers::EVENT_TYPE,
+                    value: Some(row.event_type.as_str()),
+                })
+                .insert(Header {
+                    key: headers::EVENT_ID,
+                    value: Some(event_id.as_str()),
+                })
+                .insert(Header {
+                    key: headers::CORRELATION_ID,
+                    value: Some(row.correlation_id.as_str()),
+                })
+                .insert(Header {
+                    key: headers::CONTENT_TYPE,
+                    value: Some("application/json"),
+                });
             if let Some(tp) = &row.traceparent {
-                hdrs = hdrs.insert(Header { key: headers::TRACEPARENT, value: Some(tp.as_str()) });
+                hdrs = hdrs.insert(Header {
+                    key: headers::TRACEPARENT,
+                    value: Some(tp.as_str()),
+                });
             }
             let record = FutureRecord::to(&row.topic)
                 .key(row.message_key.as_str())
@@ -240,7 +264,9 @@ impl Relay {
                     dead.push((id, e.to_string()));
                 }
                 Ok(Err((e, _))) => {
-                    retriable.get_or_insert_with(|| anyhow::Error::new(e).context("publishing outbox row"));
+                    retriable.get_or_insert_with(|| {
+                        anyhow::Error::new(e).context("publishing outbox row")
+                    });
                 }
                 Err(_canceled) => {
                     retriable.get_or_insert_with(|| anyhow::anyhow!("producer dropped a delivery"));
@@ -282,9 +308,11 @@ impl Relay {
         if let Err(e) = result {
             tracing::warn!(error = %e, "purging published outbox rows failed");
         }
-        let result = sqlx::query("DELETE FROM processed_events WHERE processed_at < now() - interval '7 days'")
-            .execute(&self.pool)
-            .await;
+        let result = sqlx::query(
+            "DELETE FROM processed_events WHERE processed_at < now() - interval '7 days'",
+        )
+        .execute(&self.pool)
+        .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "purging old processed-event ids failed");
         }

@@ -53,10 +53,16 @@ pub fn init(service_name: &'static str) -> TelemetryGuard {
     } else {
         tracing_subscriber::fmt::layer().with_target(false).boxed()
     };
+    // RUST_LOG decides what is printed, not which spans exist: the trace
+    // context must survive `RUST_LOG=warn`.
+    let otel_filter = tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO);
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(fmt_layer.with_filter(filter))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(otel_filter),
+        )
         .try_init();
     TelemetryGuard { provider }
 }
@@ -104,4 +110,39 @@ pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
 pub fn mark_error(span: &tracing::Span, reason: &str) {
     span.record("otel.status_code", "ERROR");
     span.record("otel.status_message", reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_get_a_traceparent_and_children_continue_it() {
+        let _guard = init("telemetry-test");
+        let root = tracing::info_span!("root");
+        let tp = traceparent_of(&root).expect("root span has a trace context");
+        assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
+
+        let remote = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let child = tracing::info_span!("child");
+        set_remote_parent(&child, Some(remote));
+        let child_tp = traceparent_of(&child).expect("child has a trace context");
+        assert!(
+            child_tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{child_tp}"
+        );
+        assert!(
+            !child_tp.contains("00f067aa0ba902b7"),
+            "child has its own span id"
+        );
+        assert_eq!(
+            trace_id_of(&child).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+
+        // A malformed parent leaves a fresh root.
+        let orphan = tracing::info_span!("orphan");
+        set_remote_parent(&orphan, Some("garbage"));
+        assert!(traceparent_of(&orphan).is_some());
+    }
 }

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Shared by scripts/test.sh, scripts/dev.sh and scripts/bench.sh: provide a
+# throwaway PostgreSQL cluster and a Kafka-protocol broker (tansu) on this
+# machine, without Docker. Source it; it defines functions only.
+
+# Prints a free TCP port on 127.0.0.1.
+free_port() {
+  python3 - <<'PY'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+PY
+}
+
+# Waits until host:port accepts TCP connections, or fails after $3 seconds.
+wait_for_port() {
+  local host=$1 port=$2 limit=${3:-30} waited=0
+  until (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; do
+    sleep 0.2
+    waited=$((waited + 1))
+    if [ "$waited" -ge $((limit * 5)) ]; then
+      echo "error: nothing listening on $host:$port after ${limit}s" >&2
+      return 1
+    fi
+  done
+}
+
+# Directory holding initdb/pg_ctl/postgres, installing Debian's postgresql
+# package when none is found.
+pg_bindir() {
+  local d
+  for d in "$(dirname "$(command -v pg_ctl 2>/dev/null || echo /nonexistent/x)")" /usr/lib/postgresql/*/bin; do
+    if [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ]; then
+      # Resolve symlinks so pg_ctl finds its sibling postgres binary.
+      dirname "$(readlink -f "$d/pg_ctl")"
+      return 0
+    fi
+  done
+  echo "PostgreSQL server binaries not found; installing Debian's postgresql package" >&2
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: run as root or install PostgreSQL (initdb, pg_ctl) yourself" >&2
+    return 1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2 || return 1
+  for d in /usr/lib/postgresql/*/bin; do
+    if [ -x "$d/initdb" ]; then
+      echo "$d"
+      return 0
+    fi
+  done
+  echo "error: postgresql installed but initdb still not found" >&2
+  return 1
+}
+
+# Runs a command as the user that owns the cluster: PostgreSQL refuses root.
+as_pg_user() {
+  if [ "$(id -u)" -eq 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# start_postgres DIR PORT [durable]
+# Creates a cluster in DIR/data and starts it on 127.0.0.1:PORT with trust
+# auth for user postgres. Without "durable", fsync is off (tests).
+start_postgres() {
+  local dir=$1 port=$2 durable=${3:-}
+  local bin
+  bin=$(pg_bindir) || return 1
+  mkdir -p "$dir"
+  if [ "$(id -u)" -eq 0 ]; then
+    chown postgres "$dir"
+    chmod 700 "$dir"
+  fi
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    as_pg_user "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 || {
+      cat "$dir/initdb.log" >&2
+      return 1
+    }
+  fi
+  local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=400 -c shared_buffers=256MB"
+  if [ "$durable" != "durable" ]; then
+    opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  fi
+  as_pg_user "$bin/pg_ctl" -D "$dir/data" -o "$opts" -l "$dir/postgres.log" -w -t 60 start >/dev/null || {
+    cat "$dir/postgres.log" >&2
+    return 1
+  }
+}
+
+stop_postgres() {
+  local dir=$1 bin
+  [ -f "$dir/data/postmaster.pid" ] || return 0
+  bin=$(pg_bindir) || return 1
+  as_pg_user "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+# Path of the tansu binary, building it once per machine if missing
+# (cargo install: about 20-25 minutes on 2 cores).
+tansu_bin() {
+  local t
+  t=$(command -v tansu 2>/dev/null || true)
+  [ -z "$t" ] && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ] && t="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+  if [ -z "$t" ]; then
+    echo "tansu (Kafka-compatible broker) not found; building it once with cargo install (about 20-25 minutes)" >&2
+    cargo install tansu --locked --features dynostore >&2 || return 1
+    t="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+  fi
+  echo "$t"
+}
+
+# start_tansu PORT LOGFILE PIDFILE: an in-memory broker on 127.0.0.1:PORT.
+start_tansu() {
+  local port=$1 log=$2 pidfile=$3 bin
+  bin=$(tansu_bin) || return 1
+  # tansu reads OTEL_EXPORTER_OTLP_ENDPOINT too; keep its telemetry off.
+  env -u OTEL_EXPORTER_OTLP_ENDPOINT RUST_LOG=warn "$bin" broker \
+    --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ >"$log" 2>&1 &
+  echo $! >"$pidfile"
+  wait_for_port 127.0.0.1 "$port" 30 || {
+    cat "$log" >&2
+    return 1
+  }
+}
+
+stop_pidfile() {
+  local pidfile=$1 pid
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.2
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}

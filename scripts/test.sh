@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every test (unit and integration) against a real PostgreSQL and a real
+# Kafka-protocol broker. Usage: ./scripts/test.sh [extra cargo test/nextest args]
+#
+# Uses an existing database server when TEST_DATABASE_URL (or DATABASE_URL)
+# is set, and an existing broker when KAFKA_BROKERS is set; otherwise starts a
+# throwaway PostgreSQL cluster and an in-memory tansu broker, and removes them
+# afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/infra.sh
+source scripts/infra.sh
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/saga-test.XXXXXX")
+chmod 755 "$work"
+cleanup() {
+  local rc=$?
+  stop_pidfile "$work/tansu.pid"
+  stop_postgres "$work/pg"
+  rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT INT TERM
+
+if [ -z "${TEST_DATABASE_URL:-}" ] && [ -n "${DATABASE_URL:-}" ]; then
+  TEST_DATABASE_URL=$DATABASE_URL
+fi
+if [ -z "${TEST_DATABASE_URL:-}" ]; then
+  pg_port=$(free_port)
+  echo "==> starting a throwaway PostgreSQL on 127.0.0.1:$pg_port"
+  start_postgres "$work/pg" "$pg_port"
+  TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+else
+  echo "==> using the PostgreSQL server at TEST_DATABASE_URL"
+fi
+export TEST_DATABASE_URL
+
+if [ -z "${KAFKA_BROKERS:-}" ]; then
+  kafka_port=$(free_port)
+  echo "==> starting an in-memory tansu broker on 127.0.0.1:$kafka_port"
+  start_tansu "$kafka_port" "$work/tansu.log" "$work/tansu.pid"
+  KAFKA_BROKERS="127.0.0.1:$kafka_port"
+else
+  echo "==> using the Kafka broker(s) at KAFKA_BROKERS=$KAFKA_BROKERS"
+fi
+export KAFKA_BROKERS
+export RUST_LOG=${RUST_LOG:-warn}
+# Keep test telemetry local.
+unset OTEL_EXPORTER_OTLP_ENDPOINT
+
+echo "==> building"
+cargo build --workspace --all-targets --locked
+echo "==> testing"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+  # nextest does not run doctests.
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi

@@ -1,0 +1,527 @@
+//! Test harness: starts the three services in-process, each on port 0 with a
+//! fresh database, on topics and consumer groups with a random prefix, so
+//! tests run in parallel against one PostgreSQL server and one broker.
+//!
+//! Needs `TEST_DATABASE_URL` (any database on the server; test databases are
+//! created next to it) and `KAFKA_BROKERS`; `scripts/test.sh` provides both.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use saga_runtime::{App, KafkaConfig, ServiceConfig};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use payment_service::Settings as PaymentSettings;
+
+/// Telemetry lives as long as the test process (dropping the guard would
+/// shut the tracer down).
+static TELEMETRY: std::sync::OnceLock<saga_runtime::telemetry::TelemetryGuard> =
+    std::sync::OnceLock::new();
+
+/// How long a saga may take in tests before we call it stuck.
+pub const SAGA_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The three services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Order,
+    Payment,
+    Inventory,
+}
+
+impl Which {
+    pub fn name(self) -> &'static str {
+        match self {
+            Which::Order => order_service::SERVICE,
+            Which::Payment => payment_service::SERVICE,
+            Which::Inventory => inventory_service::SERVICE,
+        }
+    }
+}
+
+/// One running service.
+pub struct Running {
+    pub url: String,
+    pub config: ServiceConfig,
+    token: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// The whole system, isolated from other tests.
+pub struct System {
+    pub prefix: String,
+    pub kafka: KafkaConfig,
+    pub http: reqwest::Client,
+    pub payment_settings: PaymentSettings,
+    services: [Option<Running>; 3],
+    pools: [PgPool; 3],
+}
+
+fn idx(w: Which) -> usize {
+    match w {
+        Which::Order => 0,
+        Which::Payment => 1,
+        Which::Inventory => 2,
+    }
+}
+
+fn env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| {
+        format!("{name} is not set: run the tests with ./scripts/test.sh, which provides PostgreSQL and a broker")
+    })
+}
+
+/// The URL of database `name` on the test server.
+fn database_url(name: &str) -> anyhow::Result<String> {
+    let base = std::env::var("TEST_DATABASE_URL").or_else(|_| env("DATABASE_URL"))?;
+    let (server, query) = match base.split_once('?') {
+        Some((s, q)) => (s.to_owned(), format!("?{q}")),
+        None => (base.clone(), String::new()),
+    };
+    let scheme_end = server.find("://").map(|i| i + 3).unwrap_or(0);
+    let server = match server[scheme_end..].find('/') {
+        Some(slash) => server[..scheme_end + slash].to_owned(),
+        None => server,
+    };
+    Ok(format!("{server}/{name}{query}"))
+}
+
+impl System {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(PaymentSettings::default()).await
+    }
+
+    pub async fn start_with(payment_settings: PaymentSettings) -> anyhow::Result<Self> {
+        TELEMETRY.get_or_init(|| saga_runtime::telemetry::init("saga-tests"));
+        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let kafka = KafkaConfig {
+            brokers: env("KAFKA_BROKERS")?,
+            topic_prefix: format!("{prefix}-"),
+            fetch_wait_ms: 5,
+            partitions: 3,
+            replication_factor: 1,
+            linger_ms: 1,
+        };
+        let mut services: [Option<Running>; 3] = [None, None, None];
+        let mut pools = Vec::new();
+        for w in [Which::Order, Which::Payment, Which::Inventory] {
+            let config = ServiceConfig {
+                service_name: w.name(),
+                port: 0,
+                host: "127.0.0.1".into(),
+                database_url: database_url(&format!("{prefix}_{}", w.name().replace('-', "_")))?,
+                max_connections: 5,
+                kafka: kafka.clone(),
+                shutdown_grace: Duration::from_secs(10),
+            };
+            let running = launch(w, config, payment_settings).await?;
+            pools.push(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(&running.config.database_url)
+                    .await?,
+            );
+            services[idx(w)] = Some(running);
+        }
+        let pools: [PgPool; 3] = pools
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three pools"))?;
+        Ok(Self {
+            prefix,
+            kafka,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            payment_settings,
+            services,
+            pools,
+        })
+    }
+
+    fn running(&self, w: Which) -> &Running {
+        self.services[idx(w)]
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} is not running", w.name()))
+    }
+
+    pub fn url(&self, w: Which, path: &str) -> String {
+        format!("{}{}", self.running(w).url, path)
+    }
+
+    /// A direct connection to a service's database, for assertions.
+    pub fn db(&self, w: Which) -> &PgPool {
+        &self.pools[idx(w)]
+    }
+
+    /// The real (prefixed) name of a saga topic.
+    pub fn topic(&self, name: &str) -> String {
+        self.kafka.topic(name)
+    }
+
+    /// Stops a service gracefully (as SIGTERM does) and checks it exited cleanly.
+    pub async fn stop(&mut self, w: Which) -> anyhow::Result<()> {
+        let r = self.services[idx(w)].take().context("not running")?;
+        r.token.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), r.task)
+            .await
+            .context("graceful shutdown took longer than 30 s")?;
+        result.context("service task panicked")?
+    }
+
+    /// Kills a service at once: its tasks are dropped mid-flight and nothing
+    /// more is committed, as with `kill -9`.
+    pub async fn crash(&mut self, w: Which) -> anyhow::Result<()> {
+        let r = self.services[idx(w)].take().context("not running")?;
+        r.task.abort();
+        let _ = r.task.await;
+        Ok(())
+    }
+
+    /// Starts a stopped or crashed service again on the same database and topics.
+    pub async fn restart(&mut self, w: Which) -> anyhow::Result<()> {
+        let config = ServiceConfig {
+            service_name: w.name(),
+            port: 0,
+            host: "127.0.0.1".into(),
+            database_url: database_url(&format!("{}_{}", self.prefix, w.name().replace('-', "_")))?,
+            max_connections: 5,
+            kafka: self.kafka.clone(),
+            shutdown_grace: Duration::from_secs(10),
+        };
+        self.services[idx(w)] = Some(launch(w, config, self.payment_settings).await?);
+        Ok(())
+    }
+
+    /// Stops everything gracefully.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        for w in [Which::Order, Which::Payment, Which::Inventory] {
+            if self.services[idx(w)].is_some() {
+                self.stop(w).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `POST /orders`; returns status, headers and JSON body.
+    pub async fn post_order(
+        &self,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+        let mut req = self.http.post(self.url(Which::Order, "/orders")).json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, headers, body))
+    }
+
+    /// Places an order and returns its ID (asserting 202).
+    pub async fn place(&self, items: Value) -> anyhow::Result<String> {
+        let (status, _, body) = self
+            .post_order(
+                &serde_json::json!({"customer_id": "c-test", "items": items}),
+                &[],
+            )
+            .await?;
+        if status != 202 {
+            bail!("POST /orders answered {status}: {body}");
+        }
+        body["order_id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no order_id")
+    }
+
+    pub async fn get_json(&self, w: Which, path: &str) -> anyhow::Result<(u16, Value)> {
+        let resp = self.http.get(self.url(w, path)).send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn order(&self, id: &str) -> anyhow::Result<Value> {
+        let (status, body) = self
+            .get_json(Which::Order, &format!("/orders/{id}"))
+            .await?;
+        if status != 200 {
+            bail!("GET /orders/{id} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Polls the order until `done` holds for it, or fails at the deadline.
+    pub async fn wait_order<F: Fn(&Value) -> bool>(
+        &self,
+        id: &str,
+        done: F,
+    ) -> anyhow::Result<Value> {
+        let started = Instant::now();
+        loop {
+            let order = self.order(id).await?;
+            if done(&order) {
+                return Ok(order);
+            }
+            if started.elapsed() > SAGA_DEADLINE {
+                bail!("order {id} did not reach the expected state in {SAGA_DEADLINE:?}: {order}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until the order is CONFIRMED or FAILED.
+    pub async fn wait_terminal(&self, id: &str) -> anyhow::Result<Value> {
+        self.wait_order(id, |o| {
+            o["status"] == "CONFIRMED" || o["status"] == "FAILED"
+        })
+        .await
+    }
+
+    /// `PUT /products/{sku}`.
+    pub async fn stock(&self, sku: &str, available: i64) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .put(self.url(Which::Inventory, &format!("/products/{sku}")))
+            .json(
+                &serde_json::json!({"name": format!("Test product {sku}"), "available": available}),
+            )
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("PUT /products/{sku} answered {}", resp.status());
+        }
+        Ok(())
+    }
+
+    pub async fn product(&self, sku: &str) -> anyhow::Result<Value> {
+        let (status, body) = self
+            .get_json(Which::Inventory, &format!("/products/{sku}"))
+            .await?;
+        if status != 200 {
+            bail!("GET /products/{sku} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka.brokers)
+            .set("linger.ms", "1")
+            .create()?)
+    }
+
+    /// Produces a raw message, as a misbehaving or replaying producer would.
+    pub async fn produce_raw(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> anyhow::Result<(i32, i64)> {
+        let producer = self.producer()?;
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        let delivery = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow::Error::new(e).context("producing"))?;
+        Ok((delivery.partition, delivery.offset))
+    }
+
+    /// Every message currently in `topic` (all partitions, from the start).
+    pub async fn read_topic(&self, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
+        let brokers = self.kafka.brokers.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || read_all(&brokers, &topic)).await?
+    }
+
+    /// Envelopes in `topic` about `order_id`.
+    pub async fn events_for(&self, topic: &str, order_id: &str) -> anyhow::Result<Vec<Value>> {
+        Ok(self
+            .read_topic(topic)
+            .await?
+            .into_iter()
+            .filter(|m| m.key.as_deref() == Some(order_id))
+            .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+            .collect())
+    }
+
+    /// Waits until `group` has committed an offset past `offset` on `partition`.
+    pub async fn wait_committed(
+        &self,
+        service: Which,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> anyhow::Result<()> {
+        let brokers = self.kafka.brokers.clone();
+        let group = self.kafka.group_id(service.name());
+        let topic = topic.to_owned();
+        let started = Instant::now();
+        loop {
+            let (b, g, t) = (brokers.clone(), group.clone(), topic.clone());
+            let committed =
+                tokio::task::spawn_blocking(move || committed_offset(&b, &g, &t, partition))
+                    .await??;
+            if committed.is_some_and(|c| c > offset) {
+                return Ok(());
+            }
+            if started.elapsed() > SAGA_DEADLINE {
+                bail!("{group} did not commit past {topic}/{partition}@{offset} (committed {committed:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn launch(
+    w: Which,
+    config: ServiceConfig,
+    payment: PaymentSettings,
+) -> anyhow::Result<Running> {
+    let app: App = match w {
+        Which::Order => order_service::build(config.clone()).await?,
+        Which::Payment => payment_service::build(config.clone(), payment).await?,
+        Which::Inventory => {
+            inventory_service::build(config.clone(), inventory_service::Settings::default()).await?
+        }
+    };
+    let url = format!("http://127.0.0.1:{}", app.port());
+    let token = CancellationToken::new();
+    let task = tokio::spawn(app.run(token.clone()));
+    Ok(Running {
+        url,
+        config,
+        token,
+        task,
+    })
+}
+
+/// One message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct TopicMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl TopicMessage {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?)
+}
+
+fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
+    let consumer = plain_consumer(brokers)?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0usize;
+    let mut ends = Vec::new();
+    for p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        if high > low {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(low))?;
+            remaining += (high - low) as usize;
+            ends.push((*p, high));
+        }
+    }
+    let mut out = Vec::new();
+    if remaining == 0 {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    while out.len() < remaining {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "read only {} of {remaining} messages from {topic}",
+                out.len()
+            );
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if ends
+                    .iter()
+                    .any(|(p, high)| *p == m.partition() && m.offset() < *high)
+                {
+                    out.push(TopicMessage {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        headers: m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|h| {
+                                        (
+                                            h.key.to_owned(),
+                                            h.value
+                                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                                                .unwrap_or_default(),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    });
+                }
+            }
+            Some(Err(e)) => bail!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+fn committed_offset(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<Option<i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(committed
+        .find_partition(topic, partition)
+        .and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }))
+}
