@@ -16,7 +16,6 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::config::{ConfigError, ServiceConfig};
 use crate::consumer::{self, ConsumerOptions, EventLoop, Handler};
@@ -94,7 +93,6 @@ impl App {
             .fallback(http::not_found)
             .method_not_allowed_fallback(http::method_not_allowed)
             .layer(axum::middleware::from_fn(http::trace_request))
-            .layer(RequestBodyLimitLayer::new(http::MAX_BODY_BYTES))
             .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES));
         let consumer = match subscription {
             None => None,

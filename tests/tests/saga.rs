@@ -75,3 +75,587 @@ async fn happy_path_confirms_the_order_and_reserves_stock() -> anyhow::Result<()
     }
     sys.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payment_over_the_limit_is_declined_and_the_order_fails() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    sys.stock("SKU-D", 10).await?;
+    let id = sys
+        .place(json!([{"sku": "SKU-D", "quantity": 2, "unit_price": "600.00"}]))
+        .await?;
+    let order = sys.wait_terminal(&id).await?;
+    assert_eq!(order["status"], "FAILED", "{order}");
+    assert_eq!(order["failure_reason"], "payment_declined");
+    assert_eq!(
+        history_types(&order),
+        ["OrderCreated", "PaymentFailed", "OrderFailed"]
+    );
+    let (_, payment) = sys
+        .get_json(Which::Payment, &format!("/payments/{id}"))
+        .await?;
+    assert_eq!(payment["status"], "DECLINED");
+    assert_eq!(payment["amount"], "1200.00");
+    // Inventory never heard of it.
+    let product = sys.product("SKU-D").await?;
+    assert_eq!(
+        (product["available"].as_i64(), product["reserved"].as_i64()),
+        (Some(10), Some(0))
+    );
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failure_rate_one_declines_every_order() -> anyhow::Result<()> {
+    let sys = System::start_with(saga_tests::PaymentSettings {
+        failure_rate: 1.0,
+        ..Default::default()
+    })
+    .await?;
+    let id = sys
+        .place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "1.00"}]))
+        .await?;
+    let order = sys.wait_terminal(&id).await?;
+    assert_eq!(order["failure_reason"], "payment_declined", "{order}");
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn out_of_stock_fails_the_order_and_refunds_the_payment() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    // The demo catalog's scarce item has 5 units.
+    let id = sys
+        .place(json!([{"sku": "SKU-RARE", "quantity": 6, "unit_price": "100.00"}]))
+        .await?;
+    let order = sys
+        .wait_order(&id, |o| o["status"] == "FAILED" && o["refunded"] == true)
+        .await?;
+    assert_eq!(order["failure_reason"], "out_of_stock");
+    let types = history_types(&order);
+    for expected in [
+        "OrderCreated",
+        "PaymentSucceeded",
+        "InventoryOutOfStock",
+        "OrderFailed",
+        "PaymentRefunded",
+    ] {
+        assert!(
+            types.iter().any(|t| t == expected),
+            "{expected} missing from {types:?}"
+        );
+    }
+    let (_, payment) = sys
+        .get_json(Which::Payment, &format!("/payments/{id}"))
+        .await?;
+    assert_eq!(payment["status"], "REFUNDED");
+    assert_eq!(payment["amount"], "600.00");
+    let product = sys.product("SKU-RARE").await?;
+    assert_eq!(
+        (product["available"].as_i64(), product["reserved"].as_i64()),
+        (Some(5), Some(0))
+    );
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_item_orders_reserve_everything_or_nothing() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    sys.stock("SKU-A", 10).await?;
+    sys.stock("SKU-B", 1).await?;
+    let short = sys
+        .place(json!([
+            {"sku": "SKU-A", "quantity": 3, "unit_price": "1.00"},
+            {"sku": "SKU-B", "quantity": 2, "unit_price": "1.00"}
+        ]))
+        .await?;
+    let order = sys
+        .wait_order(&short, |o| o["status"] == "FAILED" && o["refunded"] == true)
+        .await?;
+    assert_eq!(order["failure_reason"], "out_of_stock");
+    assert_eq!(
+        sys.product("SKU-A").await?["available"],
+        10,
+        "nothing of A was taken"
+    );
+    assert_eq!(sys.product("SKU-B").await?["available"], 1);
+
+    // Two lines of the same SKU count together; a missing SKU is out of stock.
+    let ok = sys
+        .place(json!([
+            {"sku": "SKU-A", "quantity": 3, "unit_price": "1.00"},
+            {"sku": "SKU-B", "quantity": 1, "unit_price": "1.00"},
+            {"sku": "SKU-A", "quantity": 2, "unit_price": "1.00"}
+        ]))
+        .await?;
+    assert_eq!(sys.wait_terminal(&ok).await?["status"], "CONFIRMED");
+    assert_eq!(sys.product("SKU-A").await?["available"], 5);
+    assert_eq!(sys.product("SKU-A").await?["reserved"], 5);
+    assert_eq!(sys.product("SKU-B").await?["available"], 0);
+
+    let unknown = sys
+        .place(json!([{"sku": "NO-SUCH-SKU", "quantity": 1, "unit_price": "1.00"}]))
+        .await?;
+    assert_eq!(
+        sys.wait_terminal(&unknown).await?["failure_reason"],
+        "out_of_stock"
+    );
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_key_returns_the_same_order_and_emits_once() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let body = json!({"customer_id": "c-idem", "items": [{"sku": "SKU-1", "quantity": 1, "unit_price": "10.00"}]});
+    let key = [("Idempotency-Key", "key-123")];
+    let (s1, _, first) = sys.post_order(&body, &key).await?;
+    let (s2, h2, second) = sys.post_order(&body, &key).await?;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(first["order_id"], second["order_id"]);
+    assert_eq!(first["correlation_id"], second["correlation_id"]);
+    assert_eq!(h2["idempotent-replayed"], "true");
+    let id = first["order_id"].as_str().expect("order_id").to_owned();
+
+    // Same key, different body: refused, nothing new.
+    let other = json!({"customer_id": "c-idem", "items": [{"sku": "SKU-1", "quantity": 2, "unit_price": "10.00"}]});
+    let (s3, _, err) = sys.post_order(&other, &key).await?;
+    assert_eq!(s3, 422, "{err}");
+    assert_eq!(err["error"]["code"], "idempotency_key_reused");
+
+    // Concurrent retries with a fresh key also collapse to one order.
+    let key2 = [("Idempotency-Key", "key-456")];
+    let (a, b) = tokio::join!(sys.post_order(&body, &key2), sys.post_order(&body, &key2));
+    assert_eq!(a?.2["order_id"], b?.2["order_id"]);
+
+    assert_eq!(sys.wait_terminal(&id).await?["status"], "CONFIRMED");
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(sys.db(Which::Order))
+        .await?;
+    assert_eq!(orders, 2);
+    let created = sys.events_for(&sys.topic("order-events"), &id).await?;
+    assert_eq!(
+        created
+            .iter()
+            .filter(|e| e["event_type"] == "OrderCreated")
+            .count(),
+        1
+    );
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_orders_for_scarce_stock_never_oversell() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    sys.stock("SKU-HOT", 10).await?;
+    let posts = (0..40)
+        .map(|_| sys.place(json!([{"sku": "SKU-HOT", "quantity": 1, "unit_price": "5.00"}])));
+    let ids: Vec<String> = futures::future::try_join_all(posts).await?;
+    let finals = futures::future::try_join_all(ids.iter().map(|id| sys.wait_terminal(id))).await?;
+    let confirmed = finals.iter().filter(|o| o["status"] == "CONFIRMED").count();
+    let out_of_stock = finals
+        .iter()
+        .filter(|o| o["failure_reason"] == "out_of_stock")
+        .count();
+    assert_eq!((confirmed, out_of_stock), (10, 30));
+    let product = sys.product("SKU-HOT").await?;
+    assert_eq!(
+        (product["available"].as_i64(), product["reserved"].as_i64()),
+        (Some(0), Some(10))
+    );
+    // Every failed order got its money back.
+    for o in finals.iter().filter(|o| o["status"] == "FAILED") {
+        let id = o["order_id"].as_str().expect("order_id");
+        sys.wait_order(id, |o| o["refunded"] == true).await?;
+    }
+    let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE status = 'CHARGED'")
+        .fetch_one(sys.db(Which::Payment))
+        .await?;
+    assert_eq!(charged, 10);
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redelivered_and_reproduced_events_change_nothing() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    sys.stock("SKU-R", 10).await?;
+    let id = sys
+        .place(json!([{"sku": "SKU-R", "quantity": 1, "unit_price": "7.00"}]))
+        .await?;
+    assert_eq!(sys.wait_terminal(&id).await?["status"], "CONFIRMED");
+
+    let order_topic = sys.topic("order-events");
+    let payment_topic = sys.topic("payment-events");
+    let original = sys
+        .read_topic(&order_topic)
+        .await?
+        .into_iter()
+        .find(|m| {
+            m.key.as_deref() == Some(id.as_str()) && m.header("event_type") == Some("OrderCreated")
+        })
+        .expect("OrderCreated on the topic");
+    let paid = sys
+        .read_topic(&payment_topic)
+        .await?
+        .into_iter()
+        .find(|m| {
+            m.key.as_deref() == Some(id.as_str())
+                && m.header("event_type") == Some("PaymentSucceeded")
+        })
+        .expect("PaymentSucceeded on the topic");
+
+    // 1. The very same messages again (a relay that crashed before marking
+    //    its rows sent re-publishes exactly these bytes).
+    let mut last = Vec::new();
+    for (topic, m) in [(&order_topic, &original), (&payment_topic, &paid)] {
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in &m.headers {
+            headers = headers.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        last.push((
+            topic.clone(),
+            sys.produce_raw(topic, &id, &m.payload, headers).await?,
+        ));
+    }
+    // 2. The same order created again under a new event ID: the business
+    //    guard (one payment per order) holds even when the inbox cannot tell.
+    let mut fresh: serde_json::Value = serde_json::from_slice(&original.payload)?;
+    fresh["event_id"] = json!(uuid::Uuid::new_v4());
+    last.push((
+        order_topic.clone(),
+        sys.produce_raw(
+            &order_topic,
+            &id,
+            &serde_json::to_vec(&fresh)?,
+            rdkafka::message::OwnedHeaders::new(),
+        )
+        .await?,
+    ));
+
+    // Wait until the consumers have processed (and committed) past them.
+    let (p, o) = last[1].1;
+    sys.wait_committed(Which::Inventory, &payment_topic, p, o)
+        .await?;
+    sys.wait_committed(Which::Order, &payment_topic, p, o)
+        .await?;
+    let (p, o) = last[2].1;
+    sys.wait_committed(Which::Payment, &order_topic, p, o)
+        .await?;
+
+    let payments = sys.events_for(&payment_topic, &id).await?;
+    let charges = payments
+        .iter()
+        .filter(|e| e["event_type"] == "PaymentSucceeded")
+        .count();
+    assert_eq!(
+        charges, 2,
+        "the original plus our replay, and no new charge: {payments:?}"
+    );
+    let distinct: std::collections::HashSet<_> =
+        payments.iter().map(|e| e["event_id"].clone()).collect();
+    assert_eq!(distinct.len(), 1, "payment-service emitted nothing new");
+    let inventory = sys.events_for(&sys.topic("inventory-events"), &id).await?;
+    assert_eq!(inventory.len(), 1, "one reservation only: {inventory:?}");
+    let product = sys.product("SKU-R").await?;
+    assert_eq!(
+        (product["available"].as_i64(), product["reserved"].as_i64()),
+        (Some(9), Some(1))
+    );
+    let order = sys.order(&id).await?;
+    assert_eq!(history_types(&order).len(), 4, "history unchanged: {order}");
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_messages_go_to_the_dead_letter_topic_and_do_not_block() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let order_topic = sys.topic("order-events");
+    // Garbage on every partition a later order might use.
+    let mut poisoned = Vec::new();
+    for i in 0..6 {
+        let key = format!("poison-{i}");
+        let at = sys
+            .produce_raw(
+                &order_topic,
+                &key,
+                b"{this is not json",
+                rdkafka::message::OwnedHeaders::new(),
+            )
+            .await?;
+        poisoned.push(at);
+    }
+    // A well-formed envelope that breaks a domain rule (quantity 0) is malformed too.
+    let bad_qty = br#"{"event_id":"00000000-0000-0000-0000-0000000000aa","order_id":"00000000-0000-0000-0000-0000000000bb","correlation_id":"c","occurred_at":"2026-01-01T00:00:00Z","schema_version":1,"event_type":"OrderCreated","data":{"customer_id":"c","items":[{"sku":"A","quantity":0,"unit_price":"1.00"}],"total":"1.00"}}"#;
+    sys.produce_raw(
+        &order_topic,
+        "poison-q",
+        bad_qty,
+        rdkafka::message::OwnedHeaders::new(),
+    )
+    .await?;
+
+    let ids: Vec<String> = futures::future::try_join_all(
+        (0..6).map(|_| sys.place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "3.00"}]))),
+    )
+    .await?;
+    for id in &ids {
+        assert_eq!(sys.wait_terminal(id).await?["status"], "CONFIRMED");
+    }
+
+    let dlq = sys.read_topic(&format!("{order_topic}.dlq")).await?;
+    assert_eq!(dlq.len(), 7, "{dlq:?}");
+    for m in &dlq {
+        assert_eq!(m.header("dlq.consumer"), Some("payment-service"));
+        assert_eq!(m.header("dlq.original.topic"), Some(order_topic.as_str()));
+        assert!(
+            m.header("dlq.reason")
+                .is_some_and(|r| r.contains("malformed")),
+            "{m:?}"
+        );
+        let partition: i32 = m
+            .header("dlq.original.partition")
+            .expect("partition")
+            .parse()?;
+        let offset: i64 = m.header("dlq.original.offset").expect("offset").parse()?;
+        assert!(m.key.as_deref().is_some_and(|k| k.starts_with("poison")));
+        if m.payload.starts_with(b"{this") {
+            assert!(
+                poisoned.contains(&(partition, offset)),
+                "{partition}/{offset}"
+            );
+        }
+    }
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_http_input_gets_a_json_4xx_and_changes_nothing() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let item = |q: serde_json::Value, p: serde_json::Value| json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": q, "unit_price": p}]});
+    let cases: Vec<(&str, serde_json::Value, u16, &str)> = vec![
+        (
+            "empty items",
+            json!({"customer_id": "c", "items": []}),
+            422,
+            "items",
+        ),
+        ("quantity 0", item(json!(0), json!("1.00")), 422, "quantity"),
+        (
+            "negative quantity",
+            item(json!(-3), json!("1.00")),
+            422,
+            "quantity",
+        ),
+        (
+            "absurd quantity",
+            item(json!(1_000_000_000), json!("1.00")),
+            422,
+            "quantity",
+        ),
+        (
+            "fractional quantity",
+            item(json!(1.5), json!("1.00")),
+            422,
+            "quantity",
+        ),
+        (
+            "zero price",
+            item(json!(1), json!("0.00")),
+            422,
+            "unit_price",
+        ),
+        (
+            "negative price",
+            item(json!(1), json!("-1.00")),
+            422,
+            "unit_price",
+        ),
+        (
+            "sub-cent price",
+            item(json!(1), json!("1.005")),
+            422,
+            "unit_price",
+        ),
+        (
+            "price as a float",
+            item(json!(1), json!(1.5)),
+            422,
+            "unit_price",
+        ),
+        (
+            "price not a number",
+            item(json!(1), json!("abc")),
+            422,
+            "unit_price",
+        ),
+        (
+            "empty customer",
+            json!({"customer_id": "", "items": [{"sku": "SKU-1", "quantity": 1, "unit_price": "1"}]}),
+            422,
+            "customer_id",
+        ),
+        (
+            "empty sku",
+            json!({"customer_id": "c", "items": [{"sku": "", "quantity": 1, "unit_price": "1"}]}),
+            422,
+            "sku",
+        ),
+        ("missing items", json!({"customer_id": "c"}), 422, "items"),
+        (
+            "unknown field",
+            json!({"customer_id": "c", "items": [], "coupon": "FREE"}),
+            422,
+            "coupon",
+        ),
+        ("not an object", json!([1, 2, 3]), 422, ""),
+    ];
+    for (name, body, status, mentions) in cases {
+        let (got, _, err) = sys.post_order(&body, &[]).await?;
+        assert_eq!(got, status, "{name}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(err["error"]["code"].is_string(), "{name}: {err}");
+        assert!(
+            message.contains(mentions),
+            "{name}: message should mention {mentions:?}: {message}"
+        );
+    }
+
+    let post_raw = |body: Vec<u8>, content_type: &'static str| {
+        sys.http
+            .post(sys.url(Which::Order, "/orders"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let resp = post_raw(b"{\"customer_id\": ".to_vec(), "application/json").await?;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        resp.json::<serde_json::Value>().await?["error"]["code"],
+        "malformed_json"
+    );
+    let resp = post_raw(
+        b"customer_id=c".to_vec(),
+        "application/x-www-form-urlencoded",
+    )
+    .await?;
+    assert_eq!(resp.status(), 415);
+    assert!(resp.json::<serde_json::Value>().await?["error"]["message"].is_string());
+    let huge = format!(
+        "{{\"customer_id\": \"{}\", \"items\": []}}",
+        "x".repeat(1024 * 1024 + 1)
+    );
+    let resp = post_raw(huge.into_bytes(), "application/json").await?;
+    assert_eq!(resp.status(), 413);
+    assert_eq!(
+        resp.json::<serde_json::Value>().await?["error"]["code"],
+        "body_too_large"
+    );
+
+    let ok_body = item(json!(1), json!("1.00"));
+    for (header, value) in [
+        ("X-Correlation-ID", "has spaces in it"),
+        ("Idempotency-Key", ""),
+    ] {
+        let (got, _, err) = sys.post_order(&ok_body, &[(header, value)]).await?;
+        assert_eq!(got, 400, "{header}: {err}");
+    }
+
+    for (path, status) in [
+        ("/orders/not-a-uuid", 400),
+        ("/orders/00000000-0000-0000-0000-000000000000", 404),
+        ("/nope", 404),
+    ] {
+        let (got, err) = sys.get_json(Which::Order, path).await?;
+        assert_eq!(got, status, "{path}: {err}");
+        assert!(err["error"]["message"].is_string(), "{path}: {err}");
+    }
+    let resp = sys
+        .http
+        .delete(sys.url(Which::Order, "/orders"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 405);
+    assert!(resp.json::<serde_json::Value>().await?["error"]["code"].is_string());
+
+    // Inventory refuses negative stock and bad names, and keeps its stock.
+    let put = |body: serde_json::Value| {
+        sys.http
+            .put(sys.url(Which::Inventory, "/products/SKU-1"))
+            .json(&body)
+            .send()
+    };
+    for body in [
+        json!({"name": "x", "available": -1}),
+        json!({"name": "", "available": 1}),
+        json!({"available": 3}),
+    ] {
+        let resp = put(body.clone()).await?;
+        assert_eq!(resp.status(), 422, "{body}");
+        assert!(resp.json::<serde_json::Value>().await?["error"]["message"].is_string());
+    }
+    assert_eq!(sys.product("SKU-1").await?["available"], 1000);
+    let (got, _) = sys
+        .get_json(Which::Inventory, "/products/bad%20sku")
+        .await?;
+    assert_eq!(got, 400);
+    let (got, _) = sys.get_json(Which::Payment, "/payments/not-a-uuid").await?;
+    assert_eq!(got, 400);
+
+    // Nothing was written or emitted.
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(sys.db(Which::Order))
+        .await?;
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(sys.db(Which::Order))
+        .await?;
+    assert_eq!((orders, outbox), (0, 0));
+    assert!(sys.read_topic(&sys.topic("order-events")).await?.is_empty());
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_crashed_mid_saga_lose_nothing_after_restart() -> anyhow::Result<()> {
+    let mut sys = System::start().await?;
+    sys.stock("SKU-C", 1000).await?;
+    // Inventory is down: orders get charged but stay PENDING.
+    sys.crash(Which::Inventory).await?;
+    let first: Vec<String> = futures::future::try_join_all(
+        (0..15).map(|_| sys.place(json!([{"sku": "SKU-C", "quantity": 1, "unit_price": "2.00"}]))),
+    )
+    .await?;
+    // Payment crashes while orders are in flight.
+    let second_batch =
+        (0..15).map(|_| sys.place(json!([{"sku": "SKU-C", "quantity": 1, "unit_price": "2.00"}])));
+    let second: Vec<String> = futures::future::try_join_all(second_batch).await?;
+    sys.crash(Which::Payment).await?;
+    for id in &first {
+        assert_eq!(sys.order(id).await?["status"], "PENDING");
+    }
+    // Order-service crashes too, then everything comes back.
+    sys.crash(Which::Order).await?;
+    sys.restart(Which::Order).await?;
+    sys.restart(Which::Payment).await?;
+    sys.restart(Which::Inventory).await?;
+    for id in first.iter().chain(&second) {
+        assert_eq!(sys.wait_terminal(id).await?["status"], "CONFIRMED", "{id}");
+    }
+    // Exactly one charge and one reservation per order.
+    let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE status = 'CHARGED'")
+        .fetch_one(sys.db(Which::Payment))
+        .await?;
+    assert_eq!(charged, 30);
+    let product = sys.product("SKU-C").await?;
+    assert_eq!(
+        (product["available"].as_i64(), product["reserved"].as_i64()),
+        (Some(970), Some(30))
+    );
+
+    // A graceful stop and start in between changes nothing either.
+    sys.stop(Which::Payment).await?;
+    let late = sys
+        .place(json!([{"sku": "SKU-C", "quantity": 1, "unit_price": "2.00"}]))
+        .await?;
+    sys.restart(Which::Payment).await?;
+    assert_eq!(sys.wait_terminal(&late).await?["status"], "CONFIRMED");
+    sys.shutdown().await
+}
