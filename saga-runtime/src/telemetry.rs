@@ -41,7 +41,8 @@ pub fn init(service_name: &'static str) -> TelemetryGuard {
         .get_or_init(|| build_provider(service_name))
         .clone();
     let tracer = provider.tracer("saga");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let json = crate::config::var("LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
     let fmt_layer = if json {
         tracing_subscriber::fmt::layer()

@@ -469,34 +469,34 @@ fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
             );
         }
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
+            Some(Ok(m))
                 if ends
                     .iter()
-                    .any(|(p, high)| *p == m.partition() && m.offset() < *high)
-                {
-                    out.push(TopicMessage {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                        headers: m
-                            .headers()
-                            .map(|h| {
-                                h.iter()
-                                    .map(|h| {
-                                        (
-                                            h.key.to_owned(),
-                                            h.value
-                                                .map(|v| String::from_utf8_lossy(v).into_owned())
-                                                .unwrap_or_default(),
-                                        )
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    });
-                }
+                    .any(|(p, high)| *p == m.partition() && m.offset() < *high) =>
+            {
+                out.push(TopicMessage {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_owned(),
+                                        h.value
+                                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                                            .unwrap_or_default(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
             }
+            Some(Ok(_)) => {}
             Some(Err(e)) => bail!("reading {topic}: {e}"),
             None => {}
         }

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Runs the whole system on this machine without Docker:
+#   ./scripts/dev.sh up       PostgreSQL + tansu broker + the three services (release builds)
+#   ./scripts/dev.sh down     stop everything (services get SIGTERM and drain)
+#   ./scripts/dev.sh status   what is running
+#   ./scripts/dev.sh logs [order-service|payment-service|inventory-service|postgres|broker]
+#
+# Same configuration names as docker-compose.yml. Optional:
+#   DEV_PG_PORT (5432), DEV_KAFKA_PORT (9092): ports for the local PostgreSQL and broker
+#   KAFKA_BROKERS: use this broker instead of starting tansu
+#   PAYMENT_LIMIT, PAYMENT_FAILURE_RATE, KAFKA_FETCH_WAIT_MS, RUST_LOG, LOG_FORMAT,
+#   OTEL_EXPORTER_OTLP_ENDPOINT: passed to the services
+# State (database files, logs, pids) lives in .dev/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/infra.sh
+source scripts/infra.sh
+
+state=$PWD/.dev
+pg_port=${DEV_PG_PORT:-5432}
+kafka_port=${DEV_KAFKA_PORT:-9092}
+services=(order-service payment-service inventory-service)
+
+port_of() {
+  case $1 in
+    order-service) echo 3000 ;;
+    payment-service) echo 3001 ;;
+    inventory-service) echo 3002 ;;
+  esac
+}
+
+db_of() {
+  case $1 in
+    order-service) echo orders ;;
+    payment-service) echo payments ;;
+    inventory-service) echo inventory ;;
+  esac
+}
+
+up() {
+  mkdir -p "$state/logs" "$state/pids"
+  chmod 755 "$state"
+  if [ -f "$state/pg/data/postmaster.pid" ]; then
+    echo "PostgreSQL already running"
+  else
+    echo "==> PostgreSQL on 127.0.0.1:$pg_port (data in .dev/pg, durable commits)"
+    start_postgres "$state/pg" "$pg_port" durable
+  fi
+  if [ -n "${KAFKA_BROKERS:-}" ]; then
+    echo "==> using the broker at KAFKA_BROKERS=$KAFKA_BROKERS"
+    brokers=$KAFKA_BROKERS
+  else
+    brokers="127.0.0.1:$kafka_port"
+    if [ -f "$state/pids/broker" ] && kill -0 "$(cat "$state/pids/broker")" 2>/dev/null; then
+      echo "broker already running"
+    else
+      echo "==> tansu broker on $brokers (in memory: restarting it empties the topics)"
+      start_tansu "$kafka_port" "$state/logs/broker.log" "$state/pids/broker"
+    fi
+  fi
+  echo "==> building release binaries"
+  cargo build --release --locked --bins
+  for s in "${services[@]}"; do
+    if [ -f "$state/pids/$s" ] && kill -0 "$(cat "$state/pids/$s")" 2>/dev/null; then
+      echo "$s already running"
+      continue
+    fi
+    PORT=$(port_of "$s") \
+      DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/$(db_of "$s")" \
+      KAFKA_BROKERS=$brokers \
+      RUST_LOG=${RUST_LOG:-info} \
+      nohup "target/release/$s" >"$state/logs/$s.log" 2>&1 &
+    echo $! >"$state/pids/$s"
+  done
+  for s in "${services[@]}"; do
+    local port waited=0
+    port=$(port_of "$s")
+    until curl -fsS "http://127.0.0.1:$port/ready" >/dev/null 2>&1; do
+      if ! kill -0 "$(cat "$state/pids/$s")" 2>/dev/null; then
+        echo "error: $s exited; last log lines:" >&2
+        tail -20 "$state/logs/$s.log" >&2
+        return 1
+      fi
+      waited=$((waited + 1))
+      if [ "$waited" -gt 300 ]; then
+        echo "error: $s not ready after 60s; see .dev/logs/$s.log" >&2
+        return 1
+      fi
+      sleep 0.2
+    done
+    echo "$s ready on http://127.0.0.1:$port"
+  done
+  cat <<MSG
+
+Try it:
+  curl -sS -X POST localhost:3000/orders -H 'Content-Type: application/json' \\
+    -d '{"customer_id":"c-42","items":[{"sku":"SKU-1","quantity":2,"unit_price":"29.99"}]}'
+Logs: ./scripts/dev.sh logs order-service     Stop: ./scripts/dev.sh down
+MSG
+}
+
+down() {
+  for s in "${services[@]}"; do
+    stop_pidfile "$state/pids/$s"
+  done
+  stop_pidfile "$state/pids/broker"
+  stop_postgres "$state/pg"
+  echo "stopped (database files stay in .dev/pg; rm -rf .dev to start from scratch)"
+}
+
+status() {
+  local name pidfile
+  for name in "${services[@]}" broker; do
+    pidfile="$state/pids/$name"
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "$name: running (pid $(cat "$pidfile"))"
+    else
+      echo "$name: stopped"
+    fi
+  done
+  if [ -f "$state/pg/data/postmaster.pid" ]; then echo "postgres: running"; else echo "postgres: stopped"; fi
+}
+
+logs() {
+  local name=${1:-order-service}
+  case $name in
+    postgres) tail -f "$state/pg/postgres.log" ;;
+    *) tail -f "$state/logs/$name.log" ;;
+  esac
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  logs) logs "${2:-}" ;;
+  *)
+    echo "usage: $0 up|down|status|logs [service]" >&2
+    exit 2
+    ;;
+esac
