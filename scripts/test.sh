@@ -48,6 +48,23 @@ export RUST_LOG=${RUST_LOG:-warn}
 # Keep test telemetry local.
 unset OTEL_EXPORTER_OTLP_ENDPOINT
 
+# kafka-topics.sh against the test broker, where a Kafka CLI exists.
+if [ -x /opt/kafka/bin/kafka-topics.sh ] || [ -n "${KAFKA_HOME:-}" ] || [ -n "${KAFKA_TOPICS:-}" ] ||
+  command -v kafka-topics >/dev/null 2>&1; then
+  echo "==> kafka-topics.sh against $KAFKA_BROKERS"
+  prefix="topics-check-$$-"
+  BOOTSTRAP_SERVER=$KAFKA_BROKERS TOPIC_PREFIX=$prefix ./kafka-topics.sh >/dev/null
+  BOOTSTRAP_SERVER=$KAFKA_BROKERS TOPIC_PREFIX=$prefix ./kafka-topics.sh >"$work/topics.txt"
+  for t in order-events payment-events inventory-events; do
+    if ! grep -qx "$prefix$t" "$work/topics.txt" || ! grep -qx "$prefix$t.dlq" "$work/topics.txt"; then
+      echo "error: kafka-topics.sh did not create $prefix$t and its .dlq" >&2
+      exit 1
+    fi
+  done
+else
+  echo "==> skipping the kafka-topics.sh check: no Kafka CLI here (set KAFKA_HOME or KAFKA_TOPICS to run it)"
+fi
+
 echo "==> building"
 cargo build --workspace --all-targets --locked
 echo "==> testing"

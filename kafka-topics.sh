@@ -1,0 +1,54 @@
+#!/bin/sh
+# Creates the saga topics and their dead-letter topics. Safe to run twice.
+#
+#   BOOTSTRAP_SERVER    broker to talk to (default localhost:9092)
+#   PARTITIONS          partitions per topic (default 3)
+#   REPLICATION_FACTOR  replicas per partition (default 1)
+#   TOPIC_PREFIX        prefix, as the services' KAFKA_TOPIC_PREFIX (default empty)
+#   KAFKA_TOPICS        the Kafka CLI to use (default: found in /opt/kafka/bin,
+#                       $KAFKA_HOME/bin or PATH)
+#
+# Inside docker compose it runs in the apache/kafka image (see kafka-init);
+# from a host: BOOTSTRAP_SERVER=localhost:9092 ./kafka-topics.sh
+set -eu
+
+BOOTSTRAP_SERVER=${BOOTSTRAP_SERVER:-localhost:9092}
+PARTITIONS=${PARTITIONS:-3}
+REPLICATION_FACTOR=${REPLICATION_FACTOR:-1}
+TOPIC_PREFIX=${TOPIC_PREFIX:-}
+
+find_cli() {
+  if [ -n "${KAFKA_TOPICS:-}" ]; then
+    echo "$KAFKA_TOPICS"
+    return 0
+  fi
+  for candidate in /opt/kafka/bin/kafka-topics.sh "${KAFKA_HOME:-/nonexistent}/bin/kafka-topics.sh"; do
+    if [ -x "$candidate" ]; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+  for name in kafka-topics.sh kafka-topics; do
+    found=$(command -v "$name" 2>/dev/null || true)
+    if [ -n "$found" ] && [ "$found" != "$self" ]; then
+      echo "$found"
+      return 0
+    fi
+  done
+  return 1
+}
+
+if ! cli=$(find_cli); then
+  echo "error: no Kafka CLI (kafka-topics.sh) found; set KAFKA_TOPICS or KAFKA_HOME" >&2
+  exit 1
+fi
+
+for base in order-events payment-events inventory-events; do
+  for topic in "$TOPIC_PREFIX$base" "$TOPIC_PREFIX$base.dlq"; do
+    "$cli" --bootstrap-server "$BOOTSTRAP_SERVER" --create --if-not-exists \
+      --topic "$topic" --partitions "$PARTITIONS" --replication-factor "$REPLICATION_FACTOR"
+  done
+done
+echo "topics:"
+"$cli" --bootstrap-server "$BOOTSTRAP_SERVER" --list | grep -E "^${TOPIC_PREFIX}(order|payment|inventory)-events" || true
