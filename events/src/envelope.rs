@@ -52,6 +52,8 @@ pub struct OrderCreated {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderConfirmed {
     pub total: Money,
+    /// When the order was accepted: the saga's start.
+    pub order_created_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +61,8 @@ pub struct OrderFailed {
     pub reason: FailureReason,
     /// Human-readable detail (which SKU ran out, why the card was declined).
     pub detail: String,
+    /// When the order was accepted: the saga's start.
+    pub order_created_at: DateTime<Utc>,
 }
 
 /// The order was charged. Carries the items so inventory can reserve them
@@ -217,10 +221,12 @@ mod tests {
             }),
             Event::OrderConfirmed(OrderConfirmed {
                 total: Money::from_minor(6498),
+                order_created_at: Utc::now(),
             }),
             Event::OrderFailed(OrderFailed {
                 reason: FailureReason::OutOfStock,
                 detail: "SKU-2".into(),
+                order_created_at: Utc::now(),
             }),
             Event::PaymentSucceeded(PaymentSucceeded {
                 payment_id: Uuid::new_v4(),

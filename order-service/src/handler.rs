@@ -1,6 +1,7 @@
 //! How order-service reacts to the other services' events.
 
 use events::{Envelope, Event, FailureReason, Money, OrderConfirmed, OrderFailed};
+use saga_runtime::metrics::OutcomeLabels;
 use saga_runtime::{HandleError, Handler};
 use sqlx::PgConnection;
 
@@ -28,7 +29,7 @@ impl Handler for OrderSaga {
         conn: &mut PgConnection,
         env: &Envelope,
     ) -> Result<Vec<Envelope>, HandleError> {
-        let Some((status, total_minor)) = store::lock(conn, env.order_id).await? else {
+        let Some((status, total_minor, created_at)) = store::lock(conn, env.order_id).await? else {
             return Err(HandleError::Permanent(format!(
                 "order {} does not exist",
                 env.order_id
@@ -40,6 +41,7 @@ impl Handler for OrderSaga {
                 store::confirm(conn, env.order_id).await?;
                 Some(Event::OrderConfirmed(OrderConfirmed {
                     total: Money::from_minor(total_minor),
+                    order_created_at: created_at,
                 }))
             }
             Event::PaymentFailed(e) if pending => {
@@ -47,6 +49,7 @@ impl Handler for OrderSaga {
                 Some(Event::OrderFailed(OrderFailed {
                     reason: FailureReason::PaymentDeclined,
                     detail: e.reason.clone(),
+                    order_created_at: created_at,
                 }))
             }
             Event::InventoryOutOfStock(e) if pending => {
@@ -64,6 +67,7 @@ impl Handler for OrderSaga {
                 Some(Event::OrderFailed(OrderFailed {
                     reason: FailureReason::OutOfStock,
                     detail: format!("not enough stock: {}", skus.join(", ")),
+                    order_created_at: created_at,
                 }))
             }
             Event::PaymentRefunded(_) => {
@@ -92,5 +96,28 @@ impl Handler for OrderSaga {
             tracing::info!(outcome = done.event_type(), "saga finished");
         }
         Ok(emitted)
+    }
+
+    fn after_commit(&self, emitted: &[Envelope]) {
+        let m = saga_runtime::metrics::global();
+        for e in emitted {
+            let (labels, started) = match &e.event {
+                Event::OrderConfirmed(c) => (("CONFIRMED", ""), c.order_created_at),
+                Event::OrderFailed(f) => (("FAILED", f.reason.as_str()), f.order_created_at),
+                _ => continue,
+            };
+            let labels = OutcomeLabels {
+                status: labels.0.to_owned(),
+                reason: labels.1.to_owned(),
+            };
+            m.orders_finished.get_or_create(&labels).inc();
+            let took = (e.occurred_at - started)
+                .num_microseconds()
+                .unwrap_or(0)
+                .max(0);
+            m.saga_seconds
+                .get_or_create(&labels)
+                .observe(took as f64 / 1e6);
+        }
     }
 }

@@ -73,6 +73,7 @@ async fn create_order(
 
     let order_id = OrderId::new();
     span.record("order_id", tracing::field::display(order_id));
+    span.record("event_type", "OrderCreated");
     let created = Envelope::new(
         order_id,
         correlation_id.clone(),

@@ -137,11 +137,13 @@ pub async fn record_history(
 pub async fn lock(
     conn: &mut PgConnection,
     id: OrderId,
-) -> Result<Option<(String, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT status, total_minor FROM orders WHERE order_id = $1 FOR UPDATE")
-        .bind(id.as_uuid())
-        .fetch_optional(conn)
-        .await
+) -> Result<Option<(String, i64, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT status, total_minor, created_at FROM orders WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(id.as_uuid())
+    .fetch_optional(conn)
+    .await
 }
 
 pub async fn confirm(conn: &mut PgConnection, id: OrderId) -> Result<(), sqlx::Error> {

@@ -212,7 +212,13 @@ where
             return ExitCode::from(2);
         }
     };
-    let _telemetry = telemetry::init(service);
+    let _telemetry = match telemetry::init(service) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("{service}: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let app = match build(config).await {
         Ok(app) => app,
         Err(e) => {

@@ -29,7 +29,7 @@ use tracing::Instrument;
 use crate::config::KafkaConfig;
 use crate::kafka::{self, headers};
 use crate::outbox::Outbox;
-use crate::{db, telemetry};
+use crate::{db, metrics, telemetry};
 
 /// Why a handler could not apply an event.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,10 @@ pub trait Handler: Send + Sync + 'static {
         conn: &mut PgConnection,
         envelope: &Envelope,
     ) -> impl Future<Output = Result<Vec<Envelope>, HandleError>> + Send;
+
+    /// Called once the transaction that emitted `emitted` has committed
+    /// (for metrics and other effects that must not run twice on a retry).
+    fn after_commit(&self, _emitted: &[Envelope]) {}
 }
 
 /// Tuning of the loop.
@@ -121,7 +125,7 @@ struct Item<'m> {
 
 /// The outcome of applying one message.
 enum Applied {
-    Done,
+    Done(Vec<Envelope>),
     Duplicate,
     Dead(String),
 }
@@ -143,6 +147,10 @@ impl<H: Handler> EventLoop<H> {
                     m
                 }
                 Err(e) => {
+                    metrics::global()
+                        .consumer_errors
+                        .get_or_create(&metrics::Metrics::service(self.service))
+                        .inc();
                     tracing::warn!(service = self.service, error = %e, "Kafka poll failed");
                     tokio::time::sleep(poll_backoff).await;
                     poll_backoff = (poll_backoff * 2).min(Duration::from_secs(5));
@@ -223,6 +231,10 @@ impl<H: Handler> EventLoop<H> {
                 Ok(dead) => return Ok(dead),
                 Err(e) => {
                     attempt += 1;
+                    metrics::global()
+                        .consumer_retries
+                        .get_or_create(&metrics::Metrics::service(self.service))
+                        .inc();
                     let outage = db::is_connectivity_error(&e);
                     tracing::warn!(service = self.service, attempt, error = %e, batch = work.len(), "handling failed; retrying");
                     if !outage && attempt >= self.options.max_attempts {
@@ -259,11 +271,13 @@ impl<H: Handler> EventLoop<H> {
     ) -> Result<Vec<(usize, String)>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let mut dead = Vec::new();
-        let mut emitted = false;
+        let mut emitted: Vec<Envelope> = Vec::new();
+        let mut observed = Vec::with_capacity(work.len());
         for &i in work {
             let item = &items[i];
             let Ok(env) = &item.decoded else { continue };
             let span = message_span(self.service, &item.msg, env);
+            let started = std::time::Instant::now();
             let outcome = async {
                 let mut sp = (&mut *tx).begin().await?;
                 let fresh = sqlx::query(
@@ -290,10 +304,11 @@ impl<H: Handler> EventLoop<H> {
                         if out.is_empty() {
                             tracing::info!("event handled");
                         }
-                        Ok(Applied::Done)
+                        Ok(Applied::Done(out))
                     }
                     Err(HandleError::Permanent(why)) => {
                         sp.rollback().await?;
+                        telemetry::mark_error(&tracing::Span::current(), &why);
                         tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
                         Ok(Applied::Dead(why))
                     }
@@ -302,19 +317,37 @@ impl<H: Handler> EventLoop<H> {
             }
             .instrument(span.clone())
             .await;
-            match outcome {
-                Ok(Applied::Done) => emitted = true,
-                Ok(Applied::Duplicate) => {}
-                Ok(Applied::Dead(why)) => dead.push((i, why)),
+            let label = match outcome {
+                Ok(Applied::Done(out)) => {
+                    emitted.extend(out);
+                    "applied"
+                }
+                Ok(Applied::Duplicate) => "duplicate",
+                Ok(Applied::Dead(why)) => {
+                    dead.push((i, why));
+                    "dead_lettered"
+                }
                 Err(e) => {
                     telemetry::mark_error(&span, &e.to_string());
+                    metrics::global().observe_handler(
+                        self.service,
+                        env.event_type(),
+                        "failed",
+                        started.elapsed(),
+                    );
                     return Err(e);
                 }
-            }
+            };
+            observed.push((env.event_type(), label, started.elapsed()));
         }
         tx.commit().await?;
-        if emitted {
+        if !emitted.is_empty() {
             self.outbox.wake();
+            self.handler.after_commit(&emitted);
+        }
+        let m = metrics::global();
+        for (event_type, label, took) in observed {
+            m.observe_handler(self.service, event_type, label, took);
         }
         Ok(dead)
     }
@@ -384,7 +417,16 @@ impl<H: Handler> EventLoop<H> {
                 record = record.payload(p);
             }
             match self.producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    metrics::global()
+                        .dead_lettered
+                        .get_or_create(&metrics::TopicLabels {
+                            service: self.service.to_owned(),
+                            topic: msg.topic().to_owned(),
+                        })
+                        .inc();
+                    return Ok(());
+                }
                 Err((e, _)) => {
                     tracing::warn!(error = %e, topic = %topic, "dead-letter publish failed; retrying");
                     tokio::select! {

@@ -145,7 +145,19 @@ pub fn probe_routes(probes: Probes) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(probes)
+}
+
+async fn metrics() -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::global().render(),
+    )
+        .into_response()
 }
 
 async fn ready(State(p): State<Probes>) -> Response {
@@ -216,6 +228,7 @@ pub async fn trace_request(req: Request, next: axum::middleware::Next) -> Respon
         http.response.status_code = tracing::field::Empty,
         correlation_id = tracing::field::Empty,
         order_id = tracing::field::Empty,
+        event_type = tracing::field::Empty,
     );
     let traceparent = req
         .headers()

@@ -18,6 +18,7 @@ pub mod consumer;
 pub mod db;
 pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod outbox;
 pub mod telemetry;
 

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::kafka::{self, headers};
-use crate::telemetry;
+use crate::{metrics, telemetry};
 
 /// Rows published per round trip.
 const BATCH_SIZE: i64 = 500;
@@ -115,6 +115,7 @@ struct Row {
     correlation_id: String,
     traceparent: Option<String>,
     payload: Vec<u8>,
+    created_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Relay {
@@ -199,23 +200,50 @@ impl Relay {
     pub async fn publish_batch(&self) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, topic, message_key, event_type, event_id, correlation_id, traceparent, payload
+            "SELECT id, topic, message_key, event_type, event_id, correlation_id, traceparent, payload, created_at
              FROM outbox WHERE published_at IS NULL AND parked_at IS NULL
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(BATCH_SIZE)
         .fetch_all(&mut *tx)
         .await?;
+        let m = metrics::global();
+        let labels = metrics::Metrics::service(self.service);
         if rows.is_empty() {
             tx.commit().await?;
+            m.outbox_backlog.get_or_create(&labels).set(0);
             return Ok(0);
         }
         // Enqueue every message first, then await the deliveries together:
         // awaiting one by one would serialise them behind linger.ms.
         let mut pending = Vec::with_capacity(rows.len());
         let mut retriable: Option<anyhow::Error> = None;
+        let mut spans = Vec::with_capacity(rows.len());
         for row in &rows {
             let event_id = row.event_id.to_string();
+            // A producer span per message, child of the span that wrote the
+            // row; the consumer's span becomes its child through the header.
+            let span = tracing::info_span!(
+                parent: None,
+                "publish",
+                otel.name = format!("{} publish", row.topic),
+                otel.kind = "producer",
+                otel.status_code = tracing::field::Empty,
+                otel.status_message = tracing::field::Empty,
+                service = self.service,
+                messaging.system = "kafka",
+                messaging.operation = "publish",
+                messaging.destination.name = %row.topic,
+                messaging.kafka.message.key = %row.message_key,
+                messaging.message.id = %event_id,
+                messaging.kafka.destination.partition = tracing::field::Empty,
+                messaging.kafka.message.offset = tracing::field::Empty,
+                event_type = %row.event_type,
+                order_id = %row.message_key,
+                correlation_id = %row.correlation_id,
+            );
+            telemetry::set_remote_parent(&span, row.traceparent.as_deref());
+            let traceparent = telemetry::traceparent_of(&span).or_else(|| row.traceparent.clone());
             let mut hdrs = OwnedHeaders::new_with_capacity(5)
                 .insert(Header {
                     key: headers::EVENT_TYPE,
@@ -233,7 +261,7 @@ impl Relay {
                     key: headers::CONTENT_TYPE,
                     value: Some("application/json"),
                 });
-            if let Some(tp) = &row.traceparent {
+            if let Some(tp) = &traceparent {
                 hdrs = hdrs.insert(Header {
                     key: headers::TRACEPARENT,
                     value: Some(tp.as_str()),
@@ -244,19 +272,33 @@ impl Relay {
                 .payload(row.payload.as_slice())
                 .headers(hdrs);
             match self.producer.send_result(record) {
-                Ok(delivery) => pending.push((row.id, delivery)),
+                Ok(delivery) => {
+                    pending.push((row.id, delivery));
+                    spans.push(span);
+                }
                 Err((e, _)) => {
                     // Queue full or similar: publish what is enqueued, retry the rest.
+                    telemetry::mark_error(&span, &e.to_string());
                     retriable = Some(anyhow::Error::new(e).context("enqueueing outbox row"));
                     break;
                 }
             }
         }
+        let created: std::collections::HashMap<i64, chrono::DateTime<chrono::Utc>> =
+            rows.iter().map(|r| (r.id, r.created_at)).collect();
         let ids: Vec<i64> = pending.iter().map(|(id, _)| *id).collect();
         let results = join_all(pending.into_iter().map(|(_, d)| d)).await;
         let mut sent = Vec::with_capacity(results.len());
         let mut dead = Vec::new();
-        for (id, result) in ids.into_iter().zip(results) {
+        for ((id, result), span) in ids.into_iter().zip(results).zip(spans) {
+            match &result {
+                Ok(Ok(delivery)) => {
+                    span.record("messaging.kafka.destination.partition", delivery.partition);
+                    span.record("messaging.kafka.message.offset", delivery.offset);
+                }
+                Ok(Err((e, _))) => telemetry::mark_error(&span, &e.to_string()),
+                Err(_) => telemetry::mark_error(&span, "delivery canceled"),
+            }
             match result {
                 Ok(Ok(_)) => sent.push(id),
                 Ok(Err((e, _))) if kafka::is_permanent(&e) => {
@@ -289,6 +331,29 @@ impl Relay {
                 .await?;
         }
         tx.commit().await?;
+        let now = chrono::Utc::now();
+        m.outbox_published
+            .get_or_create(&labels)
+            .inc_by(sent.len() as u64);
+        {
+            let latency = m.outbox_publish_seconds.get_or_create(&labels);
+            for id in &sent {
+                if let Some(at) = created.get(id) {
+                    latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+                }
+            }
+        }
+        let backlog = if rows.len() as i64 == BATCH_SIZE {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(0)
+        } else {
+            (rows.len() - sent.len() - dead.len()) as i64
+        };
+        m.outbox_backlog.get_or_create(&labels).set(backlog);
         match retriable {
             Some(e) if sent.is_empty() => Err(e),
             Some(e) => {

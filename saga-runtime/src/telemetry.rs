@@ -10,8 +10,12 @@ use std::sync::OnceLock;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+
+use crate::config::{var, ConfigError};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -35,15 +39,25 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 
 /// Installs the global subscriber: `RUST_LOG` filter (default `info`),
 /// readable text or JSON (`LOG_FORMAT=json`), and the OpenTelemetry layer.
+///
+/// Spans are exported over OTLP/HTTP (protobuf) when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is
+/// set; the service name is `OTEL_SERVICE_NAME` or the service's own, and the
+/// SDK reads `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` and
+/// `OTEL_BSP_*`. Unset: nothing is exported and nothing is logged about it.
 /// Safe to call more than once (tests); only the first call installs.
-pub fn init(service_name: &'static str) -> TelemetryGuard {
-    let provider = PROVIDER
-        .get_or_init(|| build_provider(service_name))
-        .clone();
+pub fn init(service_name: &'static str) -> Result<TelemetryGuard, ConfigError> {
+    let provider = match PROVIDER.get() {
+        Some(p) => p.clone(),
+        None => {
+            let built = build_provider(service_name)?;
+            PROVIDER.get_or_init(|| built).clone()
+        }
+    };
     let tracer = provider.tracer("saga");
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let json = crate::config::var("LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
+    let json = var("LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
     let fmt_layer = if json {
         tracing_subscriber::fmt::layer()
             .json()
@@ -65,11 +79,42 @@ pub fn init(service_name: &'static str) -> TelemetryGuard {
                 .with_filter(otel_filter),
         )
         .try_init();
-    TelemetryGuard { provider }
+    Ok(TelemetryGuard { provider })
 }
 
-fn build_provider(_service_name: &'static str) -> SdkTracerProvider {
-    SdkTracerProvider::builder().build()
+fn build_provider(service_name: &'static str) -> Result<SdkTracerProvider, ConfigError> {
+    let name = var("OTEL_SERVICE_NAME").unwrap_or_else(|| service_name.to_owned());
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(name).build());
+    if var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+    {
+        let (protocol_var, protocol) = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
+            Some(p) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", p),
+            None => (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|| "http/protobuf".to_owned()),
+            ),
+        };
+        if protocol != "http/protobuf" {
+            return Err(ConfigError::Invalid {
+                var: protocol_var.to_owned(),
+                value: protocol,
+                reason: "this build exports OTLP over http/protobuf only".to_owned(),
+            });
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build()
+            .map_err(|e| ConfigError::Invalid {
+                var: "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+                value: var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default(),
+                reason: e.to_string(),
+            })?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    Ok(builder.build())
 }
 
 /// The W3C `traceparent` of the current span, if it belongs to a trace.
@@ -119,7 +164,7 @@ mod tests {
 
     #[test]
     fn spans_get_a_traceparent_and_children_continue_it() {
-        let _guard = init("telemetry-test");
+        let _guard = init("telemetry-test").unwrap();
         let root = tracing::info_span!("root");
         let tp = traceparent_of(&root).expect("root span has a trace context");
         assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");

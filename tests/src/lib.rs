@@ -99,7 +99,9 @@ impl System {
     }
 
     pub async fn start_with(payment_settings: PaymentSettings) -> anyhow::Result<Self> {
-        TELEMETRY.get_or_init(|| saga_runtime::telemetry::init("saga-tests"));
+        TELEMETRY.get_or_init(|| {
+            saga_runtime::telemetry::init("saga-tests").expect("telemetry configuration")
+        });
         let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let kafka = KafkaConfig {
             brokers: env("KAFKA_BROKERS")?,

@@ -1,0 +1,163 @@
+//! Prometheus metrics, served at `GET /metrics` by every service.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandlerLabels {
+    pub service: String,
+    pub event_type: String,
+    /// `applied`, `duplicate`, `dead_lettered` or `failed`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub service: String,
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `CONFIRMED` or `FAILED`.
+    pub status: String,
+    /// `payment_declined`, `out_of_stock`, or empty.
+    pub reason: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms … ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    pub handled: Family<HandlerLabels, Counter>,
+    pub handler_seconds: Histograms<HandlerLabels>,
+    pub consumer_errors: Family<ServiceLabels, Counter>,
+    pub consumer_retries: Family<ServiceLabels, Counter>,
+    pub dead_lettered: Family<TopicLabels, Counter>,
+    pub outbox_published: Family<ServiceLabels, Counter>,
+    pub outbox_publish_seconds: Histograms<ServiceLabels>,
+    pub outbox_backlog: Family<ServiceLabels, Gauge>,
+    pub orders_finished: Family<OutcomeLabels, Counter>,
+    pub saga_seconds: Histograms<OutcomeLabels>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("saga");
+        let m = Self {
+            handled: Family::default(),
+            handler_seconds: Family::new_with_constructor(latency_histogram),
+            consumer_errors: Family::default(),
+            consumer_retries: Family::default(),
+            dead_lettered: Family::default(),
+            outbox_published: Family::default(),
+            outbox_publish_seconds: Family::new_with_constructor(latency_histogram),
+            outbox_backlog: Family::default(),
+            orders_finished: Family::default(),
+            saga_seconds: Family::new_with_constructor(latency_histogram),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "events_handled",
+            "Consumed events by outcome",
+            m.handled.clone(),
+        );
+        registry.register(
+            "handler_duration_seconds",
+            "Time to apply one consumed event (inside its batch transaction)",
+            m.handler_seconds.clone(),
+        );
+        registry.register(
+            "consumer_errors",
+            "Kafka poll errors",
+            m.consumer_errors.clone(),
+        );
+        registry.register(
+            "consumer_retries",
+            "Batch transactions retried after a failure",
+            m.consumer_retries.clone(),
+        );
+        registry.register(
+            "dead_lettered_messages",
+            "Messages sent to a dead-letter topic",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "outbox_published",
+            "Outbox rows published to Kafka",
+            m.outbox_published.clone(),
+        );
+        registry.register(
+            "outbox_publish_latency_seconds",
+            "Time from an outbox row's commit to the broker's acknowledgement",
+            m.outbox_publish_seconds.clone(),
+        );
+        registry.register(
+            "outbox_backlog",
+            "Outbox rows waiting to be published",
+            m.outbox_backlog.clone(),
+        );
+        registry.register(
+            "orders_finished",
+            "Orders that reached a final status (order-service)",
+            m.orders_finished.clone(),
+        );
+        registry.register(
+            "saga_duration_seconds",
+            "Order creation to final status (order-service)",
+            m.saga_seconds.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    pub fn service(service: &str) -> ServiceLabels {
+        ServiceLabels {
+            service: service.to_owned(),
+        }
+    }
+
+    pub fn observe_handler(&self, service: &str, event_type: &str, outcome: &str, took: Duration) {
+        let labels = HandlerLabels {
+            service: service.to_owned(),
+            event_type: event_type.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.handled.get_or_create(&labels).inc();
+        self.handler_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
