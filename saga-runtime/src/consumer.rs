@@ -450,6 +450,7 @@ fn message_span(service: &'static str, msg: &BorrowedMessage<'_>, env: &Envelope
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
         otel.status_message = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
         service = service,
         messaging.system = "kafka",
         messaging.operation = "process",

@@ -222,6 +222,7 @@ pub async fn trace_request(req: Request, next: axum::middleware::Next) -> Respon
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         otel.status_message = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
         http.request.method = %method,
         http.route = %route,
         url.path = req.uri().path(),

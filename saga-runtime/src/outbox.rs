@@ -230,6 +230,7 @@ impl Relay {
                 otel.kind = "producer",
                 otel.status_code = tracing::field::Empty,
                 otel.status_message = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
                 service = self.service,
                 messaging.system = "kafka",
                 messaging.operation = "publish",

@@ -134,14 +134,20 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
 }
 
 /// Makes `span` a child of the remote span named by `traceparent`. A missing
-/// or malformed value leaves the span as the root of a new trace.
+/// or malformed value leaves the span as the root of a new trace. Records the
+/// resulting `trace_id` on the span (declare it as an empty field) so every
+/// log line inside carries it.
 pub fn set_remote_parent(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(tp) = traceparent else { return };
-    let mut carrier = HashMap::new();
-    carrier.insert("traceparent".to_owned(), tp.to_owned());
-    let cx = TraceContextPropagator::new().extract(&carrier);
-    if cx.span().span_context().is_valid() {
-        let _ = span.set_parent(cx);
+    if let Some(tp) = traceparent {
+        let mut carrier = HashMap::new();
+        carrier.insert("traceparent".to_owned(), tp.to_owned());
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        if cx.span().span_context().is_valid() {
+            let _ = span.set_parent(cx);
+        }
+    }
+    if let Some(id) = trace_id_of(span) {
+        span.record("trace_id", id.as_str());
     }
 }
 
