@@ -1,7 +1,8 @@
 //! The idempotent consumer loop every service runs.
 //!
 //! For each poll it takes the messages that are ready (up to a batch) and
-//! handles them in one database transaction, each inside a savepoint:
+//! handles them in one database transaction (with a savepoint per message
+//! only when one of them has to be rolled back alone):
 //!
 //! 1. decode the envelope (malformed → dead-letter topic);
 //! 2. record `(consumer, event_id)` in `processed_events` — already there
@@ -22,7 +23,7 @@ use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sqlx::{Acquire, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -269,6 +270,26 @@ impl<H: Handler> EventLoop<H> {
         items: &[Item<'_>],
         work: &[usize],
     ) -> Result<Vec<(usize, String)>, sqlx::Error> {
+        // Most batches apply cleanly, so try without per-message savepoints
+        // (two round trips each); if a handler refuses an event, redo the
+        // batch with savepoints so only that event is rolled back.
+        match self.apply_batch(items, work, false).await? {
+            Some(dead) => Ok(dead),
+            None => Ok(self
+                .apply_batch(items, work, true)
+                .await?
+                .unwrap_or_default()),
+        }
+    }
+
+    /// One transaction over `work`. Without `savepoints`, returns `None` as
+    /// soon as an event is refused (the transaction is rolled back).
+    async fn apply_batch(
+        &self,
+        items: &[Item<'_>],
+        work: &[usize],
+        savepoints: bool,
+    ) -> Result<Option<Vec<(usize, String)>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let mut dead = Vec::new();
         let mut emitted: Vec<Envelope> = Vec::new();
@@ -279,44 +300,57 @@ impl<H: Handler> EventLoop<H> {
             let span = message_span(self.service, &item.msg, env);
             let started = std::time::Instant::now();
             let outcome = async {
-                let mut sp = (&mut *tx).begin().await?;
+                let conn: &mut PgConnection = &mut tx;
+                if savepoints {
+                    sqlx::query("SAVEPOINT saga_message").execute(&mut *conn).await?;
+                }
                 let fresh = sqlx::query(
                     "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 )
                 .bind(self.service)
                 .bind(env.event_id)
-                .execute(&mut *sp)
+                .execute(&mut *conn)
                 .await?
                 .rows_affected()
                     == 1;
                 if !fresh {
-                    sp.commit().await?;
+                    if savepoints {
+                        sqlx::query("RELEASE SAVEPOINT saga_message").execute(&mut *conn).await?;
+                    }
                     tracing::info!("duplicate event ignored");
-                    return Ok(Applied::Duplicate);
+                    return Ok(Some(Applied::Duplicate));
                 }
-                match self.handler.handle(&mut sp, env).await {
+                match self.handler.handle(conn, env).await {
                     Ok(out) => {
-                        self.outbox.enqueue(&mut sp, &out).await?;
-                        sp.commit().await?;
+                        self.outbox.enqueue(conn, &out).await?;
+                        if savepoints {
+                            sqlx::query("RELEASE SAVEPOINT saga_message").execute(&mut *conn).await?;
+                        }
                         for e in &out {
                             tracing::info!(emitted = e.event_type(), "event handled");
                         }
                         if out.is_empty() {
                             tracing::info!("event handled");
                         }
-                        Ok(Applied::Done(out))
+                        Ok(Some(Applied::Done(out)))
                     }
-                    Err(HandleError::Permanent(why)) => {
-                        sp.rollback().await?;
+                    Err(HandleError::Permanent(why)) if savepoints => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT saga_message").execute(&mut *conn).await?;
                         telemetry::mark_error(&tracing::Span::current(), &why);
                         tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
-                        Ok(Applied::Dead(why))
+                        Ok(Some(Applied::Dead(why)))
                     }
+                    Err(HandleError::Permanent(_)) => Ok(None),
                     Err(HandleError::Db(e)) => Err(e),
                 }
             }
             .instrument(span.clone())
             .await;
+            let outcome = match outcome {
+                Ok(Some(applied)) => Ok(applied),
+                Ok(None) => return Ok(None),
+                Err(e) => Err(e),
+            };
             let label = match outcome {
                 Ok(Applied::Done(out)) => {
                     emitted.extend(out);
@@ -349,7 +383,7 @@ impl<H: Handler> EventLoop<H> {
         for (event_type, label, took) in observed {
             m.observe_handler(self.service, event_type, label, took);
         }
-        Ok(dead)
+        Ok(Some(dead))
     }
 
     /// Copies `msg` to `<topic>.dlq` with headers saying who gave up and why.

@@ -1,0 +1,118 @@
+//! `loadgen`: drive the checkout saga and report throughput and latency.
+//!
+//! ```text
+//! loadgen --rate 200/s --duration 30s          # open loop
+//! loadgen --concurrency 64 --orders 20000      # closed loop, to find the maximum
+//! ```
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use loadgen::{Config, Load, Mix};
+
+#[derive(Debug, Parser)]
+#[command(name = "loadgen", about = "Load generator for the checkout saga")]
+struct Args {
+    /// Open loop: orders per second, e.g. `200` or `200/s`.
+    #[arg(long, value_parser = parse_rate, conflicts_with_all = ["concurrency", "orders"], requires = "duration")]
+    rate: Option<f64>,
+    /// Open loop: how long to send, e.g. `30s`, `2m`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Closed loop: requests in flight.
+    #[arg(long, requires = "orders")]
+    concurrency: Option<usize>,
+    /// Closed loop: how many orders in all.
+    #[arg(long)]
+    orders: Option<u64>,
+    /// Outcome mix, e.g. `confirm=90,decline=5,oos=5`.
+    #[arg(long, default_value = "confirm=90,decline=5,oos=5")]
+    mix: Mix,
+    #[arg(long, env = "ORDER_URL", default_value = "http://localhost:3000")]
+    order_url: String,
+    #[arg(long, env = "INVENTORY_URL", default_value = "http://localhost:3002")]
+    inventory_url: String,
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// How long to wait for outstanding sagas after the last send.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    grace: Duration,
+    /// Unit price of orders meant to be declined (must exceed PAYMENT_LIMIT).
+    #[arg(long, default_value = "5000.00")]
+    decline_price: String,
+    /// Also write the report as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    json: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let n = s.trim().trim_end_matches("/s");
+    match n.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("{s:?} is not a positive rate like 200/s")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let load = match (args.rate, args.duration, args.concurrency, args.orders) {
+        (Some(rate), Some(duration), None, None) => Load::Open { rate, duration },
+        (None, None, Some(concurrency), Some(orders)) => Load::Closed {
+            concurrency,
+            orders,
+        },
+        _ => {
+            eprintln!("loadgen: give either --rate and --duration, or --concurrency and --orders");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = Config {
+        order_url: args.order_url.trim_end_matches('/').to_owned(),
+        inventory_url: args.inventory_url.trim_end_matches('/').to_owned(),
+        brokers: args.brokers,
+        topic_prefix: args.topic_prefix,
+        load,
+        mix: args.mix,
+        grace: args.grace,
+        decline_price: args.decline_price,
+        progress: !args.quiet,
+    };
+    let report = match loadgen::run(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.render());
+    if let Some(path) = args.json {
+        let json = match serde_json::to_string_pretty(&report) {
+            Ok(j) => j,
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if path == "-" {
+            println!("{json}");
+        } else if let Err(e) = std::fs::write(&path, json) {
+            eprintln!("loadgen: writing {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.lost > 0 {
+        eprintln!(
+            "loadgen: {} orders lost (no final event within the grace period)",
+            report.lost
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

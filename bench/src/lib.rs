@@ -1,0 +1,579 @@
+//! Load generator for the checkout saga.
+//!
+//! Drives `POST /orders` open-loop (a fixed rate) or closed-loop (a fixed
+//! number of requests in flight), and measures for every order the HTTP
+//! latency and the end-to-end latency: from sending the POST to the
+//! `OrderConfirmed`/`OrderFailed` event on `order-events`, read straight from
+//! the broker (no polling of the API).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// SKUs restocked with plenty of units before a run (spread to avoid one hot row).
+const STOCKED_SKUS: usize = 8;
+/// A SKU set to zero units: its orders end out of stock.
+const EMPTY_SKU: &str = "BENCH-EMPTY";
+
+/// How orders are sent.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// `rate` orders per second for `duration`, whatever the answers.
+    Open { rate: f64, duration: Duration },
+    /// `orders` orders with `concurrency` requests in flight.
+    Closed { concurrency: usize, orders: u64 },
+}
+
+/// Shares (in any unit) of the three outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mix {
+    pub confirm: u32,
+    pub decline: u32,
+    pub out_of_stock: u32,
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Self {
+            confirm: 90,
+            decline: 5,
+            out_of_stock: 5,
+        }
+    }
+}
+
+impl std::str::FromStr for Mix {
+    type Err = String;
+
+    /// `confirm=90,decline=5,oos=5` (missing names count 0).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut mix = Mix {
+            confirm: 0,
+            decline: 0,
+            out_of_stock: 0,
+        };
+        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+            let (name, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected name=share"))?;
+            let value: u32 = value
+                .trim()
+                .parse()
+                .map_err(|_| format!("{part:?}: share must be a whole number"))?;
+            match name.trim() {
+                "confirm" => mix.confirm = value,
+                "decline" => mix.decline = value,
+                "oos" | "out_of_stock" => mix.out_of_stock = value,
+                other => return Err(format!("unknown outcome {other:?} (confirm, decline, oos)")),
+            }
+        }
+        if mix.confirm + mix.decline + mix.out_of_stock == 0 {
+            return Err("the shares add up to 0".into());
+        }
+        Ok(mix)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Confirm,
+    Decline,
+    OutOfStock,
+}
+
+impl Mix {
+    fn pick(&self, n: u64) -> Kind {
+        // Deterministic interleaving: order n gets the kind whose share
+        // bucket n falls in, so small runs still see every kind.
+        let total = u64::from(self.confirm + self.decline + self.out_of_stock);
+        let slot = (n.wrapping_mul(7919)) % total;
+        if slot < u64::from(self.confirm) {
+            Kind::Confirm
+        } else if slot < u64::from(self.confirm + self.decline) {
+            Kind::Decline
+        } else {
+            Kind::OutOfStock
+        }
+    }
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub order_url: String,
+    pub inventory_url: String,
+    pub brokers: String,
+    pub topic_prefix: String,
+    pub load: Load,
+    pub mix: Mix,
+    /// How long to wait for outstanding sagas after the last send.
+    pub grace: Duration,
+    /// Unit price of orders meant to be declined (above the payment limit).
+    pub decline_price: String,
+    pub progress: bool,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub count: u64,
+}
+
+fn summarize(h: &Histogram<u64>) -> Latency {
+    let ms = |us: u64| us as f64 / 1000.0;
+    Latency {
+        p50_ms: ms(h.value_at_quantile(0.50)),
+        p90_ms: ms(h.value_at_quantile(0.90)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        max_ms: ms(h.max()),
+        count: h.len(),
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub mode: String,
+    pub sent: u64,
+    pub accepted: u64,
+    pub http_errors: u64,
+    pub confirmed: u64,
+    pub failed_payment_declined: u64,
+    pub failed_out_of_stock: u64,
+    /// Accepted orders with no final event within the grace period.
+    pub lost: u64,
+    /// Final outcomes that differ from what the mix asked for.
+    pub unexpected: u64,
+    pub elapsed_s: f64,
+    /// Completed sagas per second, first send to last completion.
+    pub sagas_per_s: f64,
+    pub http: Latency,
+    pub end_to_end: Latency,
+}
+
+impl Report {
+    pub fn completed(&self) -> u64 {
+        self.confirmed + self.failed_payment_declined + self.failed_out_of_stock
+    }
+
+    /// A human-readable summary.
+    pub fn render(&self) -> String {
+        format!(
+            "mode            {}\n\
+             orders          sent {} · accepted {} · http errors {}\n\
+             outcomes        confirmed {} · payment declined {} · out of stock {} · lost {} · unexpected {}\n\
+             throughput      {:.1} completed sagas/s over {:.2} s\n\
+             http latency    p50 {:.2} ms · p90 {:.2} ms · p99 {:.2} ms · max {:.2} ms\n\
+             end-to-end      p50 {:.2} ms · p90 {:.2} ms · p99 {:.2} ms · max {:.2} ms\n",
+            self.mode,
+            self.sent,
+            self.accepted,
+            self.http_errors,
+            self.confirmed,
+            self.failed_payment_declined,
+            self.failed_out_of_stock,
+            self.lost,
+            self.unexpected,
+            self.sagas_per_s,
+            self.elapsed_s,
+            self.http.p50_ms,
+            self.http.p90_ms,
+            self.http.p99_ms,
+            self.http.max_ms,
+            self.end_to_end.p50_ms,
+            self.end_to_end.p90_ms,
+            self.end_to_end.p99_ms,
+            self.end_to_end.max_ms,
+        )
+    }
+}
+
+enum Note {
+    Sent {
+        order_id: String,
+        at: Instant,
+        kind: Kind,
+        http: Duration,
+    },
+    Rejected,
+    Final {
+        order_id: String,
+        at: Instant,
+        outcome: (String, String),
+    },
+}
+
+/// Sets up stock, runs the load, waits for the sagas and reports.
+pub async fn run(cfg: Config) -> anyhow::Result<Report> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    restock(&http, &cfg.inventory_url).await?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Note>();
+    let watcher = watch_final_events(&cfg, tx.clone()).await?;
+
+    let expected = match cfg.load {
+        Load::Open { rate, duration } => (rate * duration.as_secs_f64()).round() as u64,
+        Load::Closed { orders, .. } => orders,
+    };
+    let bar = if cfg.progress {
+        let b = ProgressBar::new(expected);
+        b.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} sagas {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let started = Instant::now();
+    let sender = tokio::spawn(send_all(cfg.clone(), http.clone(), tx.clone()));
+    drop(tx);
+
+    let mut http_hist = Histogram::<u64>::new(3)?;
+    let mut e2e_hist = Histogram::<u64>::new(3)?;
+    let mut pending: HashMap<String, (Instant, Kind)> = HashMap::new();
+    let mut early: HashMap<String, (Instant, (String, String))> = HashMap::new();
+    let mut report = Report {
+        mode: match cfg.load {
+            Load::Open { rate, duration } => format!(
+                "open loop, {rate}/s for {}",
+                humantime::format_duration(duration)
+            ),
+            Load::Closed {
+                concurrency,
+                orders,
+            } => format!("closed loop, concurrency {concurrency}, {orders} orders"),
+        },
+        ..Report::default()
+    };
+    let mut last_completion = started;
+    let mut sending_done = false;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut sender = Some(sender);
+
+    let mut settle =
+        |report: &mut Report, kind: Kind, outcome: &(String, String), latency: Duration| {
+            let _ = e2e_hist.record(latency.as_micros() as u64);
+            match (outcome.0.as_str(), outcome.1.as_str()) {
+                ("OrderConfirmed", _) => report.confirmed += 1,
+                (_, "payment_declined") => report.failed_payment_declined += 1,
+                _ => report.failed_out_of_stock += 1,
+            }
+            let as_expected = matches!(
+                (kind, outcome.0.as_str(), outcome.1.as_str()),
+                (Kind::Confirm, "OrderConfirmed", _)
+                    | (Kind::Decline, "OrderFailed", "payment_declined")
+                    | (Kind::OutOfStock, "OrderFailed", "out_of_stock")
+            );
+            if !as_expected {
+                report.unexpected += 1;
+            }
+        };
+
+    loop {
+        if sending_done && pending.is_empty() {
+            break;
+        }
+        let note = tokio::select! {
+            n = rx.recv() => n,
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => break,
+            r = async {
+                match sender.as_mut() {
+                    Some(s) => s.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                sender = None;
+                r.context("sender task failed")??;
+                sending_done = true;
+                deadline = Some(tokio::time::Instant::now() + cfg.grace);
+                continue;
+            }
+        };
+        let Some(note) = note else { break };
+        match note {
+            Note::Rejected => {
+                report.sent += 1;
+                report.http_errors += 1;
+            }
+            Note::Sent {
+                order_id,
+                at,
+                kind,
+                http,
+            } => {
+                report.sent += 1;
+                report.accepted += 1;
+                let _ = http_hist.record(http.as_micros() as u64);
+                if let Some((done_at, outcome)) = early.remove(&order_id) {
+                    settle(
+                        &mut report,
+                        kind,
+                        &outcome,
+                        done_at.saturating_duration_since(at),
+                    );
+                    bar.inc(1);
+                } else {
+                    pending.insert(order_id, (at, kind));
+                }
+            }
+            Note::Final {
+                order_id,
+                at,
+                outcome,
+            } => {
+                if let Some((sent_at, kind)) = pending.remove(&order_id) {
+                    settle(
+                        &mut report,
+                        kind,
+                        &outcome,
+                        at.saturating_duration_since(sent_at),
+                    );
+                    last_completion = at;
+                    bar.inc(1);
+                    bar.set_message(format!(
+                        "confirmed {} · declined {} · out of stock {}",
+                        report.confirmed,
+                        report.failed_payment_declined,
+                        report.failed_out_of_stock
+                    ));
+                } else {
+                    // The event can beat the HTTP answer to us.
+                    early.insert(order_id, (at, outcome));
+                    last_completion = at;
+                }
+            }
+        }
+    }
+    watcher.abort();
+    bar.finish_and_clear();
+    report.lost = pending.len() as u64;
+    report.elapsed_s = last_completion
+        .saturating_duration_since(started)
+        .as_secs_f64();
+    report.sagas_per_s = if report.elapsed_s > 0.0 {
+        report.completed() as f64 / report.elapsed_s
+    } else {
+        0.0
+    };
+    report.http = summarize(&http_hist);
+    report.end_to_end = summarize(&e2e_hist);
+    Ok(report)
+}
+
+async fn restock(http: &reqwest::Client, inventory_url: &str) -> anyhow::Result<()> {
+    let mut products: Vec<(String, i64)> = (0..STOCKED_SKUS)
+        .map(|i| (format!("BENCH-{i}"), 1_000_000_000))
+        .collect();
+    products.push((EMPTY_SKU.to_owned(), 0));
+    for (sku, available) in products {
+        let resp = http
+            .put(format!("{inventory_url}/products/{sku}"))
+            .json(&serde_json::json!({"name": "Benchmark stock", "available": available}))
+            .send()
+            .await
+            .with_context(|| format!("restocking {sku} at {inventory_url}"))?;
+        if !resp.status().is_success() {
+            bail!("restocking {sku}: {}", resp.status());
+        }
+    }
+    Ok(())
+}
+
+/// Reads `order-events` from its current end and reports every final event.
+async fn watch_final_events(
+    cfg: &Config,
+    tx: mpsc::UnboundedSender<Note>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let topic = format!("{}order-events", cfg.topic_prefix);
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", format!("loadgen-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "2")
+        .create()
+        .context("creating the order-events consumer")?;
+    let (brokers_topic, consumer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (_, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))?;
+            }
+        }
+        if tpl.count() == 0 {
+            bail!("topic {topic} has no partitions (is the system running with this KAFKA_TOPIC_PREFIX?)");
+        }
+        consumer.assign(&tpl)?;
+        Ok((topic, consumer))
+    })
+    .await??;
+    let _ = brokers_topic;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(msg) = consumer.recv().await else {
+                continue;
+            };
+            let at = Instant::now();
+            let Some(payload) = msg.payload() else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                continue;
+            };
+            let event_type = v["event_type"].as_str().unwrap_or_default();
+            if event_type != "OrderConfirmed" && event_type != "OrderFailed" {
+                continue;
+            }
+            let order_id = v["order_id"].as_str().unwrap_or_default().to_owned();
+            let reason = v["data"]["reason"].as_str().unwrap_or_default().to_owned();
+            if tx
+                .send(Note::Final {
+                    order_id,
+                    at,
+                    outcome: (event_type.to_owned(), reason),
+                })
+                .is_err()
+            {
+                return;
+            }
+        }
+    }))
+}
+
+fn order_body(kind: Kind, n: u64, decline_price: &str) -> serde_json::Value {
+    let (sku, price) = match kind {
+        Kind::Confirm => (format!("BENCH-{}", n as usize % STOCKED_SKUS), "1.00"),
+        Kind::Decline => (
+            format!("BENCH-{}", n as usize % STOCKED_SKUS),
+            decline_price,
+        ),
+        Kind::OutOfStock => (EMPTY_SKU.to_owned(), "1.00"),
+    };
+    serde_json::json!({
+        "customer_id": format!("bench-{}", n % 1000),
+        "items": [{"sku": sku, "quantity": 1, "unit_price": price}],
+    })
+}
+
+async fn post_one(http: &reqwest::Client, cfg: &Config, n: u64, tx: &mpsc::UnboundedSender<Note>) {
+    let kind = cfg.mix.pick(n);
+    let body = order_body(kind, n, &cfg.decline_price);
+    let at = Instant::now();
+    let result = http
+        .post(format!("{}/orders", cfg.order_url))
+        .json(&body)
+        .send()
+        .await;
+    let note = match result {
+        Ok(resp) if resp.status().as_u16() == 202 => {
+            let http_latency = at.elapsed();
+            match resp.json::<serde_json::Value>().await {
+                Ok(v) => match v["order_id"].as_str() {
+                    Some(id) => Note::Sent {
+                        order_id: id.to_owned(),
+                        at,
+                        kind,
+                        http: http_latency,
+                    },
+                    None => Note::Rejected,
+                },
+                Err(_) => Note::Rejected,
+            }
+        }
+        _ => Note::Rejected,
+    };
+    let _ = tx.send(note);
+}
+
+async fn send_all(
+    cfg: Config,
+    http: reqwest::Client,
+    tx: mpsc::UnboundedSender<Note>,
+) -> anyhow::Result<()> {
+    match cfg.load {
+        Load::Open { rate, duration } => {
+            if rate <= 0.0 {
+                bail!("rate must be positive");
+            }
+            let total = (rate * duration.as_secs_f64()).round() as u64;
+            let period = Duration::from_secs_f64(1.0 / rate);
+            let start = tokio::time::Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for n in 0..total {
+                // Scheduled send times, independent of how fast answers come.
+                tokio::time::sleep_until(start + period.mul_f64(n as f64)).await;
+                let (http, cfg, tx) = (http.clone(), cfg.clone(), tx.clone());
+                tasks.spawn(async move { post_one(&http, &cfg, n, &tx).await });
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+        Load::Closed {
+            concurrency,
+            orders,
+        } => {
+            let next = Arc::new(AtomicU64::new(0));
+            let mut workers = tokio::task::JoinSet::new();
+            for _ in 0..concurrency.max(1) {
+                let (http, cfg, tx, next) = (http.clone(), cfg.clone(), tx.clone(), next.clone());
+                workers.spawn(async move {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= orders {
+                            break;
+                        }
+                        post_one(&http, &cfg, n, &tx).await;
+                    }
+                });
+            }
+            while workers.join_next().await.is_some() {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_parses_and_spreads_kinds() {
+        let mix: Mix = "confirm=8,decline=1,oos=1".parse().unwrap();
+        let mut counts: HashMap<Kind, u32> = HashMap::new();
+        for n in 0..1000 {
+            *counts.entry(mix.pick(n)).or_default() += 1;
+        }
+        assert_eq!(counts[&Kind::Confirm], 800);
+        assert_eq!(counts[&Kind::Decline], 100);
+        assert_eq!(counts[&Kind::OutOfStock], 100);
+        assert!("confirm=0".parse::<Mix>().is_err());
+        assert!("bogus=3".parse::<Mix>().is_err());
+        assert_eq!("confirm=1".parse::<Mix>().unwrap().pick(5), Kind::Confirm);
+    }
+}
