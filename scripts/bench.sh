@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Benchmarks the saga on this machine and writes BENCHMARKS.md.
+#
+# Starts PostgreSQL (durable: fsync and synchronous_commit on), a tansu
+# broker and the three release binaries on free ports, then runs:
+#   1. idle CPU for 10 s (the cost of low fetch.wait.max.ms polling)
+#   2. open loop 50 orders/s for 30 s
+#   3. open loop 200 orders/s for 30 s
+#   4. closed loop, concurrency 64 (BENCH_ORDERS orders, default 20000)
+# and records each service's CPU and peak RSS per scenario.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/infra.sh
+source scripts/infra.sh
+
+orders=${BENCH_ORDERS:-20000}
+out=${BENCH_OUT:-BENCHMARKS.md}
+work=$(mktemp -d "${TMPDIR:-/tmp}/saga-bench.XXXXXX")
+chmod 755 "$work"
+services=(order-service payment-service inventory-service)
+declare -A pids
+
+cleanup() {
+  local rc=$?
+  for s in "${services[@]}"; do
+    if [ -n "${pids[$s]:-}" ]; then kill -TERM "${pids[$s]}" 2>/dev/null || true; fi
+  done
+  for s in "${services[@]}"; do
+    if [ -n "${pids[$s]:-}" ]; then wait "${pids[$s]}" 2>/dev/null || true; fi
+  done
+  stop_pidfile "$work/tansu.pid"
+  stop_postgres "$work/pg"
+  rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT INT TERM
+
+echo "==> building release binaries"
+cargo build --release --locked --bins
+
+pg_port=$(free_port)
+kafka_port=$(free_port)
+echo "==> PostgreSQL (durable) on $pg_port, tansu on $kafka_port"
+start_postgres "$work/pg" "$pg_port" durable
+start_tansu "$kafka_port" "$work/tansu.log" "$work/tansu.pid"
+
+port=4100
+for s in "${services[@]}"; do
+  port=$((port + 1))
+  db=${s%-service}
+  PORT=$port DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/bench_$db" \
+    KAFKA_BROKERS="127.0.0.1:$kafka_port" RUST_LOG=${RUST_LOG:-warn} \
+    "target/release/$s" >"$work/$s.log" 2>&1 &
+  pids[$s]=$!
+  eval "port_${db}=$port"
+done
+for s in "${services[@]}"; do
+  db=${s%-service}
+  p=$(eval echo "\$port_${db}")
+  for _ in $(seq 1 300); do
+    curl -fsS "http://127.0.0.1:$p/ready" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  curl -fsS "http://127.0.0.1:$p/ready" >/dev/null || { cat "$work/$s.log"; exit 1; }
+done
+# shellcheck disable=SC2154 # set through eval above
+order_url="http://127.0.0.1:$port_order"
+# shellcheck disable=SC2154
+inventory_url="http://127.0.0.1:$port_inventory"
+
+ticks=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+reset_peak() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
+
+# run_scenario NAME SECONDS-OR-EMPTY LOADGEN-ARGS...
+results=()
+run_scenario() {
+  local name=$1
+  shift
+  local before=() start end s i=0
+  for s in "${services[@]}"; do
+    reset_peak "${pids[$s]}"
+    before+=("$(cpu_ticks "${pids[$s]}")")
+  done
+  start=$(date +%s.%N)
+  if [ "$1" = "idle" ]; then
+    sleep 10
+    echo '{}' >"$work/$name.json"
+  else
+    target/release/loadgen --order-url "$order_url" --inventory-url "$inventory_url" \
+      --brokers "127.0.0.1:$kafka_port" --quiet --json "$work/$name.json" "$@"
+  fi
+  end=$(date +%s.%N)
+  local usage=""
+  for s in "${services[@]}"; do
+    local now cpu
+    now=$(cpu_ticks "${pids[$s]}")
+    cpu=$(awk -v a="${before[$i]}" -v b="$now" -v t="$ticks" -v s="$start" -v e="$end" \
+      'BEGIN {printf "%.0f", 100 * (b - a) / t / (e - s)}')
+    usage+="$s ${cpu}% CPU, peak RSS $(peak_rss_mib "${pids[$s]}") MiB; "
+    i=$((i + 1))
+  done
+  results+=("$name|$work/$name.json|$usage")
+  echo "    $usage"
+}
+
+echo "==> idle, 10 s"
+run_scenario idle idle
+echo "==> open loop 50/s for 30 s"
+run_scenario rate50 --rate 50/s --duration 30s
+echo "==> open loop 200/s for 30 s"
+run_scenario rate200 --rate 200/s --duration 30s
+echo "==> closed loop, concurrency 64, $orders orders"
+run_scenario max --concurrency 64 --orders "$orders" --grace 120s
+
+python3 - "$out" "$(nproc)" "$(date -u +%Y-%m-%d)" "${results[@]}" <<'PY'
+import json, sys
+out, cores, day, *rows = sys.argv[1:]
+lines = [
+    "# Benchmarks",
+    "",
+    f"Measured {day} on this project's reference machine: {cores} cores, 24 GiB,",
+    "PostgreSQL (fsync and synchronous_commit on), the tansu broker (in memory),",
+    "the three release binaries (RUST_LOG=warn) and the load generator all on it.",
+    "Reproduce with `./scripts/bench.sh` (writes this file). What the figures mean,",
+    "where the time goes and what was tried: [docs/performance.md](docs/performance.md).",
+    "",
+    "| scenario | sagas done | lost | throughput (sagas/s) | HTTP p50 / p99 (ms) | end-to-end p50 / p90 / p99 / max (ms) |",
+    "|---|---|---|---|---|---|",
+]
+usage = []
+for row in rows:
+    name, path, use = row.split("|", 2)
+    r = json.load(open(path))
+    usage.append((name, use))
+    if not r:
+        continue
+    done = r["confirmed"] + r["failed_payment_declined"] + r["failed_out_of_stock"]
+    h, e = r["http"], r["end_to_end"]
+    lines.append(
+        f"| {r['mode']} | {done} | {r['lost']} | {r['sagas_per_s']:.1f} | "
+        f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} | "
+        f"{e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} / {e['max_ms']:.1f} |"
+    )
+lines += ["", "CPU (share of one core, averaged over the scenario) and peak RSS per service:", ""]
+for name, use in usage:
+    lines.append(f"- **{name}**: {use.strip().rstrip(';')}")
+open(out, "w").write("\n".join(lines) + "\n")
+print(open(out).read())
+PY
