@@ -418,31 +418,19 @@ impl<H: Handler> EventLoop<H> {
                     });
                 }
             }
-            hdrs = hdrs
-                .insert(Header {
-                    key: headers::DLQ_CONSUMER,
-                    value: Some(self.service),
-                })
-                .insert(Header {
-                    key: headers::DLQ_REASON,
-                    value: Some(reason),
-                })
-                .insert(Header {
-                    key: headers::DLQ_TOPIC,
-                    value: Some(msg.topic()),
-                })
-                .insert(Header {
-                    key: headers::DLQ_PARTITION,
-                    value: Some(partition.as_str()),
-                })
-                .insert(Header {
-                    key: headers::DLQ_OFFSET,
-                    value: Some(offset.as_str()),
-                })
-                .insert(Header {
-                    key: headers::DLQ_FAILED_AT,
-                    value: Some(failed_at.as_str()),
+            for (key, value) in [
+                (headers::DLQ_CONSUMER, self.service),
+                (headers::DLQ_REASON, reason),
+                (headers::DLQ_TOPIC, msg.topic()),
+                (headers::DLQ_PARTITION, partition.as_str()),
+                (headers::DLQ_OFFSET, offset.as_str()),
+                (headers::DLQ_FAILED_AT, failed_at.as_str()),
+            ] {
+                hdrs = hdrs.insert(Header {
+                    key,
+                    value: Some(value),
                 });
+            }
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hdrs);
             if let Some(k) = msg.key() {
                 record = record.key(k);

@@ -245,23 +245,18 @@ impl Relay {
             );
             telemetry::set_remote_parent(&span, row.traceparent.as_deref());
             let traceparent = telemetry::traceparent_of(&span).or_else(|| row.traceparent.clone());
-            let mut hdrs = OwnedHeaders::new_with_capacity(5)
-                .insert(Header {
-                    key: headers::EVENT_TYPE,
-                    value: Some(row.event_type.as_str()),
-                })
-                .insert(Header {
-                    key: headers::EVENT_ID,
-                    value: Some(event_id.as_str()),
-                })
-                .insert(Header {
-                    key: headers::CORRELATION_ID,
-                    value: Some(row.correlation_id.as_str()),
-                })
-                .insert(Header {
-                    key: headers::CONTENT_TYPE,
-                    value: Some("application/json"),
+            let mut hdrs = OwnedHeaders::new_with_capacity(5);
+            for (key, value) in [
+                (headers::EVENT_TYPE, row.event_type.as_str()),
+                (headers::EVENT_ID, event_id.as_str()),
+                (headers::CORRELATION_ID, row.correlation_id.as_str()),
+                (headers::CONTENT_TYPE, "application/json"),
+            ] {
+                hdrs = hdrs.insert(Header {
+                    key,
+                    value: Some(value),
                 });
+            }
             if let Some(tp) = &traceparent {
                 hdrs = hdrs.insert(Header {
                     key: headers::TRACEPARENT,

@@ -114,15 +114,7 @@ impl System {
         let mut services: [Option<Running>; 3] = [None, None, None];
         let mut pools = Vec::new();
         for w in [Which::Order, Which::Payment, Which::Inventory] {
-            let config = ServiceConfig {
-                service_name: w.name(),
-                port: 0,
-                host: "127.0.0.1".into(),
-                database_url: database_url(&format!("{prefix}_{}", w.name().replace('-', "_")))?,
-                max_connections: 5,
-                kafka: kafka.clone(),
-                shutdown_grace: Duration::from_secs(10),
-            };
+            let config = service_config(&prefix, &kafka, w)?;
             let running = launch(w, config, payment_settings).await?;
             pools.push(
                 sqlx::postgres::PgPoolOptions::new()
@@ -188,15 +180,7 @@ impl System {
 
     /// Starts a stopped or crashed service again on the same database and topics.
     pub async fn restart(&mut self, w: Which) -> anyhow::Result<()> {
-        let config = ServiceConfig {
-            service_name: w.name(),
-            port: 0,
-            host: "127.0.0.1".into(),
-            database_url: database_url(&format!("{}_{}", self.prefix, w.name().replace('-', "_")))?,
-            max_connections: 5,
-            kafka: self.kafka.clone(),
-            shutdown_grace: Duration::from_secs(10),
-        };
+        let config = service_config(&self.prefix, &self.kafka, w)?;
         self.services[idx(w)] = Some(launch(w, config, self.payment_settings).await?);
         Ok(())
     }
@@ -385,6 +369,20 @@ impl System {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The configuration of service `w` in the system named `prefix`: its own
+/// database, shared prefixed topics, a free port.
+fn service_config(prefix: &str, kafka: &KafkaConfig, w: Which) -> anyhow::Result<ServiceConfig> {
+    Ok(ServiceConfig {
+        service_name: w.name(),
+        port: 0,
+        host: "127.0.0.1".into(),
+        database_url: database_url(&format!("{prefix}_{}", w.name().replace('-', "_")))?,
+        max_connections: 5,
+        kafka: kafka.clone(),
+        shutdown_grace: Duration::from_secs(10),
+    })
 }
 
 async fn launch(
