@@ -129,10 +129,6 @@ impl App {
         self.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.infra.pool
-    }
-
     /// Runs until `shutdown` is cancelled, then stops in order: the HTTP
     /// server stops accepting and finishes in-flight requests, the consumer
     /// finishes its batch and commits offsets, the relay publishes what is

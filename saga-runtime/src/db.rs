@@ -96,10 +96,3 @@ pub fn is_connectivity_error(e: &sqlx::Error) -> bool {
             | sqlx::Error::Tls(_)
     ) || matches!(e, sqlx::Error::Database(db) if db.code().as_deref().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
 }
-
-/// Errors worth retrying the same transaction for: connectivity, serialisation
-/// failures and deadlocks.
-pub fn is_retriable(e: &sqlx::Error) -> bool {
-    is_connectivity_error(e)
-        || matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
-}
