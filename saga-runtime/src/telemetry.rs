@@ -6,13 +6,16 @@
 //! request or Kafka message that caused it.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 
 use crate::config::{var, ConfigError};
@@ -40,9 +43,9 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 /// Installs the global subscriber: `RUST_LOG` filter (default `info`),
 /// readable text or JSON (`LOG_FORMAT=json`), and the OpenTelemetry layer.
 ///
-/// Spans are exported over OTLP/HTTP (protobuf) when
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is
-/// set; the service name is `OTEL_SERVICE_NAME` or the service's own, and the
+/// Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, over HTTP/protobuf unless
+/// `OTEL_EXPORTER_OTLP_PROTOCOL` says `grpc` or `http/json`; the service name is `OTEL_SERVICE_NAME` or the service's own, and the
 /// SDK reads `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` and
 /// `OTEL_BSP_*`. Unset: nothing is exported and nothing is logged about it.
 /// Safe to call more than once (tests); only the first call installs.
@@ -86,35 +89,136 @@ fn build_provider(service_name: &'static str) -> Result<SdkTracerProvider, Confi
     let name = var("OTEL_SERVICE_NAME").unwrap_or_else(|| service_name.to_owned());
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(name).build());
-    if var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-        || var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+    if var("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+        && var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
     {
-        let (protocol_var, protocol) = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
-            Some(p) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", p),
-            None => (
-                "OTEL_EXPORTER_OTLP_PROTOCOL",
-                var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|| "http/protobuf".to_owned()),
-            ),
-        };
-        if protocol != "http/protobuf" {
-            return Err(ConfigError::Invalid {
-                var: protocol_var.to_owned(),
-                value: protocol,
-                reason: "this build exports OTLP over http/protobuf only".to_owned(),
-            });
+        return Ok(builder.build());
+    }
+    let endpoint_error = |e: &dyn std::fmt::Display| ConfigError::Invalid {
+        var: "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+        value: var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .unwrap_or_default(),
+        reason: e.to_string(),
+    };
+    match otlp_protocol()? {
+        Protocol::Grpc => {
+            let exporter = OwnRuntime::build(|| {
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .build()
+            })
+            .map_err(|e| endpoint_error(&e))?;
+            builder = builder.with_batch_exporter(exporter);
         }
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .build()
-            .map_err(|e| ConfigError::Invalid {
-                var: "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
-                value: var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default(),
-                reason: e.to_string(),
-            })?;
-        builder = builder.with_batch_exporter(exporter);
+        protocol => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(protocol)
+                .build()
+                .map_err(|e| endpoint_error(&e))?;
+            builder = builder.with_batch_exporter(exporter);
+        }
     }
     Ok(builder.build())
+}
+
+/// The OTLP transport from `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf` (the default), `http/json`
+/// or `grpc`. Anything else is a configuration error, not a silent fallback.
+fn otlp_protocol() -> Result<Protocol, ConfigError> {
+    let (name, value) = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
+        Some(v) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", v),
+        None => match var("OTEL_EXPORTER_OTLP_PROTOCOL") {
+            Some(v) => ("OTEL_EXPORTER_OTLP_PROTOCOL", v),
+            None => return Ok(Protocol::HttpBinary),
+        },
+    };
+    match value.to_ascii_lowercase().as_str() {
+        "http/protobuf" => Ok(Protocol::HttpBinary),
+        "http/json" => Ok(Protocol::HttpJson),
+        "grpc" => Ok(Protocol::Grpc),
+        _ => Err(ConfigError::Invalid {
+            var: name.to_owned(),
+            value,
+            reason: "expected grpc, http/protobuf or http/json".to_owned(),
+        }),
+    }
+}
+
+/// Runs an exporter that needs a Tokio reactor (the tonic gRPC client) on a
+/// small runtime of its own.
+///
+/// The SDK's batch processor calls `export` from a plain OS thread and blocks
+/// on the future there; tonic's channel panics without a reactor. Building the
+/// exporter inside this runtime and spawning each export onto it keeps gRPC
+/// export independent of whichever runtime (if any) the service runs on.
+#[derive(Debug)]
+struct OwnRuntime<E> {
+    inner: Arc<E>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl<E: SpanExporter + 'static> OwnRuntime<E> {
+    fn build<B: std::fmt::Display>(
+        make: impl FnOnce() -> Result<E, B>,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("otlp-export")
+            .enable_all()
+            .build()?;
+        let inner = {
+            let _entered = runtime.enter();
+            make().map_err(|e| e.to_string())?
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl<E: SpanExporter + 'static> SpanExporter for OwnRuntime<E> {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        let inner = Arc::clone(&self.inner);
+        let task = self
+            .runtime
+            .as_ref()
+            .map(|rt| rt.spawn(async move { inner.export(batch).await }));
+        async move {
+            match task {
+                Some(task) => task
+                    .await
+                    .unwrap_or_else(|e| Err(OTelSdkError::InternalFailure(e.to_string()))),
+                None => Err(OTelSdkError::AlreadyShutdown),
+            }
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        // Called while the provider is built, before any export holds a clone.
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}
+
+impl<E> Drop for OwnRuntime<E> {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The W3C `traceparent` of the current span, if it belongs to a trace.

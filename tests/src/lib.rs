@@ -18,6 +18,8 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod otlp;
+
 pub use payment_service::Settings as PaymentSettings;
 
 /// Telemetry lives as long as the test process (dropping the guard would
