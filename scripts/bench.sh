@@ -7,7 +7,9 @@
 #   2. open loop 50 orders/s for 30 s
 #   3. open loop 200 orders/s for 30 s
 #   4. closed loop, concurrency 64 (BENCH_ORDERS orders, default 20000)
-# and records each service's CPU and peak RSS per scenario.
+# and records each service's CPU and peak RSS per scenario, with the broker's
+# CPU and the whole machine's busy share.
+# BENCH_SCENARIOS picks a subset (e.g. "max"); BENCH_OUT another output file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/infra.sh
@@ -68,7 +70,11 @@ order_url="http://127.0.0.1:$port_order"
 # shellcheck disable=SC2154
 inventory_url="http://127.0.0.1:$port_inventory"
 
+scenarios=${BENCH_SCENARIOS:-idle rate50 rate200 max}
 ticks=$(getconf CLK_TCK)
+tansu_pid=$(cat "$work/tansu.pid")
+# busy and total jiffies of the whole machine
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 reset_peak() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
@@ -78,11 +84,13 @@ results=()
 run_scenario() {
   local name=$1
   shift
-  local before=() start end s i=0
+  local before=() start end s i=0 tansu_before machine_before
   for s in "${services[@]}"; do
     reset_peak "${pids[$s]}"
     before+=("$(cpu_ticks "${pids[$s]}")")
   done
+  tansu_before=$(cpu_ticks "$tansu_pid")
+  machine_before=$(machine_ticks)
   start=$(date +%s.%N)
   if [ "$1" = "idle" ]; then
     sleep 10
@@ -101,18 +109,25 @@ run_scenario() {
     usage+="$s ${cpu}% CPU, peak RSS $(peak_rss_mib "${pids[$s]}") MiB; "
     i=$((i + 1))
   done
+  usage+="broker (tansu) $(awk -v a="$tansu_before" -v b="$(cpu_ticks "$tansu_pid")" -v t="$ticks" -v s="$start" -v e="$end" \
+    'BEGIN {printf "%.0f", 100 * (b - a) / t / (e - s)}')% CPU; "
+  usage+="machine $(machine_ticks | awk -v before="$machine_before" '{split(before, a, " "); printf "%.0f", 100 * ($1 - a[1]) / ($2 - a[2])}')% busy; "
   results+=("$name|$work/$name.json|$usage")
   echo "    $usage"
 }
 
-echo "==> idle, 10 s"
-run_scenario idle idle
-echo "==> open loop 50/s for 30 s"
-run_scenario rate50 --rate 50/s --duration 30s
-echo "==> open loop 200/s for 30 s"
-run_scenario rate200 --rate 200/s --duration 30s
-echo "==> closed loop, concurrency 64, $orders orders"
-run_scenario max --concurrency 64 --orders "$orders" --grace 120s
+for scenario in $scenarios; do
+  case $scenario in
+    idle) echo "==> idle, 10 s"; run_scenario idle idle ;;
+    rate50) echo "==> open loop 50/s for 30 s"; run_scenario rate50 --rate 50/s --duration 30s ;;
+    rate200) echo "==> open loop 200/s for 30 s"; run_scenario rate200 --rate 200/s --duration 30s ;;
+    max)
+      echo "==> closed loop, concurrency 64, $orders orders"
+      run_scenario max --concurrency 64 --orders "$orders" --grace 120s
+      ;;
+    *) echo "unknown scenario $scenario (idle rate50 rate200 max)" >&2; exit 2 ;;
+  esac
+done
 
 python3 - "$out" "$(nproc)" "$(date -u +%Y-%m-%d)" "${results[@]}" <<'PY'
 import json, sys

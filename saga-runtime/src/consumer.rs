@@ -5,14 +5,16 @@
 //! only when one of them has to be rolled back alone):
 //!
 //! 1. decode the envelope (malformed → dead-letter topic);
-//! 2. record `(consumer, event_id)` in `processed_events` — already there
-//!    means a redelivery, which changes nothing;
-//! 3. run the service's handler and write the events it emits to the outbox.
+//! 2. record `(consumer, event_id)` in `processed_events` (one statement for
+//!    the batch) — already there means a redelivery, which changes nothing;
+//! 3. run the service's handler on each new event, and write all the events
+//!    they emit to the outbox (one statement for the batch).
 //!
 //! Only after the transaction commits are dead letters produced and the
 //! messages' offsets stored for the (periodic and shutdown) offset commit.
 //! A crash anywhere before that redelivers the batch, which step 2 absorbs.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -165,6 +167,12 @@ impl<H: Handler> EventLoop<H> {
                     _ => break,
                 }
             }
+            let started = std::time::Instant::now();
+            let labels = metrics::Metrics::service(self.service);
+            metrics::global()
+                .consumer_batch_size
+                .get_or_create(&labels)
+                .observe(batch.len() as f64);
             let items: Vec<Item<'_>> = batch
                 .into_iter()
                 .map(|msg| {
@@ -178,6 +186,10 @@ impl<H: Handler> EventLoop<H> {
             if self.process(&items, &shutdown).await.is_err() {
                 break;
             }
+            metrics::global()
+                .consumer_batch_seconds
+                .get_or_create(&labels)
+                .observe(started.elapsed().as_secs_f64());
         }
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last commit is the usual reason.
@@ -284,6 +296,11 @@ impl<H: Handler> EventLoop<H> {
 
     /// One transaction over `work`. Without `savepoints`, returns `None` as
     /// soon as an event is refused (the transaction is rolled back).
+    ///
+    /// Round trips per batch, not per message, where the runtime can: one
+    /// statement records every event ID in the inbox, one writes every
+    /// emitted event to the outbox; only the handlers' own statements run
+    /// per message.
     async fn apply_batch(
         &self,
         items: &[Item<'_>],
@@ -291,8 +308,26 @@ impl<H: Handler> EventLoop<H> {
         savepoints: bool,
     ) -> Result<Option<Vec<(usize, String)>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        let event_ids: Vec<uuid::Uuid> = work
+            .iter()
+            .filter_map(|&i| items[i].decoded.as_ref().ok().map(|e| e.event_id))
+            .collect();
+        // The inbox: IDs seen before (or twice in this batch) come back
+        // once at most, so every other occurrence is a duplicate.
+        let mut fresh: HashSet<uuid::Uuid> = sqlx::query_scalar(
+            "INSERT INTO processed_events (consumer, event_id)
+             SELECT $1, unnest($2::uuid[])
+             ON CONFLICT DO NOTHING RETURNING event_id",
+        )
+        .bind(self.service)
+        .bind(&event_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
         let mut dead = Vec::new();
-        let mut emitted: Vec<Envelope> = Vec::new();
+        // Emitted events with the trace context of the message that caused them.
+        let mut emitted: Vec<(Envelope, Option<String>)> = Vec::new();
         let mut observed = Vec::with_capacity(work.len());
         for &i in work {
             let item = &items[i];
@@ -300,31 +335,22 @@ impl<H: Handler> EventLoop<H> {
             let span = message_span(self.service, &item.msg, env);
             let started = std::time::Instant::now();
             let outcome = async {
-                let conn: &mut PgConnection = &mut tx;
-                if savepoints {
-                    sqlx::query("SAVEPOINT saga_message").execute(&mut *conn).await?;
-                }
-                let fresh = sqlx::query(
-                    "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                )
-                .bind(self.service)
-                .bind(env.event_id)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected()
-                    == 1;
-                if !fresh {
-                    if savepoints {
-                        sqlx::query("RELEASE SAVEPOINT saga_message").execute(&mut *conn).await?;
-                    }
+                if !fresh.remove(&env.event_id) {
                     tracing::info!("duplicate event ignored");
                     return Ok(Some(Applied::Duplicate));
                 }
+                let conn: &mut PgConnection = &mut tx;
+                if savepoints {
+                    sqlx::query("SAVEPOINT saga_message")
+                        .execute(&mut *conn)
+                        .await?;
+                }
                 match self.handler.handle(conn, env).await {
                     Ok(out) => {
-                        self.outbox.enqueue(conn, &out).await?;
                         if savepoints {
-                            sqlx::query("RELEASE SAVEPOINT saga_message").execute(&mut *conn).await?;
+                            sqlx::query("RELEASE SAVEPOINT saga_message")
+                                .execute(&mut *conn)
+                                .await?;
                         }
                         for e in &out {
                             tracing::info!(emitted = e.event_type(), "event handled");
@@ -335,7 +361,18 @@ impl<H: Handler> EventLoop<H> {
                         Ok(Some(Applied::Done(out)))
                     }
                     Err(HandleError::Permanent(why)) if savepoints => {
-                        sqlx::query("ROLLBACK TO SAVEPOINT saga_message").execute(&mut *conn).await?;
+                        sqlx::query("ROLLBACK TO SAVEPOINT saga_message")
+                            .execute(&mut *conn)
+                            .await?;
+                        // Not processed: a replay from the dead-letter topic
+                        // must not be taken for a duplicate.
+                        sqlx::query(
+                            "DELETE FROM processed_events WHERE consumer = $1 AND event_id = $2",
+                        )
+                        .bind(self.service)
+                        .bind(env.event_id)
+                        .execute(&mut *conn)
+                        .await?;
                         telemetry::mark_error(&tracing::Span::current(), &why);
                         tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
                         Ok(Some(Applied::Dead(why)))
@@ -353,7 +390,8 @@ impl<H: Handler> EventLoop<H> {
             };
             let label = match outcome {
                 Ok(Applied::Done(out)) => {
-                    emitted.extend(out);
+                    let traceparent = telemetry::traceparent_of(&span);
+                    emitted.extend(out.into_iter().map(|e| (e, traceparent.clone())));
                     "applied"
                 }
                 Ok(Applied::Duplicate) => "duplicate",
@@ -374,9 +412,13 @@ impl<H: Handler> EventLoop<H> {
             };
             observed.push((env.event_type(), label, started.elapsed()));
         }
+        let traced: Vec<(&Envelope, Option<&str>)> =
+            emitted.iter().map(|(e, tp)| (e, tp.as_deref())).collect();
+        self.outbox.enqueue_traced(&mut tx, &traced).await?;
         tx.commit().await?;
         if !emitted.is_empty() {
             self.outbox.wake();
+            let emitted: Vec<Envelope> = emitted.into_iter().map(|(e, _)| e).collect();
             self.handler.after_commit(&emitted);
         }
         let m = metrics::global();

@@ -44,6 +44,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+fn batch_size_histogram() -> Histogram {
+    // 1 … 512
+    Histogram::new(exponential_buckets(1.0, 2.0, 10))
+}
+
 /// Every metric of the process.
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +57,8 @@ pub struct Metrics {
     pub consumer_errors: Family<ServiceLabels, Counter>,
     pub consumer_retries: Family<ServiceLabels, Counter>,
     pub dead_lettered: Family<TopicLabels, Counter>,
+    pub consumer_batch_size: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub consumer_batch_seconds: Histograms<ServiceLabels>,
     pub outbox_published: Family<ServiceLabels, Counter>,
     pub outbox_publish_seconds: Histograms<ServiceLabels>,
     pub outbox_backlog: Family<ServiceLabels, Gauge>,
@@ -68,6 +75,8 @@ impl Metrics {
             consumer_errors: Family::default(),
             consumer_retries: Family::default(),
             dead_lettered: Family::default(),
+            consumer_batch_size: Family::new_with_constructor(batch_size_histogram),
+            consumer_batch_seconds: Family::new_with_constructor(latency_histogram),
             outbox_published: Family::default(),
             outbox_publish_seconds: Family::new_with_constructor(latency_histogram),
             outbox_backlog: Family::default(),
@@ -99,6 +108,16 @@ impl Metrics {
             "dead_lettered_messages",
             "Messages sent to a dead-letter topic",
             m.dead_lettered.clone(),
+        );
+        registry.register(
+            "consumer_batch_size",
+            "Messages taken from Kafka per consumer batch",
+            m.consumer_batch_size.clone(),
+        );
+        registry.register(
+            "consumer_batch_duration_seconds",
+            "Time to handle one consumer batch, transaction commit included",
+            m.consumer_batch_seconds.clone(),
         );
         registry.register(
             "outbox_published",

@@ -52,39 +52,53 @@ impl Outbox {
         conn: &mut PgConnection,
         events: &[Envelope],
     ) -> Result<(), sqlx::Error> {
-        if events.is_empty() {
-            return Ok(());
-        }
         let traceparent = telemetry::current_traceparent();
-        let mut ids = Vec::with_capacity(events.len());
-        let mut topics = Vec::with_capacity(events.len());
-        let mut keys = Vec::with_capacity(events.len());
-        let mut types = Vec::with_capacity(events.len());
-        let mut correlations = Vec::with_capacity(events.len());
-        let mut payloads = Vec::with_capacity(events.len());
-        for e in events {
+        let traced: Vec<(&Envelope, Option<&str>)> =
+            events.iter().map(|e| (e, traceparent.as_deref())).collect();
+        self.enqueue_traced(conn, &traced).await
+    }
+
+    /// Adds events to the outbox in one statement, each with the W3C
+    /// `traceparent` of the span that caused it (consumer batches write the
+    /// events of many traces at once).
+    pub async fn enqueue_traced(
+        &self,
+        conn: &mut PgConnection,
+        events: &[(&Envelope, Option<&str>)],
+    ) -> Result<(), sqlx::Error> {
+        let n = events.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut topics = Vec::with_capacity(n);
+        let mut keys = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut correlations = Vec::with_capacity(n);
+        let mut traceparents: Vec<Option<&str>> = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        for &(e, traceparent) in events {
             ids.push(e.event_id);
             topics.push(format!("{}{}", self.topic_prefix, e.event.topic()));
             keys.push(e.order_id.to_string());
             types.push(e.event_type().to_owned());
             correlations.push(e.correlation_id.to_string());
+            traceparents.push(traceparent);
             payloads.push(
                 e.to_json()
                     .map_err(|err| sqlx::Error::Encode(Box::new(err)))?,
             );
         }
+        if ids.is_empty() {
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO outbox (event_id, topic, message_key, event_type, correlation_id, traceparent, payload)
-             SELECT id, topic, k, t, c, $6, p
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $7::bytea[])
-                  AS e(id, topic, k, t, c, p)",
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])",
         )
         .bind(&ids)
         .bind(&topics)
         .bind(&keys)
         .bind(&types)
         .bind(&correlations)
-        .bind(traceparent)
+        .bind(&traceparents)
         .bind(&payloads)
         .execute(&mut *conn)
         .await?;

@@ -334,6 +334,19 @@ impl System {
         tokio::task::spawn_blocking(move || read_all(&brokers, &topic)).await?
     }
 
+    /// The messages of `topic` once there are at least `want` (or all there
+    /// are when the saga deadline passes, for the caller to assert on).
+    pub async fn wait_topic(&self, topic: &str, want: usize) -> anyhow::Result<Vec<TopicMessage>> {
+        let started = Instant::now();
+        loop {
+            let messages = self.read_topic(topic).await?;
+            if messages.len() >= want || started.elapsed() > SAGA_DEADLINE {
+                return Ok(messages);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Envelopes in `topic` about `order_id`.
     pub async fn events_for(&self, topic: &str, order_id: &str) -> anyhow::Result<Vec<Value>> {
         Ok(self

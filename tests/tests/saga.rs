@@ -429,6 +429,68 @@ async fn malformed_messages_go_to_the_dead_letter_topic_and_do_not_block() -> an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_a_handler_refuses_are_dead_lettered_alone_and_stay_replayable() -> anyhow::Result<()>
+{
+    let sys = System::start().await?;
+    let id = sys
+        .place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "2.00"}]))
+        .await?;
+    assert_eq!(sys.wait_terminal(&id).await?["status"], "CONFIRMED");
+
+    // A well-formed InventoryReserved for an order order-service never saw:
+    // its handler refuses it, which must not roll back the events around it.
+    let inventory_topic = sys.topic("inventory-events");
+    let reserved = sys
+        .read_topic(&inventory_topic)
+        .await?
+        .into_iter()
+        .find(|m| m.key.as_deref() == Some(id.as_str()))
+        .expect("InventoryReserved on the topic");
+    let mut stray: serde_json::Value = serde_json::from_slice(&reserved.payload)?;
+    let stray_order = uuid::Uuid::new_v4().to_string();
+    let stray_event = uuid::Uuid::new_v4();
+    stray["order_id"] = json!(stray_order);
+    stray["event_id"] = json!(stray_event);
+    let stray = serde_json::to_vec(&stray)?;
+    let headers = rdkafka::message::OwnedHeaders::new;
+    sys.produce_raw(&inventory_topic, &stray_order, &stray, headers())
+        .await?;
+    let ids: Vec<String> = futures::future::try_join_all(
+        (0..4).map(|_| sys.place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "2.00"}]))),
+    )
+    .await?;
+    for id in &ids {
+        assert_eq!(sys.wait_terminal(id).await?["status"], "CONFIRMED");
+    }
+
+    let dlq_topic = format!("{inventory_topic}.dlq");
+    let dlq = sys.wait_topic(&dlq_topic, 1).await?;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].key.as_deref(), Some(stray_order.as_str()));
+    assert_eq!(dlq[0].header("dlq.consumer"), Some("order-service"));
+    assert!(
+        dlq[0]
+            .header("dlq.reason")
+            .is_some_and(|r| r.contains("does not exist")),
+        "{:?}",
+        dlq[0]
+    );
+    // Refused means not processed: the inbox does not remember it ...
+    let remembered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM processed_events WHERE event_id = $1")
+            .bind(stray_event)
+            .fetch_one(sys.db(Which::Order))
+            .await?;
+    assert_eq!(remembered, 0);
+    // ... so replaying it (after a fix, say) is handled again, not skipped
+    // as a duplicate.
+    sys.produce_raw(&inventory_topic, &stray_order, &stray, headers())
+        .await?;
+    assert_eq!(sys.wait_topic(&dlq_topic, 2).await?.len(), 2);
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_http_input_gets_a_json_4xx_and_changes_nothing() -> anyhow::Result<()> {
     let sys = System::start().await?;
     let item = |q: serde_json::Value, p: serde_json::Value| json!({"customer_id": "c", "items": [{"sku": "SKU-1", "quantity": q, "unit_price": p}]});
