@@ -1,11 +1,12 @@
 //! Transactional outbox: events are written in the same transaction as the
 //! state change they describe, and a relay publishes them to Kafka.
 //!
-//! The relay wakes when a transaction commits (an in-process signal, and a
-//! PostgreSQL `NOTIFY` from an insert trigger for rows written by other
-//! processes), publishes unpublished rows in batches with the idempotent
-//! producer and marks them sent. A crash between publishing and marking
-//! republishes; consumers deduplicate by `event_id`.
+//! The relay wakes when a transaction of its process commits (an in-process
+//! signal) and polls once a second for rows no live relay announced (a
+//! crashed replica's), publishes unpublished rows in batches with the
+//! idempotent producer and marks them sent. A crash between publishing and
+//! marking republishes; consumers deduplicate by `event_id`. That also makes
+//! the mark itself safe to commit without waiting for the disk.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,6 @@ use events::Envelope;
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,8 @@ use crate::{metrics, telemetry};
 
 /// Rows published per round trip.
 const BATCH_SIZE: i64 = 500;
-/// Safety-net poll when no wake-up arrives (e.g. the listener is down).
+/// Poll for rows no in-process wake-up announced (written by another
+/// replica that died before publishing them).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Published rows are kept this long for inspection, then purged.
 const RETENTION: &str = "1 hour";
@@ -149,19 +150,6 @@ impl Relay {
 
     /// Runs until `shutdown`, then publishes what is left and flushes.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut listener = match PgListener::connect_with(&self.pool).await {
-            Ok(mut l) => match l.listen("outbox").await {
-                Ok(()) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox relay cannot LISTEN; relying on in-process wake-ups and polling");
-                    None
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "outbox relay has no listener connection; relying on in-process wake-ups and polling");
-                None
-            }
-        };
         let mut purge = tokio::time::interval(Duration::from_secs(60));
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -180,12 +168,6 @@ impl Relay {
             }
             tokio::select! {
                 _ = self.outbox.wake.notified() => {}
-                n = recv_or_pending(&mut listener) => {
-                    if let Err(e) = n {
-                        tracing::warn!(error = %e, "outbox listener failed; falling back to polling");
-                        listener = None;
-                    }
-                }
                 _ = purge.tick() => self.purge().await,
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = shutdown.cancelled() => break,
@@ -326,10 +308,18 @@ impl Relay {
             }
         }
         if !sent.is_empty() {
-            sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
-                .bind(&sent)
-                .execute(&mut *tx)
-                .await?;
+            // The broker has the messages; if this mark is lost in a database
+            // crash they are published again and consumers drop the
+            // duplicates. So this commit need not wait for the WAL flush
+            // (`synchronous_commit` off for this transaction only, set in the
+            // same round trip).
+            sqlx::query(
+                "WITH sent AS (UPDATE outbox SET published_at = now() WHERE id = ANY($1))
+                 SELECT set_config('synchronous_commit', 'off', true)",
+            )
+            .bind(&sent)
+            .execute(&mut *tx)
+            .await?;
         }
         for (id, why) in &dead {
             // Parked rows are marked so they no longer block the relay; they
@@ -391,12 +381,5 @@ impl Relay {
         if let Err(e) = result {
             tracing::warn!(error = %e, "purging old processed-event ids failed");
         }
-    }
-}
-
-async fn recv_or_pending(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
-    match listener {
-        Some(l) => l.recv().await.map(|_| ()),
-        None => std::future::pending().await,
     }
 }
