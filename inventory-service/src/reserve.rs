@@ -25,18 +25,30 @@ impl Handler for Reserver {
         let Event::PaymentSucceeded(paid) = &env.event else {
             return Ok(Vec::new());
         };
-        let already: Option<(String,)> =
-            sqlx::query_as("SELECT status FROM reservations WHERE order_id = $1")
-                .bind(env.order_id.as_uuid())
-                .fetch_optional(&mut *conn)
-                .await?;
-        if already.is_some() {
+        let wanted = merge(&paid.items)?;
+        let skus: Vec<&str> = wanted.keys().map(String::as_str).collect();
+        let qtys: Vec<i64> = wanted.values().copied().collect();
+        // One round trip: whether this order went through inventory before,
+        // and the stock of its SKUs, locked in SKU order.
+        let (already, locked_skus, locked_available): (bool, Vec<String>, Vec<i64>) =
+            sqlx::query_as(
+                "WITH locked AS (
+                     SELECT sku, available FROM products WHERE sku = ANY($1) ORDER BY sku FOR UPDATE)
+                 SELECT EXISTS (SELECT 1 FROM reservations WHERE order_id = $2),
+                        COALESCE((SELECT array_agg(sku ORDER BY sku) FROM locked), '{}'),
+                        COALESCE((SELECT array_agg(available ORDER BY sku) FROM locked), '{}')",
+            )
+            .bind(&skus)
+            .bind(env.order_id.as_uuid())
+            .fetch_one(&mut *conn)
+            .await?;
+        if already {
             tracing::warn!("order already went through inventory; not reserving twice");
             return Ok(Vec::new());
         }
-        let wanted = merge(&paid.items)?;
-        let outcome = reserve(conn, &wanted).await?;
-        let (status, event) = match outcome {
+        let on_hand: BTreeMap<String, i64> =
+            locked_skus.into_iter().zip(locked_available).collect();
+        let (status, event) = match decide(&wanted, &on_hand)? {
             Ok(lines) => (
                 "RESERVED",
                 Event::InventoryReserved(InventoryReserved { items: lines }),
@@ -46,13 +58,22 @@ impl Handler for Reserver {
                 Event::InventoryOutOfStock(InventoryOutOfStock { shortages }),
             ),
         };
-        sqlx::query("INSERT INTO reservations (order_id, status, items, correlation_id) VALUES ($1, $2, $3, $4)")
-            .bind(env.order_id.as_uuid())
-            .bind(status)
-            .bind(Json(&paid.items))
-            .bind(env.correlation_id.as_str())
-            .execute(&mut *conn)
-            .await?;
+        // One more: take the stock (only when reserving) and record the decision.
+        sqlx::query(
+            "WITH taken AS (
+                 UPDATE products p SET available = p.available - w.qty, reserved = p.reserved + w.qty, updated_at = now()
+                 FROM unnest($5::text[], $6::bigint[]) AS w(sku, qty)
+                 WHERE p.sku = w.sku AND $2 = 'RESERVED')
+             INSERT INTO reservations (order_id, status, items, correlation_id) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(env.order_id.as_uuid())
+        .bind(status)
+        .bind(Json(&paid.items))
+        .bind(env.correlation_id.as_str())
+        .bind(&skus)
+        .bind(&qtys)
+        .execute(&mut *conn)
+        .await?;
         tracing::info!(outcome = event.event_type(), "inventory decided");
         Ok(vec![Envelope::caused_by(env, event)])
     }
@@ -70,27 +91,18 @@ fn merge(items: &[LineItem]) -> Result<BTreeMap<String, i64>, HandleError> {
     Ok(wanted)
 }
 
-/// Locks the products in SKU order and takes the stock if all of it is there.
-async fn reserve(
-    conn: &mut PgConnection,
+/// The lines to reserve if all of `wanted` is on hand, else the shortages.
+fn decide(
     wanted: &BTreeMap<String, i64>,
+    on_hand: &BTreeMap<String, i64>,
 ) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, HandleError> {
-    let skus: Vec<&str> = wanted.keys().map(String::as_str).collect();
-    let qtys: Vec<i64> = wanted.values().copied().collect();
-    let on_hand: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT sku, available FROM products WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
-    )
-    .bind(&skus)
-    .fetch_all(&mut *conn)
-    .await?;
-    let on_hand: BTreeMap<String, i64> = on_hand.into_iter().collect();
+    let sku = |s: &str| events::Sku::parse(s).map_err(|e| HandleError::Permanent(e.to_string()));
     let mut shortages = Vec::new();
-    for (sku, &qty) in wanted {
-        let available = on_hand.get(sku).copied().unwrap_or(0);
+    for (s, &qty) in wanted {
+        let available = on_hand.get(s).copied().unwrap_or(0);
         if available < qty {
             shortages.push(Shortage {
-                sku: events::Sku::parse(sku.as_str())
-                    .map_err(|e| HandleError::Permanent(e.to_string()))?,
+                sku: sku(s)?,
                 requested: u32::try_from(qty).unwrap_or(u32::MAX),
                 available,
             });
@@ -99,19 +111,10 @@ async fn reserve(
     if !shortages.is_empty() {
         return Ok(Err(shortages));
     }
-    sqlx::query(
-        "UPDATE products p SET available = p.available - w.qty, reserved = p.reserved + w.qty, updated_at = now()
-         FROM unnest($1::text[], $2::bigint[]) AS w(sku, qty) WHERE p.sku = w.sku",
-    )
-    .bind(&skus)
-    .bind(&qtys)
-    .execute(&mut *conn)
-    .await?;
     let mut lines = Vec::with_capacity(wanted.len());
-    for (sku, &qty) in wanted {
+    for (s, &qty) in wanted {
         lines.push(ReservedLine {
-            sku: events::Sku::parse(sku.as_str())
-                .map_err(|e| HandleError::Permanent(e.to_string()))?,
+            sku: sku(s)?,
             quantity: u32::try_from(qty).map_err(|e| HandleError::Permanent(e.to_string()))?,
         });
     }

@@ -29,61 +29,60 @@ impl Handler for OrderSaga {
         conn: &mut PgConnection,
         env: &Envelope,
     ) -> Result<Vec<Envelope>, HandleError> {
-        let Some((status, total_minor, created_at)) = store::lock(conn, env.order_id).await? else {
-            return Err(HandleError::Permanent(format!(
-                "order {} does not exist",
-                env.order_id
-            )));
-        };
-        let pending = status == "PENDING";
-        let outcome = match &env.event {
-            Event::InventoryReserved(_) if pending => {
-                store::confirm(conn, env.order_id).await?;
-                Some(Event::OrderConfirmed(OrderConfirmed {
-                    total: Money::from_minor(total_minor),
-                    order_created_at: created_at,
-                }))
+        let missing = || HandleError::Permanent(format!("order {} does not exist", env.order_id));
+        // Payment news is recorded whatever the order's status: one statement.
+        let failure = match &env.event {
+            Event::PaymentSucceeded(_) | Event::PaymentRefunded(_) => {
+                let refunded = matches!(env.event, Event::PaymentRefunded(_));
+                if !store::record_payment(conn, env, refunded).await? {
+                    return Err(missing());
+                }
+                return Ok(Vec::new());
             }
-            Event::PaymentFailed(e) if pending => {
-                store::fail(conn, env.order_id, FailureReason::PaymentDeclined).await?;
-                Some(Event::OrderFailed(OrderFailed {
+            Event::InventoryReserved(_) => None,
+            Event::PaymentFailed(_) => Some(FailureReason::PaymentDeclined),
+            Event::InventoryOutOfStock(_) => Some(FailureReason::OutOfStock),
+            _ => return Ok(Vec::new()),
+        };
+        let outcome = match store::finish(conn, env.order_id, failure).await? {
+            store::Finish::Missing => return Err(missing()),
+            store::Finish::AlreadyFinal(status) => {
+                // A terminal order hearing a late or contradicting event: keep
+                // the record, change nothing.
+                tracing::warn!(status = %status, event_type = env.event_type(), "event for a finished order recorded only");
+                None
+            }
+            store::Finish::Finished {
+                total_minor,
+                created_at,
+            } => Some(match &env.event {
+                Event::PaymentFailed(e) => Event::OrderFailed(OrderFailed {
                     reason: FailureReason::PaymentDeclined,
                     detail: e.reason.clone(),
                     order_created_at: created_at,
-                }))
-            }
-            Event::InventoryOutOfStock(e) if pending => {
-                store::fail(conn, env.order_id, FailureReason::OutOfStock).await?;
-                let skus: Vec<String> = e
-                    .shortages
-                    .iter()
-                    .map(|s| {
-                        format!(
-                            "{} (requested {}, available {})",
-                            s.sku, s.requested, s.available
-                        )
+                }),
+                Event::InventoryOutOfStock(e) => {
+                    let skus: Vec<String> = e
+                        .shortages
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{} (requested {}, available {})",
+                                s.sku, s.requested, s.available
+                            )
+                        })
+                        .collect();
+                    Event::OrderFailed(OrderFailed {
+                        reason: FailureReason::OutOfStock,
+                        detail: format!("not enough stock: {}", skus.join(", ")),
+                        order_created_at: created_at,
                     })
-                    .collect();
-                Some(Event::OrderFailed(OrderFailed {
-                    reason: FailureReason::OutOfStock,
-                    detail: format!("not enough stock: {}", skus.join(", ")),
+                }
+                _ => Event::OrderConfirmed(OrderConfirmed {
+                    total: Money::from_minor(total_minor),
                     order_created_at: created_at,
-                }))
-            }
-            Event::PaymentRefunded(_) => {
-                store::touch(conn, env.order_id, true).await?;
-                None
-            }
-            Event::PaymentSucceeded(_) => {
-                store::touch(conn, env.order_id, false).await?;
-                None
-            }
-            other => {
-                // A terminal order hearing a late or contradicting event: keep
-                // the record, change nothing.
-                tracing::warn!(status = %status, event_type = other.event_type(), "event for a finished order recorded only");
-                None
-            }
+                }),
+            }),
         };
         let emitted: Vec<Envelope> = outcome
             .map(|e| Envelope::caused_by(env, e))

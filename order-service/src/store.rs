@@ -106,78 +106,132 @@ pub async fn record_history(
     conn: &mut PgConnection,
     events: &[&Envelope],
 ) -> Result<(), sqlx::Error> {
-    let mut order_ids = Vec::with_capacity(events.len());
-    let mut event_ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut times = Vec::with_capacity(events.len());
-    let mut data = Vec::with_capacity(events.len());
-    for e in events {
-        order_ids.push(e.order_id.as_uuid());
-        event_ids.push(e.event_id);
-        types.push(e.event_type());
-        times.push(e.occurred_at);
-        let v = serde_json::to_value(&e.event).map_err(|err| sqlx::Error::Encode(Box::new(err)))?;
-        data.push(v.get("data").cloned().unwrap_or(serde_json::Value::Null));
-    }
+    let h = History::of(events)?;
     sqlx::query(
         "INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[])",
     )
-    .bind(&order_ids)
-    .bind(&event_ids)
-    .bind(&types)
-    .bind(&times)
-    .bind(&data)
+    .bind(&h.order_ids)
+    .bind(&h.event_ids)
+    .bind(&h.types)
+    .bind(&h.times)
+    .bind(&h.data)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Locks the order for the rest of the transaction; returns its status and total.
-pub async fn lock(
-    conn: &mut PgConnection,
-    id: OrderId,
-) -> Result<Option<(String, i64, DateTime<Utc>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT status, total_minor, created_at FROM orders WHERE order_id = $1 FOR UPDATE",
-    )
-    .bind(id.as_uuid())
-    .fetch_optional(conn)
-    .await
+/// History rows as the column arrays `unnest` takes.
+struct History {
+    order_ids: Vec<uuid::Uuid>,
+    event_ids: Vec<uuid::Uuid>,
+    types: Vec<&'static str>,
+    times: Vec<DateTime<Utc>>,
+    data: Vec<serde_json::Value>,
 }
 
-pub async fn confirm(conn: &mut PgConnection, id: OrderId) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE order_id = $1")
-        .bind(id.as_uuid())
-        .execute(conn)
-        .await?;
-    Ok(())
+impl History {
+    fn of(events: &[&Envelope]) -> Result<Self, sqlx::Error> {
+        let mut h = History {
+            order_ids: Vec::with_capacity(events.len()),
+            event_ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            times: Vec::with_capacity(events.len()),
+            data: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            h.order_ids.push(e.order_id.as_uuid());
+            h.event_ids.push(e.event_id);
+            h.types.push(e.event_type());
+            h.times.push(e.occurred_at);
+            let v =
+                serde_json::to_value(&e.event).map_err(|err| sqlx::Error::Encode(Box::new(err)))?;
+            h.data
+                .push(v.get("data").cloned().unwrap_or(serde_json::Value::Null));
+        }
+        Ok(h)
+    }
 }
 
-pub async fn fail(
+/// Records a payment event on the order (the refund flag, and the event in
+/// its history) in one statement. `false`: there is no such order.
+pub async fn record_payment(
     conn: &mut PgConnection,
-    id: OrderId,
-    reason: FailureReason,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE orders SET status = 'FAILED', failure_reason = $2, updated_at = now() WHERE order_id = $1")
-        .bind(id.as_uuid())
-        .bind(reason.as_str())
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-pub async fn touch(
-    conn: &mut PgConnection,
-    id: OrderId,
+    event: &Envelope,
     refunded: bool,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE orders SET refunded = refunded OR $2, updated_at = now() WHERE order_id = $1",
+) -> Result<bool, sqlx::Error> {
+    let h = History::of(&[event])?;
+    let recorded = sqlx::query(
+        "WITH touched AS (
+             UPDATE orders SET refunded = refunded OR $6, updated_at = now()
+             WHERE order_id = $1[1] RETURNING order_id)
+         INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
+         SELECT h.* FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[])
+                AS h(order_id, event_id, event_type, occurred_at, data)
+         WHERE EXISTS (SELECT 1 FROM touched)",
     )
-    .bind(id.as_uuid())
+    .bind(&h.order_ids)
+    .bind(&h.event_ids)
+    .bind(&h.types)
+    .bind(&h.times)
+    .bind(&h.data)
     .bind(refunded)
     .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(recorded > 0)
+}
+
+/// What the saga's last step found.
+#[derive(Debug)]
+pub enum Finish {
+    /// The order was PENDING and now has its final status; with its total
+    /// and creation time.
+    Finished {
+        total_minor: i64,
+        created_at: DateTime<Utc>,
+    },
+    /// The order already had a final status (shown).
+    AlreadyFinal(String),
+    /// No such order.
+    Missing,
+}
+
+/// Moves a PENDING order to CONFIRMED (`failure` None) or FAILED, in one
+/// statement that also tells what it found; the row stays locked.
+pub async fn finish(
+    conn: &mut PgConnection,
+    id: OrderId,
+    failure: Option<FailureReason>,
+) -> Result<Finish, sqlx::Error> {
+    let status = if failure.is_some() {
+        "FAILED"
+    } else {
+        "CONFIRMED"
+    };
+    let finished: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE orders SET status = $2, failure_reason = $3, updated_at = now()
+         WHERE order_id = $1 AND status = 'PENDING'
+         RETURNING total_minor, created_at",
+    )
+    .bind(id.as_uuid())
+    .bind(status)
+    .bind(failure.map(FailureReason::as_str))
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(())
+    if let Some((total_minor, created_at)) = finished {
+        return Ok(Finish::Finished {
+            total_minor,
+            created_at,
+        });
+    }
+    let current: Option<(String,)> =
+        sqlx::query_as("SELECT status FROM orders WHERE order_id = $1 FOR UPDATE")
+            .bind(id.as_uuid())
+            .fetch_optional(conn)
+            .await?;
+    Ok(match current {
+        Some((status,)) => Finish::AlreadyFinal(status),
+        None => Finish::Missing,
+    })
 }
