@@ -31,6 +31,7 @@ impl Handler for OrderSaga {
     ) -> Result<Vec<Envelope>, HandleError> {
         let missing = || HandleError::Permanent(format!("order {} does not exist", env.order_id));
         // Payment news is recorded whatever the order's status: one statement.
+        // The rest end the saga: no failure (confirm) or a reason and detail.
         let failure = match &env.event {
             Event::PaymentSucceeded(_) | Event::PaymentRefunded(_) => {
                 let refunded = matches!(env.event, Event::PaymentRefunded(_));
@@ -40,11 +41,27 @@ impl Handler for OrderSaga {
                 return Ok(Vec::new());
             }
             Event::InventoryReserved(_) => None,
-            Event::PaymentFailed(_) => Some(FailureReason::PaymentDeclined),
-            Event::InventoryOutOfStock(_) => Some(FailureReason::OutOfStock),
+            Event::PaymentFailed(e) => Some((FailureReason::PaymentDeclined, e.reason.clone())),
+            Event::InventoryOutOfStock(e) => {
+                let skus: Vec<String> = e
+                    .shortages
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} (requested {}, available {})",
+                            s.sku, s.requested, s.available
+                        )
+                    })
+                    .collect();
+                Some((
+                    FailureReason::OutOfStock,
+                    format!("not enough stock: {}", skus.join(", ")),
+                ))
+            }
             _ => return Ok(Vec::new()),
         };
-        let outcome = match store::finish(conn, env.order_id, failure).await? {
+        let reason = failure.as_ref().map(|(reason, _)| *reason);
+        let outcome = match store::finish(conn, env.order_id, reason).await? {
             store::Finish::Missing => return Err(missing()),
             store::Finish::AlreadyFinal(status) => {
                 // A terminal order hearing a late or contradicting event: keep
@@ -55,31 +72,14 @@ impl Handler for OrderSaga {
             store::Finish::Finished {
                 total_minor,
                 created_at,
-            } => Some(match &env.event {
-                Event::PaymentFailed(e) => Event::OrderFailed(OrderFailed {
-                    reason: FailureReason::PaymentDeclined,
-                    detail: e.reason.clone(),
+            } => Some(match failure {
+                None => Event::OrderConfirmed(OrderConfirmed {
+                    total: Money::from_minor(total_minor),
                     order_created_at: created_at,
                 }),
-                Event::InventoryOutOfStock(e) => {
-                    let skus: Vec<String> = e
-                        .shortages
-                        .iter()
-                        .map(|s| {
-                            format!(
-                                "{} (requested {}, available {})",
-                                s.sku, s.requested, s.available
-                            )
-                        })
-                        .collect();
-                    Event::OrderFailed(OrderFailed {
-                        reason: FailureReason::OutOfStock,
-                        detail: format!("not enough stock: {}", skus.join(", ")),
-                        order_created_at: created_at,
-                    })
-                }
-                _ => Event::OrderConfirmed(OrderConfirmed {
-                    total: Money::from_minor(total_minor),
+                Some((reason, detail)) => Event::OrderFailed(OrderFailed {
+                    reason,
+                    detail,
                     order_created_at: created_at,
                 }),
             }),
