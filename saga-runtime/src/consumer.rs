@@ -23,7 +23,7 @@ use anyhow::Context;
 use events::{Envelope, Event};
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -332,8 +332,10 @@ impl<H: Handler> EventLoop<H> {
         .into_iter()
         .collect();
         let mut dead = Vec::new();
-        // Emitted events with the trace context of the message that caused them.
-        let mut emitted: Vec<(Envelope, Option<String>)> = Vec::new();
+        // Emitted events, and beside each the trace context of the message
+        // that caused it.
+        let mut emitted: Vec<Envelope> = Vec::new();
+        let mut causes: Vec<Option<String>> = Vec::new();
         let mut observed = Vec::with_capacity(work.len());
         for &i in work {
             let item = &items[i];
@@ -397,7 +399,8 @@ impl<H: Handler> EventLoop<H> {
             let label = match outcome {
                 Ok(Applied::Done(out)) => {
                     let traceparent = telemetry::traceparent_of(&span);
-                    emitted.extend(out.into_iter().map(|e| (e, traceparent.clone())));
+                    causes.resize(causes.len() + out.len(), traceparent);
+                    emitted.extend(out);
                     "applied"
                 }
                 Ok(Applied::Duplicate) => "duplicate",
@@ -418,13 +421,15 @@ impl<H: Handler> EventLoop<H> {
             };
             observed.push((env.event_type(), label, started.elapsed()));
         }
-        let traced: Vec<(&Envelope, Option<&str>)> =
-            emitted.iter().map(|(e, tp)| (e, tp.as_deref())).collect();
+        let traced: Vec<(&Envelope, Option<&str>)> = emitted
+            .iter()
+            .zip(&causes)
+            .map(|(e, tp)| (e, tp.as_deref()))
+            .collect();
         self.outbox.enqueue_traced(&mut tx, &traced).await?;
         tx.commit().await?;
         if !emitted.is_empty() {
             self.outbox.wake();
-            let emitted: Vec<Envelope> = emitted.into_iter().map(|(e, _)| e).collect();
             self.handler.after_commit(&emitted);
         }
         let m = metrics::global();
@@ -457,28 +462,25 @@ impl<H: Handler> EventLoop<H> {
         );
         let mut delay = Duration::from_millis(100);
         loop {
-            let mut hdrs = OwnedHeaders::new();
-            if let Some(original) = msg.headers() {
-                for h in original.iter() {
-                    hdrs = hdrs.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
-            }
-            for (key, value) in [
-                (headers::DLQ_CONSUMER, self.service),
-                (headers::DLQ_REASON, reason),
-                (headers::DLQ_TOPIC, msg.topic()),
-                (headers::DLQ_PARTITION, partition.as_str()),
-                (headers::DLQ_OFFSET, offset.as_str()),
-                (headers::DLQ_FAILED_AT, failed_at.as_str()),
-            ] {
-                hdrs = hdrs.insert(Header {
-                    key,
-                    value: Some(value),
-                });
-            }
+            let copied = msg
+                .headers()
+                .map(|original| {
+                    original
+                        .iter()
+                        .fold(OwnedHeaders::new(), |hdrs, h| hdrs.insert(h))
+                })
+                .unwrap_or_default();
+            let hdrs = kafka::with_headers(
+                copied,
+                [
+                    (headers::DLQ_CONSUMER, self.service),
+                    (headers::DLQ_REASON, reason),
+                    (headers::DLQ_TOPIC, msg.topic()),
+                    (headers::DLQ_PARTITION, partition.as_str()),
+                    (headers::DLQ_OFFSET, offset.as_str()),
+                    (headers::DLQ_FAILED_AT, failed_at.as_str()),
+                ],
+            );
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hdrs);
             if let Some(k) = msg.key() {
                 record = record.key(k);

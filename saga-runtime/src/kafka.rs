@@ -8,7 +8,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
 
 use crate::config::KafkaConfig;
@@ -93,6 +93,20 @@ pub fn is_permanent(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::InvalidTopic
         )
     )
+}
+
+/// `hdrs` with each `(name, value)` pair of `pairs` appended.
+pub fn with_headers<'a>(
+    mut hdrs: OwnedHeaders,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> OwnedHeaders {
+    for (key, value) in pairs {
+        hdrs = hdrs.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    hdrs
 }
 
 /// The value of header `name`, as UTF-8, if present.

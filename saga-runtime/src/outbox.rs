@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use events::Envelope;
 use futures::future::join_all;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -241,31 +241,24 @@ impl Relay {
             );
             telemetry::set_remote_parent(&span, row.traceparent.as_deref());
             let traceparent = telemetry::traceparent_of(&span).or_else(|| row.traceparent.clone());
-            let mut hdrs = OwnedHeaders::new_with_capacity(5);
-            for (key, value) in [
-                (headers::EVENT_TYPE, row.event_type.as_str()),
-                (headers::EVENT_ID, event_id.as_str()),
-                (headers::CORRELATION_ID, row.correlation_id.as_str()),
-                (headers::CONTENT_TYPE, "application/json"),
-            ] {
-                hdrs = hdrs.insert(Header {
-                    key,
-                    value: Some(value),
-                });
-            }
-            if let Some(tp) = &traceparent {
-                hdrs = hdrs.insert(Header {
-                    key: headers::TRACEPARENT,
-                    value: Some(tp.as_str()),
-                });
-            }
+            let hdrs = kafka::with_headers(
+                OwnedHeaders::new_with_capacity(5),
+                [
+                    (headers::EVENT_TYPE, row.event_type.as_str()),
+                    (headers::EVENT_ID, event_id.as_str()),
+                    (headers::CORRELATION_ID, row.correlation_id.as_str()),
+                    (headers::CONTENT_TYPE, "application/json"),
+                ]
+                .into_iter()
+                .chain(traceparent.as_deref().map(|tp| (headers::TRACEPARENT, tp))),
+            );
             let record = FutureRecord::to(&row.topic)
                 .key(row.message_key.as_str())
                 .payload(row.payload.as_slice())
                 .headers(hdrs);
             match self.producer.send_result(record) {
                 Ok(delivery) => {
-                    pending.push((row.id, delivery));
+                    pending.push((row.id, row.created_at, delivery));
                     spans.push(span);
                 }
                 Err((e, _)) => {
@@ -276,13 +269,15 @@ impl Relay {
                 }
             }
         }
-        let created: std::collections::HashMap<i64, chrono::DateTime<chrono::Utc>> =
-            rows.iter().map(|r| (r.id, r.created_at)).collect();
-        let ids: Vec<i64> = pending.iter().map(|(id, _)| *id).collect();
-        let results = join_all(pending.into_iter().map(|(_, d)| d)).await;
+        let (ids, deliveries): (Vec<(i64, chrono::DateTime<chrono::Utc>)>, Vec<_>) = pending
+            .into_iter()
+            .map(|(id, created_at, d)| ((id, created_at), d))
+            .unzip();
+        let results = join_all(deliveries).await;
         let mut sent = Vec::with_capacity(results.len());
+        let mut sent_created = Vec::with_capacity(results.len());
         let mut dead = Vec::new();
-        for ((id, result), span) in ids.into_iter().zip(results).zip(spans) {
+        for (((id, created_at), result), span) in ids.into_iter().zip(results).zip(spans) {
             match &result {
                 Ok(Ok(delivery)) => {
                     span.record("messaging.kafka.destination.partition", delivery.partition);
@@ -292,7 +287,10 @@ impl Relay {
                 Err(_) => telemetry::mark_error(&span, "delivery canceled"),
             }
             match result {
-                Ok(Ok(_)) => sent.push(id),
+                Ok(Ok(_)) => {
+                    sent.push(id);
+                    sent_created.push(created_at);
+                }
                 Ok(Err((e, _))) if kafka::is_permanent(&e) => {
                     tracing::error!(outbox_id = id, error = %e, "outbox row can never be published; parking it");
                     dead.push((id, e.to_string()));
@@ -337,10 +335,8 @@ impl Relay {
             .inc_by(sent.len() as u64);
         {
             let latency = m.outbox_publish_seconds.get_or_create(&labels);
-            for id in &sent {
-                if let Some(at) = created.get(id) {
-                    latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
-                }
+            for at in &sent_created {
+                latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
             }
         }
         let backlog = if rows.len() as i64 == BATCH_SIZE {
