@@ -30,6 +30,27 @@ static TELEMETRY: std::sync::OnceLock<saga_runtime::telemetry::TelemetryGuard> =
 /// How long a saga may take in tests before we call it stuck.
 pub const SAGA_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Calls `probe` every `every` until it answers `Ok(value)`. An `Err(state)`
+/// means not yet; if that is still the answer at `SAGA_DEADLINE`, the last
+/// state goes to `stuck` to explain the failure.
+pub async fn poll<T, S, Fut>(
+    every: Duration,
+    mut probe: impl FnMut() -> Fut,
+    stuck: impl FnOnce(S) -> anyhow::Error,
+) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = anyhow::Result<Result<T, S>>>,
+{
+    let started = Instant::now();
+    loop {
+        match probe().await? {
+            Ok(value) => return Ok(value),
+            Err(state) if started.elapsed() > SAGA_DEADLINE => return Err(stuck(state)),
+            Err(_) => tokio::time::sleep(every).await,
+        }
+    }
+}
+
 /// The three services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
@@ -253,17 +274,20 @@ impl System {
         id: &str,
         done: F,
     ) -> anyhow::Result<Value> {
-        let started = Instant::now();
-        loop {
-            let order = self.order(id).await?;
-            if done(&order) {
-                return Ok(order);
-            }
-            if started.elapsed() > SAGA_DEADLINE {
-                bail!("order {id} did not reach the expected state in {SAGA_DEADLINE:?}: {order}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let done = &done;
+        poll(
+            Duration::from_millis(20),
+            || async move {
+                let order = self.order(id).await?;
+                Ok(if done(&order) { Ok(order) } else { Err(order) })
+            },
+            |order| {
+                anyhow::anyhow!(
+                    "order {id} did not reach the expected state in {SAGA_DEADLINE:?}: {order}"
+                )
+            },
+        )
+        .await
     }
 
     /// Polls until the order is CONFIRMED or FAILED.
@@ -334,17 +358,26 @@ impl System {
         tokio::task::spawn_blocking(move || read_all(&brokers, &topic)).await?
     }
 
-    /// The messages of `topic` once there are at least `want` (or all there
-    /// are when the saga deadline passes, for the caller to assert on).
+    /// The messages of `topic` once there are at least `want`.
     pub async fn wait_topic(&self, topic: &str, want: usize) -> anyhow::Result<Vec<TopicMessage>> {
-        let started = Instant::now();
-        loop {
-            let messages = self.read_topic(topic).await?;
-            if messages.len() >= want || started.elapsed() > SAGA_DEADLINE {
-                return Ok(messages);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll(
+            Duration::from_millis(50),
+            || async move {
+                let messages = self.read_topic(topic).await?;
+                Ok(if messages.len() >= want {
+                    Ok(messages)
+                } else {
+                    Err(messages)
+                })
+            },
+            |messages| {
+                anyhow::anyhow!(
+                    "{topic} holds {} of {want} messages after {SAGA_DEADLINE:?}: {messages:?}",
+                    messages.len()
+                )
+            },
+        )
+        .await
     }
 
     /// Envelopes in `topic` about `order_id`.
@@ -369,20 +402,28 @@ impl System {
         let brokers = self.kafka.brokers.clone();
         let group = self.kafka.group_id(service.name());
         let topic = topic.to_owned();
-        let started = Instant::now();
-        loop {
-            let (b, g, t) = (brokers.clone(), group.clone(), topic.clone());
-            let committed =
-                tokio::task::spawn_blocking(move || committed_offset(&b, &g, &t, partition))
-                    .await??;
-            if committed.is_some_and(|c| c > offset) {
-                return Ok(());
-            }
-            if started.elapsed() > SAGA_DEADLINE {
-                bail!("{group} did not commit past {topic}/{partition}@{offset} (committed {committed:?})");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        poll(
+            Duration::from_millis(100),
+            || {
+                let (b, g, t) = (brokers.clone(), group.clone(), topic.clone());
+                async move {
+                    let committed =
+                        tokio::task::spawn_blocking(move || committed_offset(&b, &g, &t, partition))
+                            .await??;
+                    Ok(if committed.is_some_and(|c| c > offset) {
+                        Ok(())
+                    } else {
+                        Err(committed)
+                    })
+                }
+            },
+            |committed| {
+                anyhow::anyhow!(
+                    "{group} did not commit past {topic}/{partition}@{offset} (committed {committed:?})"
+                )
+            },
+        )
+        .await
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -76,27 +76,26 @@ pub async fn spans_of(
     correlation_id: &str,
     done: impl Fn(&[SpanRecord]) -> bool,
 ) -> anyhow::Result<Vec<SpanRecord>> {
-    let started = Instant::now();
-    loop {
-        let mine: Vec<SpanRecord> = spans
-            .lock()
-            .expect("spans lock")
-            .iter()
-            .filter(|s| {
-                s.attributes.get("correlation_id").map(String::as_str) == Some(correlation_id)
-            })
-            // Reads (the test polling GET /orders/{id}) are traces of their own.
-            .filter(|s| !s.name.starts_with("GET "))
-            .cloned()
-            .collect();
-        if done(&mine) {
-            return Ok(mine);
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            anyhow::bail!("spans for {correlation_id} incomplete: {mine:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = &done;
+    crate::poll(
+        Duration::from_millis(50),
+        || async move {
+            let mine: Vec<SpanRecord> = spans
+                .lock()
+                .expect("spans lock")
+                .iter()
+                .filter(|s| {
+                    s.attributes.get("correlation_id").map(String::as_str) == Some(correlation_id)
+                })
+                // Reads (the test polling GET /orders/{id}) are traces of their own.
+                .filter(|s| !s.name.starts_with("GET "))
+                .cloned()
+                .collect();
+            Ok(if done(&mine) { Ok(mine) } else { Err(mine) })
+        },
+        |mine| anyhow::anyhow!("spans for {correlation_id} incomplete: {mine:#?}"),
+    )
+    .await
 }
 
 pub fn consume_span<'a>(
