@@ -100,12 +100,6 @@ pub fn subscribe(
         .set("fetch.min.bytes", "1")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        // Also the rebalance timeout: how long a join waits for members that
-        // vanished mid-rebalance (a killed instance). librdkafka's 300 s
-        // default left restarted services idle for minutes on tansu. A batch
-        // stuck longer than this (a database outage) leaves the group and
-        // rejoins on its next poll; the inbox absorbs the redelivery.
-        .set("max.poll.interval.ms", "20000")
         .create()
         .context("creating the Kafka consumer")?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
