@@ -1,13 +1,11 @@
 //! Reserving an order's stock: every item or none.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use events::{
-    Envelope, Event, InventoryOutOfStock, InventoryReserved, LineItem, ReservedLine, Shortage,
-};
-use saga_runtime::{HandleError, Handler};
-use sqlx::types::Json;
+use events::{Event, InventoryOutOfStock, InventoryReserved, LineItem, ReservedLine, Shortage};
+use saga_runtime::{Handler, Step};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Reserver;
@@ -20,73 +18,143 @@ impl Handler for Reserver {
     async fn handle(
         &self,
         conn: &mut PgConnection,
-        env: &Envelope,
-    ) -> Result<Vec<Envelope>, HandleError> {
-        let Event::PaymentSucceeded(paid) = &env.event else {
-            return Ok(Vec::new());
-        };
-        let wanted = merge(&paid.items)?;
-        let skus: Vec<&str> = wanted.keys().map(String::as_str).collect();
-        let qtys: Vec<i64> = wanted.values().copied().collect();
-        // One round trip: whether this order went through inventory before,
-        // and the stock of its SKUs, locked in SKU order.
-        let (already, locked_skus, locked_available): (bool, Vec<String>, Vec<i64>) =
+        steps: &mut [Step<'_>],
+    ) -> Result<(), sqlx::Error> {
+        // What each step wants, by SKU; a payment without items is refused.
+        let mut wanted: Vec<Option<BTreeMap<String, i64>>> = Vec::with_capacity(steps.len());
+        for step in steps.iter_mut() {
+            let merged = match &step.envelope().event {
+                Event::PaymentSucceeded(paid) => merge(&paid.items),
+                _ => Ok(BTreeMap::new()),
+            };
+            wanted.push(match merged {
+                Ok(w) => Some(w),
+                Err(why) => {
+                    step.refuse(why);
+                    None
+                }
+            });
+        }
+        let skus: Vec<&str> = wanted
+            .iter()
+            .flatten()
+            .flat_map(|w| w.keys().map(String::as_str))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let order_ids: Vec<Uuid> = steps
+            .iter()
+            .map(|s| s.envelope().order_id.as_uuid())
+            .collect();
+        // Read, in one round trip: which orders went through inventory
+        // before, and the stock of every SKU the batch touches, locked in
+        // SKU order (so concurrent batches cannot deadlock).
+        let (done, locked_skus, locked_available): (Vec<Uuid>, Vec<String>, Vec<i64>) =
             sqlx::query_as(
                 "WITH locked AS (
                      SELECT sku, available FROM products WHERE sku = ANY($1) ORDER BY sku FOR UPDATE)
-                 SELECT EXISTS (SELECT 1 FROM reservations WHERE order_id = $2),
+                 SELECT COALESCE((SELECT array_agg(order_id) FROM reservations WHERE order_id = ANY($2)), '{}'),
                         COALESCE((SELECT array_agg(sku ORDER BY sku) FROM locked), '{}'),
                         COALESCE((SELECT array_agg(available ORDER BY sku) FROM locked), '{}')",
             )
             .bind(&skus)
-            .bind(env.order_id.as_uuid())
+            .bind(&order_ids)
             .fetch_one(&mut *conn)
             .await?;
-        if already {
-            tracing::warn!("order already went through inventory; not reserving twice");
-            return Ok(Vec::new());
-        }
-        let on_hand: BTreeMap<String, i64> =
+        let mut done: HashSet<Uuid> = done.into_iter().collect();
+        let mut on_hand: BTreeMap<String, i64> =
             locked_skus.into_iter().zip(locked_available).collect();
-        let (status, event) = match decide(&wanted, &on_hand)? {
-            Ok(lines) => (
-                "RESERVED",
-                Event::InventoryReserved(InventoryReserved { items: lines }),
-            ),
-            Err(shortages) => (
-                "REJECTED",
-                Event::InventoryOutOfStock(InventoryOutOfStock { shortages }),
-            ),
-        };
-        // One more: take the stock (only when reserving) and record the decision.
+        // Decide in arrival order, each step seeing the stock the earlier
+        // ones left.
+        let mut decided = Decided::default();
+        for (step, wanted) in steps.iter_mut().zip(&wanted) {
+            let Some(wanted) = wanted else { continue };
+            let Event::PaymentSucceeded(paid) = &step.envelope().event else {
+                continue;
+            };
+            let span = step.span().clone();
+            let _entered = span.enter();
+            let order_id = step.envelope().order_id.as_uuid();
+            if done.contains(&order_id) {
+                tracing::warn!("order already went through inventory; not reserving twice");
+                continue;
+            }
+            let (status, event) = match decide(wanted, &on_hand) {
+                Err(why) => {
+                    step.refuse(why);
+                    continue;
+                }
+                Ok(Ok(lines)) => {
+                    for (sku, qty) in wanted {
+                        *on_hand.entry(sku.clone()).or_default() -= qty;
+                        *decided.taken.entry(sku.as_str()).or_default() += qty;
+                    }
+                    (
+                        "RESERVED",
+                        Event::InventoryReserved(InventoryReserved { items: lines }),
+                    )
+                }
+                Ok(Err(shortages)) => (
+                    "REJECTED",
+                    Event::InventoryOutOfStock(InventoryOutOfStock { shortages }),
+                ),
+            };
+            let items =
+                serde_json::to_value(&paid.items).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            done.insert(order_id);
+            decided.order_ids.push(order_id);
+            decided.statuses.push(status);
+            decided.items.push(items);
+            decided
+                .correlations
+                .push(step.envelope().correlation_id.as_str());
+            tracing::info!(outcome = event.event_type(), "inventory decided");
+            step.emit(event);
+        }
+        if decided.order_ids.is_empty() {
+            return Ok(());
+        }
+        // Write, in one more: take the stock and record every decision.
+        let (taken_skus, taken_qtys): (Vec<&str>, Vec<i64>) = decided.taken.into_iter().unzip();
         sqlx::query(
             "WITH taken AS (
                  UPDATE products p SET available = p.available - w.qty, reserved = p.reserved + w.qty, updated_at = now()
                  FROM unnest($5::text[], $6::bigint[]) AS w(sku, qty)
-                 WHERE p.sku = w.sku AND $2 = 'RESERVED')
-             INSERT INTO reservations (order_id, status, items, correlation_id) VALUES ($1, $2, $3, $4)",
+                 WHERE p.sku = w.sku)
+             INSERT INTO reservations (order_id, status, items, correlation_id)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[])",
         )
-        .bind(env.order_id.as_uuid())
-        .bind(status)
-        .bind(Json(&paid.items))
-        .bind(env.correlation_id.as_str())
-        .bind(&skus)
-        .bind(&qtys)
+        .bind(&decided.order_ids)
+        .bind(&decided.statuses)
+        .bind(&decided.items)
+        .bind(&decided.correlations)
+        .bind(&taken_skus)
+        .bind(&taken_qtys)
         .execute(&mut *conn)
         .await?;
-        tracing::info!(outcome = event.event_type(), "inventory decided");
-        Ok(vec![Envelope::caused_by(env, event)])
+        Ok(())
     }
 }
 
+/// A batch's decisions, as the column arrays `unnest` takes, and the units
+/// taken per SKU.
+#[derive(Default)]
+struct Decided<'a> {
+    order_ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    items: Vec<serde_json::Value>,
+    correlations: Vec<&'a str>,
+    taken: BTreeMap<&'a str, i64>,
+}
+
 /// Sums the lines of each SKU, in SKU order (the lock order).
-fn merge(items: &[LineItem]) -> Result<BTreeMap<String, i64>, HandleError> {
+fn merge(items: &[LineItem]) -> Result<BTreeMap<String, i64>, String> {
     let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
     for item in items {
         *wanted.entry(item.sku.to_string()).or_default() += i64::from(item.quantity.get());
     }
     if wanted.is_empty() {
-        return Err(HandleError::Permanent("payment carries no items".into()));
+        return Err("payment carries no items".into());
     }
     Ok(wanted)
 }
@@ -95,8 +163,8 @@ fn merge(items: &[LineItem]) -> Result<BTreeMap<String, i64>, HandleError> {
 fn decide(
     wanted: &BTreeMap<String, i64>,
     on_hand: &BTreeMap<String, i64>,
-) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, HandleError> {
-    let sku = |s: &str| events::Sku::parse(s).map_err(|e| HandleError::Permanent(e.to_string()));
+) -> Result<Result<Vec<ReservedLine>, Vec<Shortage>>, String> {
+    let sku = |s: &str| events::Sku::parse(s).map_err(|e| e.to_string());
     let mut shortages = Vec::new();
     for (s, &qty) in wanted {
         let available = on_hand.get(s).copied().unwrap_or(0);
@@ -115,7 +183,7 @@ fn decide(
     for (s, &qty) in wanted {
         lines.push(ReservedLine {
             sku: sku(s)?,
-            quantity: u32::try_from(qty).map_err(|e| HandleError::Permanent(e.to_string()))?,
+            quantity: u32::try_from(qty).map_err(|e| e.to_string())?,
         });
     }
     Ok(Ok(lines))

@@ -1,7 +1,9 @@
 //! SQL for orders and their history.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
-use events::{CorrelationId, Envelope, FailureReason, LineItem, OrderId};
+use events::{CorrelationId, Envelope, LineItem, OrderId};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -153,85 +155,73 @@ impl History {
     }
 }
 
-/// Records a payment event on the order (the refund flag, and the event in
-/// its history) in one statement. `false`: there is no such order.
-pub async fn record_payment(
+/// An order as the saga's consumer sees it: locked for the batch, changed
+/// in memory, written back by [`save`] when `changed`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Locked {
+    pub order_id: Uuid,
+    pub status: String,
+    pub failure_reason: Option<String>,
+    pub refunded: bool,
+    pub total_minor: i64,
+    pub created_at: DateTime<Utc>,
+    #[sqlx(default)]
+    pub changed: bool,
+}
+
+/// Locks the orders `ids` (in ID order, so concurrent batches cannot
+/// deadlock) and returns those that exist, by ID.
+pub async fn lock(
     conn: &mut PgConnection,
-    event: &Envelope,
-    refunded: bool,
-) -> Result<bool, sqlx::Error> {
-    let h = History::of(&[event])?;
-    let recorded = sqlx::query(
-        "WITH touched AS (
-             UPDATE orders SET refunded = refunded OR $6, updated_at = now()
-             WHERE order_id = $1[1] RETURNING order_id)
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Locked>, sqlx::Error> {
+    let rows: Vec<Locked> = sqlx::query_as(
+        "SELECT order_id, status, failure_reason, refunded, total_minor, created_at
+         FROM orders WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|o| (o.order_id, o)).collect())
+}
+
+/// Writes back the `changed` orders and appends `history`, in one statement.
+pub async fn save<'o>(
+    conn: &mut PgConnection,
+    orders: impl Iterator<Item = &'o Locked>,
+    history: &[&Envelope],
+) -> Result<(), sqlx::Error> {
+    let (mut ids, mut statuses, mut reasons, mut refunded) = (vec![], vec![], vec![], vec![]);
+    for o in orders.filter(|o| o.changed) {
+        ids.push(o.order_id);
+        statuses.push(o.status.as_str());
+        reasons.push(o.failure_reason.as_deref());
+        refunded.push(o.refunded);
+    }
+    if ids.is_empty() && history.is_empty() {
+        return Ok(());
+    }
+    let h = History::of(history)?;
+    sqlx::query(
+        "WITH changed AS (
+             UPDATE orders o SET status = c.status, failure_reason = c.failure_reason,
+                                 refunded = c.refunded, updated_at = now()
+             FROM unnest($6::uuid[], $7::text[], $8::text[], $9::bool[])
+                  AS c(order_id, status, failure_reason, refunded)
+             WHERE o.order_id = c.order_id)
          INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
-         SELECT h.* FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[])
-                AS h(order_id, event_id, event_type, occurred_at, data)
-         WHERE EXISTS (SELECT 1 FROM touched)",
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[])",
     )
     .bind(&h.order_ids)
     .bind(&h.event_ids)
     .bind(&h.types)
     .bind(&h.times)
     .bind(&h.data)
-    .bind(refunded)
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&refunded)
     .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(recorded > 0)
-}
-
-/// What the saga's last step found.
-#[derive(Debug)]
-pub enum Finish {
-    /// The order was PENDING and now has its final status; with its total
-    /// and creation time.
-    Finished {
-        total_minor: i64,
-        created_at: DateTime<Utc>,
-    },
-    /// The order already had a final status (shown).
-    AlreadyFinal(String),
-    /// No such order.
-    Missing,
-}
-
-/// Moves a PENDING order to CONFIRMED (`failure` None) or FAILED, in one
-/// statement that also tells what it found; the row stays locked.
-pub async fn finish(
-    conn: &mut PgConnection,
-    id: OrderId,
-    failure: Option<FailureReason>,
-) -> Result<Finish, sqlx::Error> {
-    let status = if failure.is_some() {
-        "FAILED"
-    } else {
-        "CONFIRMED"
-    };
-    let finished: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
-        "UPDATE orders SET status = $2, failure_reason = $3, updated_at = now()
-         WHERE order_id = $1 AND status = 'PENDING'
-         RETURNING total_minor, created_at",
-    )
-    .bind(id.as_uuid())
-    .bind(status)
-    .bind(failure.map(FailureReason::as_str))
-    .fetch_optional(&mut *conn)
     .await?;
-    if let Some((total_minor, created_at)) = finished {
-        return Ok(Finish::Finished {
-            total_minor,
-            created_at,
-        });
-    }
-    let current: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM orders WHERE order_id = $1 FOR UPDATE")
-            .bind(id.as_uuid())
-            .fetch_optional(conn)
-            .await?;
-    Ok(match current {
-        Some((status,)) => Finish::AlreadyFinal(status),
-        None => Finish::Missing,
-    })
+    Ok(())
 }

@@ -1,12 +1,14 @@
 //! payment-service: charges an order on `OrderCreated` (simulated gateway)
 //! and refunds it on `InventoryOutOfStock`.
 
+use std::collections::HashMap;
+
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use events::{Envelope, Event, Money, OrderId, PaymentFailed, PaymentRefunded, PaymentSucceeded};
 use saga_runtime::config::{self, ConfigError};
-use saga_runtime::{ApiError, App, HandleError, Handler, Infra, ServiceConfig};
+use saga_runtime::{ApiError, App, Handler, Infra, ServiceConfig, Step};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -127,6 +129,128 @@ impl Gateway {
     }
 }
 
+/// A payment as the batch sees it: read (locked) from the table or made by
+/// an earlier step of the same batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payment {
+    pub payment_id: Uuid,
+    pub amount: Money,
+    pub status: PaymentStatus,
+    pub decline_reason: Option<String>,
+    pub correlation_id: String,
+    /// Not in the table yet (inserted by this batch).
+    pub new: bool,
+    /// Status changed by this batch.
+    pub changed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentStatus {
+    Charged,
+    Declined,
+    Refunded,
+}
+
+impl PaymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Charged => "CHARGED",
+            Self::Declined => "DECLINED",
+            Self::Refunded => "REFUNDED",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, sqlx::Error> {
+        match s {
+            "CHARGED" => Ok(Self::Charged),
+            "DECLINED" => Ok(Self::Declined),
+            "REFUNDED" => Ok(Self::Refunded),
+            other => Err(sqlx::Error::Decode(
+                format!("unknown payment status {other:?}").into(),
+            )),
+        }
+    }
+}
+
+impl Gateway {
+    /// What `env` does to the payments known so far: charge (or decline) a
+    /// new order once, refund a charged one once. `Err`: the event cannot be
+    /// applied, and nothing changed.
+    pub fn react(
+        &self,
+        payments: &mut HashMap<Uuid, Payment>,
+        env: &Envelope,
+    ) -> Result<Option<Event>, String> {
+        let id = env.order_id.as_uuid();
+        match &env.event {
+            Event::OrderCreated(order) => {
+                if payments.contains_key(&id) {
+                    // Charged (or declined) before under another event ID.
+                    tracing::warn!("order already has a payment; not charging twice");
+                    return Ok(None);
+                }
+                let amount = order.total;
+                let declined = self.decline_reason(amount);
+                let payment_id = Uuid::now_v7();
+                let status = if declined.is_some() {
+                    PaymentStatus::Declined
+                } else {
+                    PaymentStatus::Charged
+                };
+                payments.insert(
+                    id,
+                    Payment {
+                        payment_id,
+                        amount,
+                        status,
+                        decline_reason: declined.clone(),
+                        correlation_id: env.correlation_id.to_string(),
+                        new: true,
+                        changed: false,
+                    },
+                );
+                Ok(Some(match declined {
+                    Some(reason) => {
+                        tracing::info!(amount = %amount, reason = %reason, "payment declined");
+                        Event::PaymentFailed(PaymentFailed { amount, reason })
+                    }
+                    None => {
+                        tracing::info!(amount = %amount, "payment charged");
+                        Event::PaymentSucceeded(PaymentSucceeded {
+                            payment_id,
+                            amount,
+                            items: order.items.clone(),
+                        })
+                    }
+                }))
+            }
+            Event::InventoryOutOfStock(_) => {
+                let Some(p) = payments.get_mut(&id) else {
+                    return Err(format!("no payment for order {} to refund", env.order_id));
+                };
+                match p.status {
+                    PaymentStatus::Charged => {
+                        p.status = PaymentStatus::Refunded;
+                        p.changed = true;
+                        tracing::info!(amount = %p.amount, "payment refunded");
+                        Ok(Some(Event::PaymentRefunded(PaymentRefunded {
+                            payment_id: p.payment_id,
+                            amount: p.amount,
+                            reason: "out of stock".to_owned(),
+                        })))
+                    }
+                    PaymentStatus::Refunded => Ok(None),
+                    other => Err(format!(
+                        "cannot refund a payment in state {}",
+                        other.as_str()
+                    )),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 impl Handler for Gateway {
     fn accepts(&self, event: &Event) -> bool {
         matches!(
@@ -138,97 +262,97 @@ impl Handler for Gateway {
     async fn handle(
         &self,
         conn: &mut PgConnection,
-        env: &Envelope,
-    ) -> Result<Vec<Envelope>, HandleError> {
-        let event = match &env.event {
-            Event::OrderCreated(order) => charge(self, conn, env, order).await?,
-            Event::InventoryOutOfStock(_) => refund(conn, env).await?,
-            _ => None,
-        };
-        Ok(event
-            .map(|e| Envelope::caused_by(env, e))
-            .into_iter()
-            .collect())
+        steps: &mut [Step<'_>],
+    ) -> Result<(), sqlx::Error> {
+        // Read: the batch's existing payments, locked in order ID order.
+        let mut ids: Vec<Uuid> = steps
+            .iter()
+            .map(|s| s.envelope().order_id.as_uuid())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let rows: Vec<(Uuid, Uuid, i64, String, Option<String>, String)> = sqlx::query_as(
+            "SELECT order_id, payment_id, amount_minor, status, decline_reason, correlation_id
+             FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut payments = HashMap::with_capacity(ids.len());
+        for (order_id, payment_id, amount, status, decline_reason, correlation_id) in rows {
+            let payment = Payment {
+                payment_id,
+                amount: Money::from_minor(amount),
+                status: PaymentStatus::parse(&status)?,
+                decline_reason,
+                correlation_id,
+                new: false,
+                changed: false,
+            };
+            payments.insert(order_id, payment);
+        }
+        // Decide, in arrival order.
+        for step in steps.iter_mut() {
+            let span = step.span().clone();
+            let _entered = span.enter();
+            match self.react(&mut payments, step.envelope()) {
+                Ok(Some(event)) => step.emit(event),
+                Ok(None) => {}
+                Err(why) => step.refuse(why),
+            }
+        }
+        // Write: new payments and changed statuses, one statement. A payment
+        // another consumer inserted meanwhile (during a rebalance) violates
+        // the key, and the batch is retried, now seeing it.
+        let mut new = Columns::default();
+        let (mut changed_ids, mut changed_status) = (Vec::new(), Vec::new());
+        for (order_id, p) in &payments {
+            if p.new {
+                new.order_ids.push(*order_id);
+                new.payment_ids.push(p.payment_id);
+                new.amounts.push(p.amount.minor());
+                new.statuses.push(p.status.as_str());
+                new.reasons.push(p.decline_reason.as_deref());
+                new.correlations.push(p.correlation_id.as_str());
+            } else if p.changed {
+                changed_ids.push(*order_id);
+                changed_status.push(p.status.as_str());
+            }
+        }
+        if new.order_ids.is_empty() && changed_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "WITH changed AS (
+                 UPDATE payments p SET status = c.status, updated_at = now()
+                 FROM unnest($7::uuid[], $8::text[]) AS c(order_id, status)
+                 WHERE p.order_id = c.order_id)
+             INSERT INTO payments (order_id, payment_id, amount_minor, status, decline_reason, correlation_id)
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[])",
+        )
+        .bind(&new.order_ids)
+        .bind(&new.payment_ids)
+        .bind(&new.amounts)
+        .bind(&new.statuses)
+        .bind(&new.reasons)
+        .bind(&new.correlations)
+        .bind(&changed_ids)
+        .bind(&changed_status)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 }
 
-async fn charge(
-    gateway: &Gateway,
-    conn: &mut PgConnection,
-    env: &Envelope,
-    order: &events::OrderCreated,
-) -> Result<Option<Event>, HandleError> {
-    let amount = order.total;
-    let declined = gateway.decline_reason(amount);
-    let payment_id = Uuid::now_v7();
-    let inserted = sqlx::query(
-        "INSERT INTO payments (order_id, payment_id, amount_minor, status, decline_reason, correlation_id)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(env.order_id.as_uuid())
-    .bind(payment_id)
-    .bind(amount.minor())
-    .bind(if declined.is_some() { "DECLINED" } else { "CHARGED" })
-    .bind(declined.as_deref())
-    .bind(env.correlation_id.as_str())
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
-        // The order was already charged (or declined) under another event ID.
-        tracing::warn!("order already has a payment; not charging twice");
-        return Ok(None);
-    }
-    Ok(Some(match declined {
-        Some(reason) => {
-            tracing::info!(amount = %amount, reason = %reason, "payment declined");
-            Event::PaymentFailed(PaymentFailed { amount, reason })
-        }
-        None => {
-            tracing::info!(amount = %amount, "payment charged");
-            Event::PaymentSucceeded(PaymentSucceeded {
-                payment_id,
-                amount,
-                items: order.items.clone(),
-            })
-        }
-    }))
-}
-
-async fn refund(conn: &mut PgConnection, env: &Envelope) -> Result<Option<Event>, HandleError> {
-    let row: Option<(Uuid, i64, String)> = sqlx::query_as(
-        "SELECT payment_id, amount_minor, status FROM payments WHERE order_id = $1 FOR UPDATE",
-    )
-    .bind(env.order_id.as_uuid())
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some((payment_id, amount_minor, status)) = row else {
-        return Err(HandleError::Permanent(format!(
-            "no payment for order {} to refund",
-            env.order_id
-        )));
-    };
-    match status.as_str() {
-        "CHARGED" => {
-            sqlx::query(
-                "UPDATE payments SET status = 'REFUNDED', updated_at = now() WHERE order_id = $1",
-            )
-            .bind(env.order_id.as_uuid())
-            .execute(&mut *conn)
-            .await?;
-            let amount = Money::from_minor(amount_minor);
-            tracing::info!(amount = %amount, "payment refunded");
-            Ok(Some(Event::PaymentRefunded(PaymentRefunded {
-                payment_id,
-                amount,
-                reason: "out of stock".to_owned(),
-            })))
-        }
-        "REFUNDED" => Ok(None),
-        other => Err(HandleError::Permanent(format!(
-            "cannot refund a payment in state {other}"
-        ))),
-    }
+/// New payments as the column arrays `unnest` takes.
+#[derive(Default)]
+struct Columns<'p> {
+    order_ids: Vec<Uuid>,
+    payment_ids: Vec<Uuid>,
+    amounts: Vec<i64>,
+    statuses: Vec<&'static str>,
+    reasons: Vec<Option<&'p str>>,
+    correlations: Vec<&'p str>,
 }
 
 #[cfg(test)]
@@ -260,5 +384,71 @@ mod tests {
             assert!(always.decline_reason(Money::from_minor(100)).is_some());
             assert!(never.decline_reason(Money::from_minor(100)).is_none());
         }
+    }
+
+    fn created(total_minor: i64) -> Envelope {
+        let order = events::OrderCreated {
+            customer_id: events::CustomerId::parse("c-1").unwrap(),
+            items: vec![],
+            total: Money::from_minor(total_minor),
+        };
+        Envelope::new(
+            OrderId::new(),
+            events::CorrelationId::generate(),
+            Event::OrderCreated(order),
+        )
+    }
+
+    fn out_of_stock(of: &Envelope) -> Envelope {
+        Envelope::caused_by(
+            of,
+            Event::InventoryOutOfStock(events::InventoryOutOfStock { shortages: vec![] }),
+        )
+    }
+
+    #[test]
+    fn charges_once_and_refunds_once_within_one_batch() {
+        let g = Gateway {
+            settings: Settings::default(),
+        };
+        let mut payments = HashMap::new();
+        let order = created(2_999);
+        assert!(matches!(
+            g.react(&mut payments, &order),
+            Ok(Some(Event::PaymentSucceeded(_)))
+        ));
+        // The same order again (another event ID): not charged twice.
+        assert_eq!(g.react(&mut payments, &order), Ok(None));
+        let oos = out_of_stock(&order);
+        assert!(matches!(
+            g.react(&mut payments, &oos),
+            Ok(Some(Event::PaymentRefunded(_)))
+        ));
+        assert_eq!(g.react(&mut payments, &oos), Ok(None));
+        let p = &payments[&order.order_id.as_uuid()];
+        assert_eq!((p.status, p.new), (PaymentStatus::Refunded, true));
+    }
+
+    #[test]
+    fn refusing_a_refund_changes_nothing() {
+        let g = Gateway {
+            settings: Settings::default(),
+        };
+        let mut payments = HashMap::new();
+        let unknown = out_of_stock(&created(100));
+        let why = g.react(&mut payments, &unknown).unwrap_err();
+        assert!(why.contains("no payment for order"), "{why}");
+        assert!(payments.is_empty());
+        let declined = created(100_001);
+        assert!(matches!(
+            g.react(&mut payments, &declined),
+            Ok(Some(Event::PaymentFailed(_)))
+        ));
+        let why = g
+            .react(&mut payments, &out_of_stock(&declined))
+            .unwrap_err();
+        assert!(why.contains("DECLINED"), "{why}");
+        let p = &payments[&declined.order_id.as_uuid()];
+        assert_eq!((p.status, p.changed), (PaymentStatus::Declined, false));
     }
 }

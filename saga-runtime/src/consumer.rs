@@ -1,14 +1,14 @@
 //! The idempotent consumer loop every service runs.
 //!
 //! For each poll it takes the messages that are ready (up to a batch) and
-//! handles them in one database transaction (with a savepoint per message
-//! only when one of them has to be rolled back alone):
+//! handles them in one database transaction:
 //!
 //! 1. decode the envelope (malformed → dead-letter topic);
 //! 2. record `(consumer, event_id)` in `processed_events` (one statement for
 //!    the batch) — already there means a redelivery, which changes nothing;
-//! 3. run the service's handler on each new event, and write all the events
-//!    they emit to the outbox (one statement for the batch).
+//! 3. run the service's handler on the batch's new events (it reads what
+//!    they touch at once, decides in memory, writes at once), and write all
+//!    the events they emit to the outbox (one statement for the batch).
 //!
 //! Only after the transaction commits are dead letters produced and the
 //! messages' offsets stored for the (periodic and shutdown) offset commit.
@@ -27,23 +27,65 @@ use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::config::KafkaConfig;
 use crate::kafka::{self, headers};
 use crate::outbox::Outbox;
 use crate::{db, metrics, telemetry};
 
-/// Why a handler could not apply an event.
-#[derive(Debug, thiserror::Error)]
-pub enum HandleError {
-    /// The event can never be applied (it contradicts this service's state):
-    /// it goes to the dead-letter topic and the consumer moves on.
-    #[error("{0}")]
-    Permanent(String),
-    /// A database failure: the batch is retried.
-    #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
+/// One fresh event of a batch, and what the handler made of it.
+///
+/// Handlers receive a batch's steps in the order the messages arrived and,
+/// for each, either [`emit`](Step::emit) the events it causes (none is fine:
+/// the event is simply applied) or [`refuse`](Step::refuse) it.
+pub struct Step<'a> {
+    envelope: &'a Envelope,
+    span: tracing::Span,
+    verdict: Result<Vec<Envelope>, String>,
+}
+
+impl<'a> Step<'a> {
+    pub fn new(envelope: &'a Envelope, span: tracing::Span) -> Self {
+        Self {
+            envelope,
+            span,
+            verdict: Ok(Vec::new()),
+        }
+    }
+
+    /// The event to apply.
+    pub fn envelope(&self) -> &'a Envelope {
+        self.envelope
+    }
+
+    /// The event's consumer span (a child of its producer's trace): enter it
+    /// while deciding, so the step's log lines carry its trace and order.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// Emits `event` as a consequence of this step (same order, correlation
+    /// and causation chain). Ignored once the step is refused.
+    pub fn emit(&mut self, event: Event) {
+        if let Ok(out) = &mut self.verdict {
+            out.push(Envelope::caused_by(self.envelope, event));
+        }
+    }
+
+    /// Refuses the event: it can never be applied (it contradicts this
+    /// service's state), so it goes to the dead-letter topic, emits nothing
+    /// and stays replayable. The handler must not write anything for it.
+    pub fn refuse(&mut self, why: impl Into<String>) {
+        self.verdict = Err(why.into());
+    }
+
+    /// What was decided: the events to emit, or why the event was refused.
+    pub fn verdict(&self) -> Result<&[Envelope], &str> {
+        match &self.verdict {
+            Ok(out) => Ok(out),
+            Err(why) => Err(why),
+        }
+    }
 }
 
 /// A service's reaction to saga events.
@@ -51,13 +93,21 @@ pub trait Handler: Send + Sync + 'static {
     /// Whether this service acts on `event`; others are acknowledged and skipped.
     fn accepts(&self, event: &Event) -> bool;
 
-    /// Applies `envelope` inside the consumer's transaction and returns the
-    /// events to emit (written to the outbox in the same transaction).
+    /// Applies a batch of events never seen before, inside the consumer's
+    /// transaction, recording on each [`Step`] what it emits or why it is
+    /// refused. Events of one order keep their arrival order, and a later
+    /// step must see the effects of earlier ones.
+    ///
+    /// The intended shape, whatever the batch's size: one statement reads
+    /// (and locks, in a fixed order) everything the batch touches, the
+    /// decisions are made in memory, one statement writes them. A refused
+    /// step must leave no writes, since nothing is rolled back for it.
+    /// An error rolls the whole batch back for a retry.
     fn handle(
         &self,
         conn: &mut PgConnection,
-        envelope: &Envelope,
-    ) -> impl Future<Output = Result<Vec<Envelope>, HandleError>> + Send;
+        steps: &mut [Step<'_>],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// Called once the transaction that emitted `emitted` has committed
     /// (for metrics and other effects that must not run twice on a retry).
@@ -124,13 +174,6 @@ pub struct EventLoop<H> {
 struct Item<'m> {
     msg: BorrowedMessage<'m>,
     decoded: Result<Envelope, String>,
-}
-
-/// The outcome of applying one message.
-enum Applied {
-    Done(Vec<Envelope>),
-    Duplicate,
-    Dead(String),
 }
 
 /// Raised when shutdown interrupts a retry: the batch is left unacknowledged.
@@ -277,36 +320,19 @@ impl<H: Handler> EventLoop<H> {
     }
 
     /// One transaction over `work`; returns the messages to dead-letter.
+    ///
+    /// Round trips per batch, not per message: one statement records every
+    /// event ID in the inbox, the handler reads and writes the whole batch
+    /// (two statements in each service), one statement writes every emitted
+    /// event to the outbox. Refused events delete their inbox row (one more
+    /// statement, only then), so a replay from the dead-letter topic is not
+    /// taken for a duplicate.
     async fn apply(
         &self,
         items: &[Item<'_>],
         work: &[usize],
     ) -> Result<Vec<(usize, String)>, sqlx::Error> {
-        // Most batches apply cleanly, so try without per-message savepoints
-        // (two round trips each); if a handler refuses an event, redo the
-        // batch with savepoints so only that event is rolled back.
-        match self.apply_batch(items, work, false).await? {
-            Some(dead) => Ok(dead),
-            None => Ok(self
-                .apply_batch(items, work, true)
-                .await?
-                .unwrap_or_default()),
-        }
-    }
-
-    /// One transaction over `work`. Without `savepoints`, returns `None` as
-    /// soon as an event is refused (the transaction is rolled back).
-    ///
-    /// Round trips per batch, not per message, where the runtime can: one
-    /// statement records every event ID in the inbox, one writes every
-    /// emitted event to the outbox; only the handlers' own statements run
-    /// per message.
-    async fn apply_batch(
-        &self,
-        items: &[Item<'_>],
-        work: &[usize],
-        savepoints: bool,
-    ) -> Result<Option<Vec<(usize, String)>>, sqlx::Error> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let event_ids: Vec<uuid::Uuid> = work
             .iter()
@@ -325,95 +351,66 @@ impl<H: Handler> EventLoop<H> {
         .await?
         .into_iter()
         .collect();
-        let mut dead = Vec::new();
-        // Emitted events, and beside each the trace context of the message
-        // that caused it.
-        let mut emitted: Vec<Envelope> = Vec::new();
-        let mut causes: Vec<Option<String>> = Vec::new();
-        let mut observed = Vec::with_capacity(work.len());
+        let mut steps: Vec<Step<'_>> = Vec::with_capacity(fresh.len());
+        let mut step_items: Vec<usize> = Vec::with_capacity(fresh.len());
+        let mut duplicates: Vec<&'static str> = Vec::new();
         for &i in work {
             let item = &items[i];
             let Ok(env) = &item.decoded else { continue };
             let span = message_span(self.service, &item.msg, env);
-            let started = std::time::Instant::now();
-            let outcome = async {
-                if !fresh.remove(&env.event_id) {
-                    tracing::info!("duplicate event ignored");
-                    return Ok(Some(Applied::Duplicate));
+            if fresh.remove(&env.event_id) {
+                steps.push(Step::new(env, span));
+                step_items.push(i);
+            } else {
+                span.in_scope(|| tracing::info!("duplicate event ignored"));
+                duplicates.push(env.event_type());
+            }
+        }
+        if !steps.is_empty() {
+            if let Err(e) = self.handler.handle(&mut tx, &mut steps).await {
+                for step in &steps {
+                    telemetry::mark_error(step.span(), &e.to_string());
                 }
-                let conn: &mut PgConnection = &mut tx;
-                if savepoints {
-                    sqlx::query("SAVEPOINT saga_message")
-                        .execute(&mut *conn)
-                        .await?;
+                return Err(e);
+            }
+        }
+        let mut dead = Vec::new();
+        let mut refused_ids = Vec::new();
+        // Emitted events, and beside each the trace context of the message
+        // that caused it.
+        let mut emitted: Vec<Envelope> = Vec::new();
+        let mut causes: Vec<Option<String>> = Vec::new();
+        for (step, &i) in steps.iter_mut().zip(&step_items) {
+            let _entered = step.span.enter();
+            match std::mem::replace(&mut step.verdict, Ok(Vec::new())) {
+                Ok(out) => {
+                    for e in &out {
+                        tracing::info!(emitted = e.event_type(), "event handled");
+                    }
+                    if out.is_empty() {
+                        tracing::info!("event handled");
+                    }
+                    causes.resize(
+                        causes.len() + out.len(),
+                        telemetry::traceparent_of(&step.span),
+                    );
+                    emitted.extend(out);
                 }
-                match self.handler.handle(conn, env).await {
-                    Ok(out) => {
-                        if savepoints {
-                            sqlx::query("RELEASE SAVEPOINT saga_message")
-                                .execute(&mut *conn)
-                                .await?;
-                        }
-                        for e in &out {
-                            tracing::info!(emitted = e.event_type(), "event handled");
-                        }
-                        if out.is_empty() {
-                            tracing::info!("event handled");
-                        }
-                        Ok(Some(Applied::Done(out)))
-                    }
-                    Err(HandleError::Permanent(why)) if savepoints => {
-                        sqlx::query("ROLLBACK TO SAVEPOINT saga_message")
-                            .execute(&mut *conn)
-                            .await?;
-                        // Not processed: a replay from the dead-letter topic
-                        // must not be taken for a duplicate.
-                        sqlx::query(
-                            "DELETE FROM processed_events WHERE consumer = $1 AND event_id = $2",
-                        )
-                        .bind(self.service)
-                        .bind(env.event_id)
-                        .execute(&mut *conn)
-                        .await?;
-                        telemetry::mark_error(&tracing::Span::current(), &why);
-                        tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
-                        Ok(Some(Applied::Dead(why)))
-                    }
-                    Err(HandleError::Permanent(_)) => Ok(None),
-                    Err(HandleError::Db(e)) => Err(e),
+                Err(why) => {
+                    telemetry::mark_error(&step.span, &why);
+                    tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
+                    refused_ids.push(step.envelope.event_id);
+                    step.verdict = Err(why.clone());
+                    dead.push((i, why));
                 }
             }
-            .instrument(span.clone())
-            .await;
-            let outcome = match outcome {
-                Ok(Some(applied)) => Ok(applied),
-                Ok(None) => return Ok(None),
-                Err(e) => Err(e),
-            };
-            let label = match outcome {
-                Ok(Applied::Done(out)) => {
-                    let traceparent = telemetry::traceparent_of(&span);
-                    causes.resize(causes.len() + out.len(), traceparent);
-                    emitted.extend(out);
-                    "applied"
-                }
-                Ok(Applied::Duplicate) => "duplicate",
-                Ok(Applied::Dead(why)) => {
-                    dead.push((i, why));
-                    "dead_lettered"
-                }
-                Err(e) => {
-                    telemetry::mark_error(&span, &e.to_string());
-                    metrics::global().observe_handler(
-                        self.service,
-                        env.event_type(),
-                        "failed",
-                        started.elapsed(),
-                    );
-                    return Err(e);
-                }
-            };
-            observed.push((env.event_type(), label, started.elapsed()));
+        }
+        if !refused_ids.is_empty() {
+            sqlx::query("DELETE FROM processed_events WHERE consumer = $1 AND event_id = ANY($2)")
+                .bind(self.service)
+                .bind(&refused_ids)
+                .execute(&mut *tx)
+                .await?;
         }
         let traced: Vec<(&Envelope, Option<&str>)> = emitted
             .iter()
@@ -426,11 +423,23 @@ impl<H: Handler> EventLoop<H> {
             self.outbox.wake();
             self.handler.after_commit(&emitted);
         }
+        // Each event's share of the batch's time: the handlers work on the
+        // batch as a whole, so no event has a time of its own.
+        let n = steps.len() + duplicates.len();
+        let share = started.elapsed() / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
         let m = metrics::global();
-        for (event_type, label, took) in observed {
-            m.observe_handler(self.service, event_type, label, took);
+        for step in &steps {
+            let label = if step.verdict.is_ok() {
+                "applied"
+            } else {
+                "dead_lettered"
+            };
+            m.observe_handler(self.service, step.envelope.event_type(), label, share);
         }
-        Ok(Some(dead))
+        for event_type in duplicates {
+            m.observe_handler(self.service, event_type, "duplicate", share);
+        }
+        Ok(dead)
     }
 
     /// Copies `msg` to `<topic>.dlq` with headers saying who gave up and why.

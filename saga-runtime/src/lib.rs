@@ -9,8 +9,8 @@
 //! - [`app`]: start-up, run, graceful shutdown.
 //!
 //! Start-up glue returns `anyhow::Result` (its callers only report); the error
-//! types callers act on ([`config::ConfigError`], [`consumer::HandleError`],
-//! [`http::ApiError`]) are enums.
+//! types callers act on ([`config::ConfigError`], [`http::ApiError`]) are
+//! enums.
 
 pub mod app;
 pub mod config;
@@ -24,6 +24,6 @@ pub mod telemetry;
 
 pub use app::{run_service, App, Infra};
 pub use config::{ConfigError, KafkaConfig, ServiceConfig};
-pub use consumer::{HandleError, Handler};
+pub use consumer::{Handler, Step};
 pub use http::{ApiError, ApiJson};
 pub use outbox::Outbox;

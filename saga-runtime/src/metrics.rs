@@ -91,7 +91,7 @@ impl Metrics {
         );
         registry.register(
             "handler_duration_seconds",
-            "Time to apply one consumed event (inside its batch transaction)",
+            "Each consumed event's share of its batch's handling time (handlers work on whole batches)",
             m.handler_seconds.clone(),
         );
         registry.register(
