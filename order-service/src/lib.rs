@@ -4,6 +4,7 @@
 
 mod domain;
 mod handler;
+mod intake;
 mod routes;
 mod store;
 
@@ -26,7 +27,7 @@ pub async fn build(config: ServiceConfig) -> anyhow::Result<App> {
     let infra = Infra::connect(config, sqlx::migrate!("./migrations")).await?;
     let router = routes::router(routes::AppState {
         pool: infra.pool.clone(),
-        outbox: infra.outbox.clone(),
+        intake: intake::Intake::start(infra.pool.clone(), infra.outbox.clone()),
     });
     let handler = OrderSaga;
     App::new(infra, router, Some((SUBSCRIBES, handler))).await

@@ -7,11 +7,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use events::{CorrelationId, Envelope, Event, Money, OrderCreated, OrderId};
 use saga_runtime::telemetry;
-use saga_runtime::{ApiError, ApiJson, Outbox};
+use saga_runtime::{ApiError, ApiJson};
 use serde_json::json;
 use sqlx::PgPool;
 
 use crate::domain::{CreateOrderRequest, NewOrder};
+use crate::intake::{Intake, Pending};
 use crate::store::{self, OrderRow};
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
@@ -21,7 +22,8 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
-    pub outbox: Outbox,
+    /// Where new orders are written (group commit).
+    pub intake: Intake,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -83,21 +85,24 @@ async fn create_order(
             total: order.total,
         }),
     );
-    let mut tx = state.pool.begin().await?;
-    let inserted = store::insert(
-        &mut tx,
-        store::Insert {
-            id: order_id,
-            order: &order,
-            correlation_id: &correlation_id,
-            trace_id: trace_id.as_deref(),
-            idempotency_key,
-        },
+    let row = store::NewRow::new(
+        order_id,
+        &order,
+        &correlation_id,
+        trace_id.as_deref(),
+        idempotency_key,
     )
-    .await?;
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let inserted = state
+        .intake
+        .submit(Pending {
+            row,
+            created,
+            traceparent: telemetry::current_traceparent(),
+        })
+        .await?;
     if !inserted {
         // A concurrent request with the same key won the race.
-        tx.rollback().await?;
         let key = idempotency_key.unwrap_or_default();
         let existing = store::find_by_idempotency_key(&state.pool, key)
             .await?
@@ -106,13 +111,6 @@ async fn create_order(
             })?;
         return replay(existing, &order);
     }
-    store::record_history(&mut tx, &[&created]).await?;
-    state
-        .outbox
-        .enqueue(&mut tx, std::slice::from_ref(&created))
-        .await?;
-    tx.commit().await?;
-    state.outbox.wake();
     tracing::info!(order_id = %order_id, total = %order.total, "order accepted");
 
     let body = json!({

@@ -1,6 +1,6 @@
 //! SQL for orders and their history.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use events::{CorrelationId, Envelope, LineItem, OrderId};
@@ -38,35 +38,82 @@ pub struct HistoryRow {
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, failure_reason, items, total_minor, \
      correlation_id, trace_id, refunded, request_fingerprint, created_at, updated_at";
 
-pub struct Insert<'a> {
-    pub id: OrderId,
-    pub order: &'a NewOrder,
-    pub correlation_id: &'a CorrelationId,
-    pub trace_id: Option<&'a str>,
-    pub idempotency_key: Option<&'a str>,
+/// A PENDING order to insert, as stored.
+#[derive(Debug, Clone)]
+pub struct NewRow {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub items: serde_json::Value,
+    pub total_minor: i64,
+    pub correlation_id: String,
+    pub trace_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// Normalised request body, compared when the key is used again.
+    pub request_fingerprint: Option<String>,
 }
 
-/// Inserts a PENDING order. `false` when the idempotency key is taken.
-pub async fn insert(conn: &mut PgConnection, new: Insert<'_>) -> Result<bool, sqlx::Error> {
-    let fingerprint = new.idempotency_key.map(|_| new.order.fingerprint());
-    let inserted = sqlx::query(
+impl NewRow {
+    pub fn new(
+        id: OrderId,
+        order: &NewOrder,
+        correlation_id: &CorrelationId,
+        trace_id: Option<&str>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            id: id.as_uuid(),
+            customer_id: order.customer_id.as_str().to_owned(),
+            items: serde_json::to_value(&order.items)?,
+            total_minor: order.total.minor(),
+            correlation_id: correlation_id.as_str().to_owned(),
+            trace_id: trace_id.map(str::to_owned),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            request_fingerprint: idempotency_key.map(|_| order.fingerprint()),
+        })
+    }
+}
+
+/// Inserts PENDING orders in one statement; returns the IDs inserted (an
+/// order whose idempotency key is taken, even by an earlier row of the same
+/// batch, is left out).
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    rows: &[&NewRow],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let customers: Vec<&str> = rows.iter().map(|r| r.customer_id.as_str()).collect();
+    let items: Vec<&serde_json::Value> = rows.iter().map(|r| &r.items).collect();
+    let totals: Vec<i64> = rows.iter().map(|r| r.total_minor).collect();
+    let correlations: Vec<&str> = rows.iter().map(|r| r.correlation_id.as_str()).collect();
+    let traces: Vec<Option<&str>> = rows.iter().map(|r| r.trace_id.as_deref()).collect();
+    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.idempotency_key.as_deref()).collect();
+    let prints: Vec<Option<&str>> = rows
+        .iter()
+        .map(|r| r.request_fingerprint.as_deref())
+        .collect();
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO orders (order_id, customer_id, status, items, total_minor, correlation_id,
                              trace_id, idempotency_key, request_fingerprint)
-         VALUES ($1, $2, 'PENDING', $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (idempotency_key) DO NOTHING",
+         SELECT o.order_id, o.customer_id, 'PENDING', o.items, o.total_minor, o.correlation_id,
+                o.trace_id, o.idempotency_key, o.request_fingerprint
+         FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], $5::text[], $6::text[],
+                     $7::text[], $8::text[])
+              AS o(order_id, customer_id, items, total_minor, correlation_id, trace_id,
+                   idempotency_key, request_fingerprint)
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING order_id",
     )
-    .bind(new.id.as_uuid())
-    .bind(new.order.customer_id.as_str())
-    .bind(Json(&new.order.items))
-    .bind(new.order.total.minor())
-    .bind(new.correlation_id.as_str())
-    .bind(new.trace_id)
-    .bind(new.idempotency_key)
-    .bind(fingerprint)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&items)
+    .bind(&totals)
+    .bind(&correlations)
+    .bind(&traces)
+    .bind(&keys)
+    .bind(&prints)
+    .fetch_all(conn)
+    .await?;
+    Ok(inserted.into_iter().collect())
 }
 
 pub async fn find<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<OrderRow>, sqlx::Error> {

@@ -28,7 +28,11 @@ use crate::telemetry;
 #[derive(Clone)]
 pub struct Infra {
     pub config: ServiceConfig,
+    /// For request handlers and probes.
     pub pool: PgPool,
+    /// For the consumer loop and the outbox relay only (see
+    /// [`crate::db::background_pool`]).
+    pub background: PgPool,
     pub producer: FutureProducer,
     pub outbox: Outbox,
 }
@@ -52,9 +56,11 @@ impl Infra {
         kafka::ensure_topics(&config.kafka, &topics).await?;
         let producer = kafka::producer(&config.kafka, config.service_name)?;
         let outbox = Outbox::new(&config.kafka);
+        let background = crate::db::background_pool(&pool);
         Ok(Self {
             config,
             pool,
+            background,
             producer,
             outbox,
         })
@@ -101,7 +107,7 @@ impl App {
                 let event_loop = EventLoop {
                     service: cfg.service_name,
                     consumer: consumer::subscribe(&cfg.kafka, cfg.service_name, &topics)?,
-                    pool: infra.pool.clone(),
+                    pool: infra.background.clone(),
                     outbox: infra.outbox.clone(),
                     producer: infra.producer.clone(),
                     handler: Arc::new(handler),
@@ -148,7 +154,7 @@ impl App {
         let mut workers = JoinSet::new();
         let relay_token = CancellationToken::new();
         let relay = Relay::new(
-            infra.pool.clone(),
+            infra.background.clone(),
             infra.producer.clone(),
             infra.outbox.clone(),
             service,
@@ -188,6 +194,7 @@ impl App {
             tracing::warn!(service, "shutdown grace period elapsed; stopping anyway");
         }
         infra.pool.close().await;
+        infra.background.close().await;
         tracing::info!(service, "stopped");
         failure.map_or(Ok(()), Err)
     }

@@ -150,7 +150,8 @@ pub struct ServiceConfig {
     pub host: String,
     /// `DATABASE_URL` of the service's own database; created if missing.
     pub database_url: String,
-    /// `DATABASE_MAX_CONNECTIONS` (default 10).
+    /// `DATABASE_MAX_CONNECTIONS` (default 10): the request handlers' pool;
+    /// the consumer and the relay have two more connections of their own.
     pub max_connections: u32,
     pub kafka: KafkaConfig,
     /// `SHUTDOWN_GRACE_SECS`: how long in-flight work may take after SIGTERM (default 10).
