@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 
 use events::Envelope;
+use saga_runtime::outbox::Staged;
 use saga_runtime::{ApiError, Outbox};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -133,6 +134,7 @@ async fn write(
         .copied()
         .filter(|p| inserted.contains(&p.row.id))
         .collect();
+    let mut staged = Staged::default();
     if !created.is_empty() {
         let history: Vec<&Envelope> = created.iter().map(|p| &p.created).collect();
         store::record_history(&mut tx, &history).await?;
@@ -140,11 +142,9 @@ async fn write(
             .iter()
             .map(|p| (&p.created, p.traceparent.as_deref()))
             .collect();
-        outbox.enqueue_traced(&mut tx, &traced).await?;
+        staged = outbox.enqueue_traced(&mut tx, &traced).await?;
     }
     tx.commit().await?;
-    if !created.is_empty() {
-        outbox.wake();
-    }
+    outbox.committed(staged);
     Ok(inserted)
 }

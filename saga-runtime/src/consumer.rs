@@ -417,10 +417,10 @@ impl<H: Handler> EventLoop<H> {
             .zip(&causes)
             .map(|(e, tp)| (e, tp.as_deref()))
             .collect();
-        self.outbox.enqueue_traced(&mut tx, &traced).await?;
+        let staged = self.outbox.enqueue_traced(&mut tx, &traced).await?;
         tx.commit().await?;
+        self.outbox.committed(staged);
         if !emitted.is_empty() {
-            self.outbox.wake();
             self.handler.after_commit(&emitted);
         }
         // Each event's share of the batch's time: the handlers work on the

@@ -1,14 +1,20 @@
 //! Transactional outbox: events are written in the same transaction as the
 //! state change they describe, and a relay publishes them to Kafka.
 //!
-//! The relay wakes when a transaction of its process commits (an in-process
-//! signal) and polls once a second for rows no live relay announced (a
-//! crashed replica's), publishes unpublished rows in batches with the
-//! idempotent producer and marks them sent. A crash between publishing and
-//! marking republishes; consumers deduplicate by `event_id`. That also makes
-//! the mark itself safe to commit without waiting for the disk.
+//! The writer hands the rows it staged to the relay once its transaction
+//! has committed ([`Outbox::committed`]), so the relay publishes them without
+//! reading them back. Each row the broker acknowledges is deleted in one
+//! statement per batch that does not wait for the disk: a crash before the
+//! delete only republishes, and consumers deduplicate by `event_id`.
+//!
+//! Rows no live relay holds in memory (a crashed process's, or a writer
+//! that never handed them over) are swept once a second once they are a few
+//! seconds old, under `FOR UPDATE SKIP LOCKED` so replicas share the work.
+//! A replica more than that behind may see another one publish its rows as
+//! well; consumers absorb the duplicate.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use events::Envelope;
@@ -25,24 +31,46 @@ use crate::{metrics, telemetry};
 
 /// Rows published per round trip.
 const BATCH_SIZE: i64 = 500;
-/// Poll for rows no in-process wake-up announced (written by another
-/// replica that died before publishing them).
-const IDLE_POLL: Duration = Duration::from_secs(1);
-/// Published rows are kept this long for inspection, then purged.
+/// How often rows no relay holds in memory are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How old an unpublished row must be before a sweep takes it: younger ones
+/// are normally on their way through the relay that wrote them.
+const ORPHAN_AFTER: &str = "5 seconds";
+/// Rows left marked published by earlier versions are purged after this.
 const RETENTION: &str = "1 hour";
 
-/// Writes events into the outbox and wakes the relay.
+/// Writes events into the outbox and hands them to the relay.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     topic_prefix: Arc<str>,
-    wake: Arc<Notify>,
+    handoff: Arc<Handoff>,
+}
+
+/// Committed rows on their way to the relay.
+#[derive(Debug, Default)]
+struct Handoff {
+    queue: Mutex<Vec<Row>>,
+    wake: Notify,
+}
+
+/// Rows a transaction wrote to the outbox. Give them to
+/// [`Outbox::committed`] once it commits; dropped instead (the transaction
+/// rolled back, or the process died), the rows are either gone or swept.
+#[derive(Debug, Default)]
+#[must_use = "hand the rows to Outbox::committed once the transaction commits"]
+pub struct Staged(Vec<Row>);
+
+impl Staged {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Outbox {
     pub fn new(kafka: &KafkaConfig) -> Self {
         Self {
             topic_prefix: kafka.topic_prefix.as_str().into(),
-            wake: Arc::new(Notify::new()),
+            handoff: Arc::default(),
         }
     }
 
@@ -52,7 +80,7 @@ impl Outbox {
         &self,
         conn: &mut PgConnection,
         events: &[Envelope],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Staged, sqlx::Error> {
         let traceparent = telemetry::current_traceparent();
         let traced: Vec<(&Envelope, Option<&str>)> =
             events.iter().map(|e| (e, traceparent.as_deref())).collect();
@@ -66,49 +94,77 @@ impl Outbox {
         &self,
         conn: &mut PgConnection,
         events: &[(&Envelope, Option<&str>)],
-    ) -> Result<(), sqlx::Error> {
-        let n = events.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut topics = Vec::with_capacity(n);
-        let mut keys = Vec::with_capacity(n);
-        let mut types = Vec::with_capacity(n);
-        let mut correlations = Vec::with_capacity(n);
-        let mut traceparents: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
+    ) -> Result<Staged, sqlx::Error> {
+        if events.is_empty() {
+            return Ok(Staged::default());
+        }
+        let now = chrono::Utc::now();
+        let mut rows = Vec::with_capacity(events.len());
         for &(e, traceparent) in events {
-            ids.push(e.event_id);
-            topics.push(format!("{}{}", self.topic_prefix, e.event.topic()));
-            keys.push(e.order_id.to_string());
-            types.push(e.event_type().to_owned());
-            correlations.push(e.correlation_id.to_string());
-            traceparents.push(traceparent);
-            payloads.push(
-                e.to_json()
+            rows.push(Row {
+                id: 0,
+                topic: format!("{}{}", self.topic_prefix, e.event.topic()),
+                message_key: e.order_id.to_string(),
+                event_type: e.event_type().to_owned(),
+                event_id: e.event_id,
+                correlation_id: e.correlation_id.to_string(),
+                traceparent: traceparent.map(str::to_owned),
+                payload: e
+                    .to_json()
                     .map_err(|err| sqlx::Error::Encode(Box::new(err)))?,
-            );
+                created_at: now,
+            });
         }
-        if ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
+        let ids: Vec<(i64, uuid::Uuid)> = sqlx::query_as(
             "INSERT INTO outbox (event_id, topic, message_key, event_type, correlation_id, traceparent, payload)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])",
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])
+             RETURNING id, event_id",
         )
-        .bind(&ids)
-        .bind(&topics)
-        .bind(&keys)
-        .bind(&types)
-        .bind(&correlations)
-        .bind(&traceparents)
-        .bind(&payloads)
-        .execute(&mut *conn)
+        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.message_key.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.event_type.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.correlation_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.traceparent.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
         .await?;
-        Ok(())
+        let ids: HashMap<uuid::Uuid, i64> = ids.into_iter().map(|(id, e)| (e, id)).collect();
+        for row in &mut rows {
+            row.id = *ids.get(&row.event_id).ok_or_else(|| {
+                sqlx::Error::Protocol(format!("outbox insert returned no id for {}", row.event_id))
+            })?;
+        }
+        Ok(Staged(rows))
     }
 
-    /// Tells the relay that new rows committed. Call after `commit()`.
-    pub fn wake(&self) {
-        self.wake.notify_one();
+    /// Hands rows to the relay. Call after the transaction that staged them
+    /// has committed.
+    pub fn committed(&self, staged: Staged) {
+        if staged.0.is_empty() {
+            return;
+        }
+        self.queue().extend(staged.0);
+        self.handoff.wake.notify_one();
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Row>> {
+        // A panic while holding the lock cannot leave the Vec half-written.
+        self.handoff
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self) -> Vec<Row> {
+        std::mem::take(&mut *self.queue())
+    }
+
+    /// Puts rows back at the head of the queue (a retriable failure).
+    fn requeue(&self, mut rows: Vec<Row>) {
+        let mut q = self.queue();
+        rows.append(&mut q);
+        *q = rows;
     }
 }
 
@@ -120,7 +176,7 @@ pub struct Relay {
     service: &'static str,
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 struct Row {
     id: i64,
     topic: String,
@@ -151,37 +207,46 @@ impl Relay {
     /// Runs until `shutdown`, then publishes what is left and flushes.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut purge = tokio::time::interval(Duration::from_secs(60));
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
         let mut backoff = Duration::from_millis(50);
+        let backlog = metrics::global()
+            .outbox_backlog
+            .get_or_create(&metrics::Metrics::service(self.service))
+            .clone();
         loop {
-            match self.publish_batch().await {
-                Ok(n) if n as i64 == BATCH_SIZE => continue,
-                Ok(_) => backoff = Duration::from_millis(50),
-                Err(e) => {
-                    tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox publish failed; will retry");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => break,
+            let rows = self.outbox.take();
+            backlog.set(rows.len() as i64);
+            if !rows.is_empty() {
+                match self.publish(rows).await {
+                    Ok(()) => backoff = Duration::from_millis(50),
+                    Err(e) => {
+                        tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox publish failed; will retry");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
                 }
+                continue;
             }
             tokio::select! {
-                _ = self.outbox.wake.notified() => {}
+                _ = self.outbox.handoff.wake.notified() => {}
+                _ = sweep.tick() => {
+                    if let Err(e) = self.sweep().await {
+                        tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox sweep failed; will retry");
+                    }
+                }
                 _ = purge.tick() => self.purge().await,
-                _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = shutdown.cancelled() => break,
             }
         }
-        // Graceful stop: whatever committed before shutdown still goes out.
-        for _ in 0..10 {
-            match self.publish_batch().await {
-                Ok(n) if n as i64 == BATCH_SIZE => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "final outbox publish failed; rows stay for the next start");
-                    break;
-                }
+        // Graceful stop: whatever committed before shutdown still goes out
+        // (or stays in the table for the next start).
+        let rows = self.outbox.take();
+        if !rows.is_empty() {
+            if let Err(e) = self.publish(rows).await {
+                tracing::warn!(error = %format!("{e:#}"), "final outbox publish failed; rows stay for the next start");
             }
         }
         let producer = self.producer.clone();
@@ -192,30 +257,69 @@ impl Relay {
         }
     }
 
-    /// Publishes up to one batch; returns how many rows were marked sent.
-    pub async fn publish_batch(&self) -> anyhow::Result<usize> {
+    /// Publishes rows handed over in memory and deletes those the broker
+    /// acknowledged. Rows to retry go back to the head of the queue.
+    async fn publish(&self, rows: Vec<Row>) -> anyhow::Result<()> {
+        let mut outcome = self.send(rows).await;
+        let finished = async {
+            let mut conn = self.pool.acquire().await?;
+            outcome.settle(&mut conn).await
+        }
+        .await;
+        if let Err(e) = finished {
+            // Published but not deleted: a sweep publishes them again later,
+            // and consumers drop the duplicates.
+            tracing::warn!(service = self.service, error = %e, "could not delete published outbox rows");
+        }
+        self.record(&outcome);
+        if !outcome.retry.is_empty() {
+            self.outbox.requeue(std::mem::take(&mut outcome.retry));
+        }
+        outcome.error.map_or(Ok(()), Err)
+    }
+
+    /// Publishes rows nobody holds in memory (see the module docs), in a
+    /// transaction that keeps them locked from other replicas meanwhile.
+    pub async fn sweep(&self) -> anyhow::Result<usize> {
+        let held: Vec<i64> = self.outbox.queue().iter().map(|r| r.id).collect();
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<Row> = sqlx::query_as(&format!(
             "SELECT id, topic, message_key, event_type, event_id, correlation_id, traceparent, payload, created_at
-             FROM outbox WHERE published_at IS NULL AND parked_at IS NULL
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
+             FROM outbox
+             WHERE published_at IS NULL AND parked_at IS NULL
+               AND created_at < now() - interval '{ORPHAN_AFTER}' AND id <> ALL($2)
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
         .bind(BATCH_SIZE)
+        .bind(&held)
         .fetch_all(&mut *tx)
         .await?;
-        let m = metrics::global();
-        let labels = metrics::Metrics::service(self.service);
         if rows.is_empty() {
             tx.commit().await?;
-            m.outbox_backlog.get_or_create(&labels).set(0);
             return Ok(0);
         }
-        // Enqueue every message first, then await the deliveries together:
-        // awaiting one by one would serialise them behind linger.ms.
+        tracing::info!(
+            service = self.service,
+            rows = rows.len(),
+            "publishing outbox rows no relay announced"
+        );
+        let mut outcome = self.send(rows).await;
+        // Rows to retry stay in the table for the next sweep.
+        outcome.retry.clear();
+        outcome.settle(&mut tx).await?;
+        tx.commit().await?;
+        self.record(&outcome);
+        let sent = outcome.sent.len();
+        outcome.error.map_or(Ok(sent), Err)
+    }
+
+    /// Sends every row, then awaits the deliveries together (awaiting one by
+    /// one would serialise them behind `linger.ms`), and sorts the results.
+    async fn send(&self, rows: Vec<Row>) -> Outcome {
+        let mut outcome = Outcome::default();
         let mut pending = Vec::with_capacity(rows.len());
-        let mut retriable: Option<anyhow::Error> = None;
-        let mut spans = Vec::with_capacity(rows.len());
-        for row in &rows {
+        let mut rows = rows.into_iter();
+        for row in rows.by_ref() {
             let event_id = row.event_id.to_string();
             // A producer span per message, child of the span that wrote the
             // row; the consumer's span becomes its child through the header.
@@ -257,106 +361,67 @@ impl Relay {
                 .payload(row.payload.as_slice())
                 .headers(hdrs);
             match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    pending.push((row.id, row.created_at, delivery));
-                    spans.push(span);
-                }
+                Ok(delivery) => pending.push((row, span, delivery)),
                 Err((e, _)) => {
                     // Queue full or similar: publish what is enqueued, retry the rest.
                     telemetry::mark_error(&span, &e.to_string());
-                    retriable = Some(anyhow::Error::new(e).context("enqueueing outbox row"));
+                    outcome.error = Some(anyhow::Error::new(e).context("enqueueing outbox row"));
+                    outcome.retry.push(row);
                     break;
                 }
             }
         }
-        let (ids, deliveries): (Vec<(i64, chrono::DateTime<chrono::Utc>)>, Vec<_>) = pending
+        outcome.retry.extend(rows);
+        let (sent, deliveries): (Vec<_>, Vec<_>) = pending
             .into_iter()
-            .map(|(id, created_at, d)| ((id, created_at), d))
+            .map(|(row, span, d)| ((row, span), d))
             .unzip();
         let results = join_all(deliveries).await;
-        let mut sent = Vec::with_capacity(results.len());
-        let mut sent_created = Vec::with_capacity(results.len());
-        let mut dead = Vec::new();
-        for (((id, created_at), result), span) in ids.into_iter().zip(results).zip(spans) {
-            match &result {
+        let mut retry = Vec::new();
+        for ((row, span), result) in sent.into_iter().zip(results) {
+            match result {
                 Ok(Ok(delivery)) => {
                     span.record("messaging.kafka.destination.partition", delivery.partition);
                     span.record("messaging.kafka.message.offset", delivery.offset);
-                }
-                Ok(Err((e, _))) => telemetry::mark_error(&span, &e.to_string()),
-                Err(_) => telemetry::mark_error(&span, "delivery canceled"),
-            }
-            match result {
-                Ok(Ok(_)) => {
-                    sent.push(id);
-                    sent_created.push(created_at);
+                    outcome.sent.push((row.id, row.created_at));
                 }
                 Ok(Err((e, _))) if kafka::is_permanent(&e) => {
-                    tracing::error!(outbox_id = id, error = %e, "outbox row can never be published; parking it");
-                    dead.push((id, e.to_string()));
+                    telemetry::mark_error(&span, &e.to_string());
+                    tracing::error!(outbox_id = row.id, error = %e, "outbox row can never be published; parking it");
+                    outcome.parked.push((row.id, e.to_string()));
                 }
                 Ok(Err((e, _))) => {
-                    retriable.get_or_insert_with(|| {
+                    telemetry::mark_error(&span, &e.to_string());
+                    outcome.error.get_or_insert_with(|| {
                         anyhow::Error::new(e).context("publishing outbox row")
                     });
+                    retry.push(row);
                 }
                 Err(_canceled) => {
-                    retriable.get_or_insert_with(|| anyhow::anyhow!("producer dropped a delivery"));
+                    telemetry::mark_error(&span, "delivery canceled");
+                    outcome
+                        .error
+                        .get_or_insert_with(|| anyhow::anyhow!("producer dropped a delivery"));
+                    retry.push(row);
                 }
             }
         }
-        if !sent.is_empty() {
-            // The broker has the messages; if this mark is lost in a database
-            // crash they are published again and consumers drop the
-            // duplicates. So this commit need not wait for the WAL flush
-            // (`synchronous_commit` off for this transaction only, set in the
-            // same round trip).
-            sqlx::query(
-                "WITH sent AS (UPDATE outbox SET published_at = now() WHERE id = ANY($1))
-                 SELECT set_config('synchronous_commit', 'off', true)",
-            )
-            .bind(&sent)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (id, why) in &dead {
-            // Parked rows are marked so they no longer block the relay; they
-            // keep their payload for an operator to inspect and replay.
-            sqlx::query("UPDATE outbox SET parked_at = now(), last_error = $2 WHERE id = $1")
-                .bind(id)
-                .bind(why)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        let now = chrono::Utc::now();
+        // Keep the original order: failed deliveries before the unsent rest.
+        retry.append(&mut outcome.retry);
+        outcome.retry = retry;
+        outcome
+    }
+
+    fn record(&self, outcome: &Outcome) {
+        let m = metrics::global();
+        let labels = metrics::Metrics::service(self.service);
         m.outbox_published
             .get_or_create(&labels)
-            .inc_by(sent.len() as u64);
-        {
-            let latency = m.outbox_publish_seconds.get_or_create(&labels);
-            for at in &sent_created {
-                latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
-            }
-        }
-        let backlog = if rows.len() as i64 == BATCH_SIZE {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
-            )
-            .fetch_one(&self.pool)
-            .await
-            .unwrap_or(0)
-        } else {
-            (rows.len() - sent.len() - dead.len()) as i64
-        };
-        m.outbox_backlog.get_or_create(&labels).set(backlog);
-        match retriable {
-            Some(e) if sent.is_empty() => Err(e),
-            Some(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "some outbox rows will be retried");
-                Ok(sent.len())
-            }
-            None => Ok(sent.len()),
+            .inc_by(outcome.sent.len() as u64);
+        let now = chrono::Utc::now();
+        let latency = m.outbox_publish_seconds.get_or_create(&labels);
+        for (_, at) in &outcome.sent {
+            latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
         }
     }
 
@@ -377,5 +442,46 @@ impl Relay {
         if let Err(e) = result {
             tracing::warn!(error = %e, "purging old processed-event ids failed");
         }
+    }
+}
+
+/// What became of a batch of rows.
+#[derive(Default)]
+struct Outcome {
+    /// Acknowledged by the broker: `(id, written at)`.
+    sent: Vec<(i64, chrono::DateTime<chrono::Utc>)>,
+    /// Refused for good: `(id, why)`.
+    parked: Vec<(i64, String)>,
+    /// To try again.
+    retry: Vec<Row>,
+    error: Option<anyhow::Error>,
+}
+
+impl Outcome {
+    /// Deletes the published rows and parks the refused ones. The delete
+    /// need not wait for the disk (`synchronous_commit` off for its own
+    /// transaction, set in the same statement): if it is lost, the rows are
+    /// published again and consumers drop the duplicates.
+    async fn settle(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if !self.sent.is_empty() {
+            let ids: Vec<i64> = self.sent.iter().map(|(id, _)| *id).collect();
+            sqlx::query(
+                "WITH gone AS (DELETE FROM outbox WHERE id = ANY($1))
+                 SELECT set_config('synchronous_commit', 'off', true)",
+            )
+            .bind(&ids)
+            .execute(&mut *conn)
+            .await?;
+        }
+        for (id, why) in &self.parked {
+            // Parked rows stop blocking the relay and keep their payload for
+            // an operator to inspect and replay.
+            sqlx::query("UPDATE outbox SET parked_at = now(), last_error = $2 WHERE id = $1")
+                .bind(id)
+                .bind(why)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
     }
 }

@@ -177,6 +177,11 @@ impl System {
         &self.pools[idx(w)]
     }
 
+    /// The broker settings the services run with (topic prefix included).
+    pub fn kafka(&self) -> &KafkaConfig {
+        &self.kafka
+    }
+
     /// The real (prefixed) name of a saga topic.
     pub fn topic(&self, name: &str) -> String {
         self.kafka.topic(name)
