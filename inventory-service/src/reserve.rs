@@ -42,10 +42,7 @@ impl Handler for Reserver {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let order_ids: Vec<Uuid> = steps
-            .iter()
-            .map(|s| s.envelope().order_id.as_uuid())
-            .collect();
+        let order_ids = Step::order_ids(steps);
         // Read, in one round trip: which orders went through inventory
         // before, and the stock of every SKU the batch touches, locked in
         // SKU order (so concurrent batches cannot deadlock).

@@ -4,7 +4,6 @@ use events::{Envelope, Event, FailureReason, Money, OrderConfirmed, OrderFailed}
 use saga_runtime::metrics::OutcomeLabels;
 use saga_runtime::{Handler, Step};
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::store;
 
@@ -32,12 +31,7 @@ impl Handler for OrderSaga {
     ) -> Result<(), sqlx::Error> {
         // Read: the batch's orders, locked. Decide: in arrival order, in
         // memory. Write: changed orders and all history in one statement.
-        let mut ids: Vec<Uuid> = steps
-            .iter()
-            .map(|s| s.envelope().order_id.as_uuid())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = Step::order_ids(steps);
         let mut orders = store::lock(conn, &ids).await?;
         for step in steps.iter_mut() {
             let span = step.span().clone();
@@ -157,6 +151,7 @@ mod tests {
         CorrelationId, InventoryOutOfStock, InventoryReserved, OrderId, PaymentFailed,
         PaymentRefunded, Shortage, Sku,
     };
+    use uuid::Uuid;
 
     fn pending() -> store::Locked {
         store::Locked {

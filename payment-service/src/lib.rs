@@ -265,12 +265,7 @@ impl Handler for Gateway {
         steps: &mut [Step<'_>],
     ) -> Result<(), sqlx::Error> {
         // Read: the batch's existing payments, locked in order ID order.
-        let mut ids: Vec<Uuid> = steps
-            .iter()
-            .map(|s| s.envelope().order_id.as_uuid())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = Step::order_ids(steps);
         let rows: Vec<(Uuid, Uuid, i64, String, Option<String>, String)> = sqlx::query_as(
             "SELECT order_id, payment_id, amount_minor, status, decline_reason, correlation_id
              FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",

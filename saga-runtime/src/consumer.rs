@@ -79,6 +79,18 @@ impl<'a> Step<'a> {
         self.verdict = Err(why.into());
     }
 
+    /// The orders `steps` are about, sorted and each once: the order to
+    /// lock their rows in, so concurrent batches cannot deadlock.
+    pub fn order_ids(steps: &[Step<'_>]) -> Vec<uuid::Uuid> {
+        let mut ids: Vec<uuid::Uuid> = steps
+            .iter()
+            .map(|s| s.envelope.order_id.as_uuid())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     /// What was decided: the events to emit, or why the event was refused.
     pub fn verdict(&self) -> Result<&[Envelope], &str> {
         match &self.verdict {
