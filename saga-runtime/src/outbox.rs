@@ -36,6 +36,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How old an unpublished row must be before a sweep takes it: younger ones
 /// are normally on their way through the relay that wrote them.
 const ORPHAN_AFTER: &str = "5 seconds";
+/// Most rows held in memory for the relay (about 1 KiB each); the rest wait
+/// in the table for a sweep.
+const MAX_HELD: usize = 10_000;
 /// Rows left marked published by earlier versions are purged after this.
 const RETENTION: &str = "1 hour";
 
@@ -144,7 +147,12 @@ impl Outbox {
         if staged.0.is_empty() {
             return;
         }
-        self.queue().extend(staged.0);
+        let mut q = self.queue();
+        // While the broker is away the queue would only grow; rows beyond
+        // the cap stay in the table, where the sweep finds them.
+        let room = MAX_HELD.saturating_sub(q.len());
+        q.extend(staged.0.into_iter().take(room));
+        drop(q);
         self.handoff.wake.notify_one();
     }
 
@@ -164,6 +172,7 @@ impl Outbox {
     fn requeue(&self, mut rows: Vec<Row>) {
         let mut q = self.queue();
         rows.append(&mut q);
+        rows.truncate(MAX_HELD);
         *q = rows;
     }
 }
