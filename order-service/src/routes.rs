@@ -10,6 +10,7 @@ use saga_runtime::telemetry;
 use saga_runtime::{ApiError, ApiJson};
 use serde_json::json;
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use crate::domain::{CreateOrderRequest, NewOrder};
 use crate::intake::{Intake, Pending};
@@ -93,6 +94,10 @@ async fn create_order(
         idempotency_key,
     )
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let options = state.pool.connect_options();
+    let database = options.get_database().unwrap_or("postgres");
+    // Shared with the other requests of its group commit (count unknown here).
+    let db = telemetry::db_span(&span, database, "INSERT", None, &created);
     let inserted = state
         .intake
         .submit(Pending {
@@ -100,6 +105,7 @@ async fn create_order(
             created,
             traceparent: telemetry::current_traceparent(),
         })
+        .instrument(db)
         .await?;
     if !inserted {
         // A concurrent request with the same key won the race.

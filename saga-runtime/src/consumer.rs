@@ -378,10 +378,25 @@ impl<H: Handler> EventLoop<H> {
                 duplicates.push(env.event_type());
             }
         }
+        // Each event's trace shows the transaction it shared.
+        let database = self.pool.connect_options();
+        let database = database.get_database().unwrap_or("postgres");
+        let db_spans: Vec<tracing::Span> = steps
+            .iter()
+            .map(|s| {
+                telemetry::db_span(
+                    s.span(),
+                    database,
+                    "transaction",
+                    Some(steps.len()),
+                    s.envelope(),
+                )
+            })
+            .collect();
         if !steps.is_empty() {
             if let Err(e) = self.handler.handle(&mut tx, &mut steps).await {
-                for step in &steps {
-                    telemetry::mark_error(step.span(), &e.to_string());
+                for span in steps.iter().map(Step::span).chain(&db_spans) {
+                    telemetry::mark_error(span, &e.to_string());
                 }
                 return Err(e);
             }
@@ -431,6 +446,7 @@ impl<H: Handler> EventLoop<H> {
             .collect();
         let staged = self.outbox.enqueue_traced(&mut tx, &traced).await?;
         tx.commit().await?;
+        drop(db_spans);
         self.outbox.committed(staged);
         if !emitted.is_empty() {
             self.handler.after_commit(&emitted);

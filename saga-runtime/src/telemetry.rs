@@ -262,6 +262,39 @@ pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
+/// The span of one database step taken for `event`: a child of `parent`,
+/// with the OpenTelemetry database attributes and the saga's own keys, so
+/// the step shows in the event's trace. `operation` names what is done
+/// (`transaction` for a consumer batch, `INSERT` for a new order) and
+/// `batch`, when known, how many events shared it.
+pub fn db_span(
+    parent: &tracing::Span,
+    database: &str,
+    operation: &str,
+    batch: Option<usize>,
+    event: &events::Envelope,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: parent,
+        "db",
+        otel.name = format!("{operation} {database}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        otel.status_message = tracing::field::Empty,
+        db.system = "postgresql",
+        db.namespace = database,
+        db.operation.name = operation,
+        db.operation.batch.size = tracing::field::Empty,
+        order_id = %event.order_id,
+        event_type = event.event_type(),
+        correlation_id = %event.correlation_id,
+    );
+    if let Some(n) = batch {
+        span.record("db.operation.batch.size", n);
+    }
+    span
+}
+
 /// Marks `span` as failed with `reason` (OpenTelemetry status ERROR).
 pub fn mark_error(span: &tracing::Span, reason: &str) {
     span.record("otel.status_code", "ERROR");

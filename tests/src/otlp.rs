@@ -159,6 +159,17 @@ pub fn check_trace(spans: &[SpanRecord], order_id: &str, steps: &[(&str, &str)])
             .map(String::as_str),
         Some("202")
     );
+    // Every step's database work shows as a child of its span.
+    let has_db_child = |parent: &SpanRecord| {
+        spans.iter().any(|d| {
+            d.parent_span_id == parent.span_id
+                && d.attributes.get("db.system").map(String::as_str) == Some("postgresql")
+        })
+    };
+    assert!(
+        has_db_child(root),
+        "no database span under the request: {spans:#?}"
+    );
     let mut previous = root;
     for (service, event_type) in steps {
         let span = consume_span(spans, service, event_type)
@@ -185,6 +196,10 @@ pub fn check_trace(spans: &[SpanRecord], order_id: &str, steps: &[(&str, &str)])
         assert!(
             is_ancestor(&by_id, &previous.span_id, span),
             "{service}/{event_type} descends from the step before"
+        );
+        assert!(
+            has_db_child(span),
+            "no database span under {service}/{event_type}: {spans:#?}"
         );
         previous = span;
     }
