@@ -2,7 +2,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use events::{Event, InventoryOutOfStock, InventoryReserved, LineItem, ReservedLine, Shortage};
+use events::{
+    Event, InventoryOutOfStock, InventoryReserved, LineItem, PaymentSucceeded, ReservedLine,
+    Shortage,
+};
 use saga_runtime::{Handler, Step};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -20,15 +23,17 @@ impl Handler for Reserver {
         conn: &mut PgConnection,
         steps: &mut [Step<'_>],
     ) -> Result<(), sqlx::Error> {
-        // What each step wants, by SKU; a payment without items is refused.
-        let mut wanted: Vec<Option<BTreeMap<String, i64>>> = Vec::with_capacity(steps.len());
+        // Each payment and what it wants, by SKU; a payment without items
+        // is refused, anything else has nothing to reserve.
+        let mut wanted: Vec<Option<(&PaymentSucceeded, BTreeMap<String, i64>)>> =
+            Vec::with_capacity(steps.len());
         for step in steps.iter_mut() {
-            let merged = match &step.envelope().event {
-                Event::PaymentSucceeded(paid) => merge(&paid.items),
-                _ => Ok(BTreeMap::new()),
+            let Event::PaymentSucceeded(paid) = &step.envelope().event else {
+                wanted.push(None);
+                continue;
             };
-            wanted.push(match merged {
-                Ok(w) => Some(w),
+            wanted.push(match merge(&paid.items) {
+                Ok(w) => Some((paid, w)),
                 Err(why) => {
                     step.refuse(why);
                     None
@@ -38,7 +43,7 @@ impl Handler for Reserver {
         let skus: Vec<&str> = wanted
             .iter()
             .flatten()
-            .flat_map(|w| w.keys().map(String::as_str))
+            .flat_map(|(_, w)| w.keys().map(String::as_str))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -65,8 +70,7 @@ impl Handler for Reserver {
         // ones left.
         let mut decided = Decided::default();
         for (step, wanted) in steps.iter_mut().zip(&wanted) {
-            let Some(wanted) = wanted else { continue };
-            let Event::PaymentSucceeded(paid) = &step.envelope().event else {
+            let Some((paid, wanted)) = wanted else {
                 continue;
             };
             let span = step.span().clone();

@@ -97,22 +97,9 @@ async fn run(pool: PgPool, outbox: Outbox, mut rx: mpsc::Receiver<Queued>) {
                 }
             }
             Err(e) => {
-                let unavailable = saga_runtime::db::is_connectivity_error(&e);
                 tracing::error!(error = %e, orders = batch.len(), "writing orders failed");
                 for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(if unavailable {
-                        ApiError::new(
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "unavailable",
-                            "the database is not reachable; try again",
-                        )
-                    } else {
-                        ApiError::new(
-                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                            "internal",
-                            "internal error",
-                        )
-                    }));
+                    let _ = reply.send(Err(ApiError::from_db(&e)));
                 }
             }
         }

@@ -155,19 +155,7 @@ pub async fn record_history(
     conn: &mut PgConnection,
     events: &[&Envelope],
 ) -> Result<(), sqlx::Error> {
-    let h = History::of(events)?;
-    sqlx::query(
-        "INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[])",
-    )
-    .bind(&h.order_ids)
-    .bind(&h.event_ids)
-    .bind(&h.types)
-    .bind(&h.times)
-    .bind(&h.data)
-    .execute(conn)
-    .await?;
-    Ok(())
+    save(conn, std::iter::empty(), events).await
 }
 
 /// History rows as the column arrays `unnest` takes.
@@ -195,8 +183,11 @@ impl History {
             h.times.push(e.occurred_at);
             let v =
                 serde_json::to_value(&e.event).map_err(|err| sqlx::Error::Encode(Box::new(err)))?;
-            h.data
-                .push(v.get("data").cloned().unwrap_or(serde_json::Value::Null));
+            let data = match v {
+                serde_json::Value::Object(mut fields) => fields.remove("data"),
+                _ => None,
+            };
+            h.data.push(data.unwrap_or(serde_json::Value::Null));
         }
         Ok(h)
     }

@@ -409,26 +409,24 @@ impl<H: Handler> EventLoop<H> {
         let mut causes: Vec<Option<String>> = Vec::new();
         for (step, &i) in steps.iter_mut().zip(&step_items) {
             let _entered = step.span.enter();
-            match std::mem::replace(&mut step.verdict, Ok(Vec::new())) {
+            match &mut step.verdict {
+                Ok(out) if out.is_empty() => tracing::info!("event handled"),
                 Ok(out) => {
-                    for e in &out {
+                    for e in out.iter() {
                         tracing::info!(emitted = e.event_type(), "event handled");
-                    }
-                    if out.is_empty() {
-                        tracing::info!("event handled");
                     }
                     causes.resize(
                         causes.len() + out.len(),
                         telemetry::traceparent_of(&step.span),
                     );
-                    emitted.extend(out);
+                    // Moved out: the step keeps its (now empty) Ok verdict.
+                    emitted.append(out);
                 }
                 Err(why) => {
-                    telemetry::mark_error(&step.span, &why);
+                    telemetry::mark_error(&step.span, why);
                     tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
                     refused_ids.push(step.envelope.event_id);
-                    step.verdict = Err(why.clone());
-                    dead.push((i, why));
+                    dead.push((i, why.clone()));
                 }
             }
         }

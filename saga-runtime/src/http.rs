@@ -67,10 +67,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        tracing::error!(error = %e, "database error while serving a request");
-        if crate::db::is_connectivity_error(&e) {
+impl ApiError {
+    /// What a client is told about database error `e`: 503 when the
+    /// database is out of reach (retrying helps), 500 otherwise. Does not
+    /// log it; `From<sqlx::Error>` does.
+    pub fn from_db(e: &sqlx::Error) -> Self {
+        if crate::db::is_connectivity_error(e) {
             Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -83,6 +85,13 @@ impl From<sqlx::Error> for ApiError {
                 "internal error",
             )
         }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        tracing::error!(error = %e, "database error while serving a request");
+        Self::from_db(&e)
     }
 }
 

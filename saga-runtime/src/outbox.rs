@@ -63,31 +63,12 @@ struct Handoff {
 #[must_use = "hand the rows to Outbox::committed once the transaction commits"]
 pub struct Staged(Vec<Row>);
 
-impl Staged {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 impl Outbox {
     pub fn new(kafka: &KafkaConfig) -> Self {
         Self {
             topic_prefix: kafka.topic_prefix.as_str().into(),
             handoff: Arc::default(),
         }
-    }
-
-    /// Adds `events` to the outbox inside the caller's transaction. The
-    /// current span's trace context is stored with each row.
-    pub async fn enqueue(
-        &self,
-        conn: &mut PgConnection,
-        events: &[Envelope],
-    ) -> Result<Staged, sqlx::Error> {
-        let traceparent = telemetry::current_traceparent();
-        let traced: Vec<(&Envelope, Option<&str>)> =
-            events.iter().map(|e| (e, traceparent.as_deref())).collect();
-        self.enqueue_traced(conn, &traced).await
     }
 
     /// Adds events to the outbox in one statement, each with the W3C
@@ -185,7 +166,7 @@ pub struct Relay {
     service: &'static str,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, sqlx::FromRow)]
 struct Row {
     id: i64,
     topic: String,
@@ -289,7 +270,7 @@ impl Relay {
 
     /// Publishes rows nobody holds in memory (see the module docs), in a
     /// transaction that keeps them locked from other replicas meanwhile.
-    pub async fn sweep(&self) -> anyhow::Result<usize> {
+    async fn sweep(&self) -> anyhow::Result<()> {
         let held: Vec<i64> = self.outbox.queue().iter().map(|r| r.id).collect();
         let mut tx = self.pool.begin().await?;
         let rows: Vec<Row> = sqlx::query_as(&format!(
@@ -305,7 +286,7 @@ impl Relay {
         .await?;
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(0);
+            return Ok(());
         }
         tracing::info!(
             service = self.service,
@@ -318,8 +299,7 @@ impl Relay {
         outcome.settle(&mut tx).await?;
         tx.commit().await?;
         self.record(&outcome);
-        let sent = outcome.sent.len();
-        outcome.error.map_or(Ok(sent), Err)
+        outcome.error.map_or(Ok(()), Err)
     }
 
     /// Sends every row, then awaits the deliveries together (awaiting one by

@@ -22,9 +22,7 @@ async fn rows_no_relay_was_handed_are_swept_published_and_deleted() -> anyhow::R
     );
     let db = sys.db(Which::Order);
     let mut tx = db.begin().await?;
-    let staged = outbox
-        .enqueue(&mut tx, std::slice::from_ref(&event))
-        .await?;
+    let staged = outbox.enqueue_traced(&mut tx, &[(&event, None)]).await?;
     tx.commit().await?;
     // As if the writer died between its commit and the hand-over.
     drop(staged);
