@@ -329,6 +329,26 @@ impl System {
         Ok(body)
     }
 
+    /// `(available, reserved)` units of `sku`, from `GET /products/{sku}`.
+    pub async fn stock_levels(&self, sku: &str) -> anyhow::Result<(i64, i64)> {
+        let p = self.product(sku).await?;
+        match (p["available"].as_i64(), p["reserved"].as_i64()) {
+            (Some(available), Some(reserved)) => Ok((available, reserved)),
+            _ => bail!("GET /products/{sku}: no stock levels in {p}"),
+        }
+    }
+
+    /// `GET /payments/{order_id}`, which must answer 200.
+    pub async fn payment(&self, order_id: &str) -> anyhow::Result<Value> {
+        let (status, body) = self
+            .get_json(Which::Payment, &format!("/payments/{order_id}"))
+            .await?;
+        if status != 200 {
+            bail!("GET /payments/{order_id} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
         Ok(ClientConfig::new()
             .set("bootstrap.servers", &self.kafka.brokers)

@@ -102,10 +102,8 @@ async fn inventory_decides_a_batch_in_order_against_the_stock_earlier_steps_left
         verdicts[4]
     );
 
-    let b1 = sys.product("SKU-B1").await?;
-    assert_eq!((&b1["available"], &b1["reserved"]), (&json!(0), &json!(3)));
-    let b2 = sys.product("SKU-B2").await?;
-    assert_eq!((&b2["available"], &b2["reserved"]), (&json!(5), &json!(5)));
+    assert_eq!(sys.stock_levels("SKU-B1").await?, (0, 3));
+    assert_eq!(sys.stock_levels("SKU-B2").await?, (5, 5));
     let rows: Vec<(uuid::Uuid, String)> =
         sqlx::query_as("SELECT order_id, status FROM reservations ORDER BY created_at, status")
             .fetch_all(sys.db(Which::Inventory))

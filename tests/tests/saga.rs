@@ -48,16 +48,11 @@ async fn happy_path_confirms_the_order_and_reserves_stock() -> anyhow::Result<()
         ]
     );
 
-    let (status, payment) = sys
-        .get_json(Which::Payment, &format!("/payments/{id}"))
-        .await?;
-    assert_eq!(status, 200);
+    let payment = sys.payment(&id).await?;
     assert_eq!(payment["status"], "CHARGED");
     assert_eq!(payment["amount"], "59.98");
 
-    let product = sys.product("SKU-H").await?;
-    assert_eq!(product["available"], 8);
-    assert_eq!(product["reserved"], 2);
+    assert_eq!(sys.stock_levels("SKU-H").await?, (8, 2));
 
     // Every event of the order is keyed by its ID and carries the headers.
     let created = sys.read_topic(&sys.topic("order-events")).await?;
@@ -90,17 +85,11 @@ async fn payment_over_the_limit_is_declined_and_the_order_fails() -> anyhow::Res
         history_types(&order),
         ["OrderCreated", "PaymentFailed", "OrderFailed"]
     );
-    let (_, payment) = sys
-        .get_json(Which::Payment, &format!("/payments/{id}"))
-        .await?;
+    let payment = sys.payment(&id).await?;
     assert_eq!(payment["status"], "DECLINED");
     assert_eq!(payment["amount"], "1200.00");
     // Inventory never heard of it.
-    let product = sys.product("SKU-D").await?;
-    assert_eq!(
-        (product["available"].as_i64(), product["reserved"].as_i64()),
-        (Some(10), Some(0))
-    );
+    assert_eq!(sys.stock_levels("SKU-D").await?, (10, 0));
     sys.shutdown().await
 }
 
@@ -143,16 +132,10 @@ async fn out_of_stock_fails_the_order_and_refunds_the_payment() -> anyhow::Resul
             "{expected} missing from {types:?}"
         );
     }
-    let (_, payment) = sys
-        .get_json(Which::Payment, &format!("/payments/{id}"))
-        .await?;
+    let payment = sys.payment(&id).await?;
     assert_eq!(payment["status"], "REFUNDED");
     assert_eq!(payment["amount"], "600.00");
-    let product = sys.product("SKU-RARE").await?;
-    assert_eq!(
-        (product["available"].as_i64(), product["reserved"].as_i64()),
-        (Some(5), Some(0))
-    );
+    assert_eq!(sys.stock_levels("SKU-RARE").await?, (5, 0));
     sys.shutdown().await
 }
 
@@ -265,11 +248,7 @@ async fn concurrent_orders_for_scarce_stock_never_oversell() -> anyhow::Result<(
         .filter(|o| o["failure_reason"] == "out_of_stock")
         .count();
     assert_eq!((confirmed, out_of_stock), (10, 30));
-    let product = sys.product("SKU-HOT").await?;
-    assert_eq!(
-        (product["available"].as_i64(), product["reserved"].as_i64()),
-        (Some(0), Some(10))
-    );
+    assert_eq!(sys.stock_levels("SKU-HOT").await?, (0, 10));
     // Every failed order got its money back.
     for o in finals.iter().filter(|o| o["status"] == "FAILED") {
         let id = o["order_id"].as_str().expect("order_id");
@@ -366,11 +345,7 @@ async fn redelivered_and_reproduced_events_change_nothing() -> anyhow::Result<()
     assert_eq!(distinct.len(), 1, "payment-service emitted nothing new");
     let inventory = sys.events_for(&sys.topic("inventory-events"), &id).await?;
     assert_eq!(inventory.len(), 1, "one reservation only: {inventory:?}");
-    let product = sys.product("SKU-R").await?;
-    assert_eq!(
-        (product["available"].as_i64(), product["reserved"].as_i64()),
-        (Some(9), Some(1))
-    );
+    assert_eq!(sys.stock_levels("SKU-R").await?, (9, 1));
     let order = sys.order(&id).await?;
     assert_eq!(history_types(&order).len(), 4, "history unchanged: {order}");
     sys.shutdown().await
@@ -726,11 +701,7 @@ async fn services_crashed_mid_saga_lose_nothing_after_restart() -> anyhow::Resul
     .fetch_one(sys.db(Which::Payment))
     .await?;
     assert_eq!(charged, 30);
-    let product = sys.product("SKU-C").await?;
-    assert_eq!(
-        (product["available"].as_i64(), product["reserved"].as_i64()),
-        (Some(970), Some(30))
-    );
+    assert_eq!(sys.stock_levels("SKU-C").await?, (970, 30));
 
     // A graceful stop and start in between changes nothing either.
     sys.stop(Which::Payment).await?;
