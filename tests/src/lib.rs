@@ -263,14 +263,17 @@ impl System {
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
-    pub async fn order(&self, id: &str) -> anyhow::Result<Value> {
-        let (status, body) = self
-            .get_json(Which::Order, &format!("/orders/{id}"))
-            .await?;
+    /// `GET path`, which must answer 200.
+    pub async fn get_ok(&self, w: Which, path: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.get_json(w, path).await?;
         if status != 200 {
-            bail!("GET /orders/{id} answered {status}: {body}");
+            bail!("GET {path} answered {status}: {body}");
         }
         Ok(body)
+    }
+
+    pub async fn order(&self, id: &str) -> anyhow::Result<Value> {
+        self.get_ok(Which::Order, &format!("/orders/{id}")).await
     }
 
     /// Polls the order until `done` holds for it, or fails at the deadline.
@@ -320,13 +323,8 @@ impl System {
     }
 
     pub async fn product(&self, sku: &str) -> anyhow::Result<Value> {
-        let (status, body) = self
-            .get_json(Which::Inventory, &format!("/products/{sku}"))
-            .await?;
-        if status != 200 {
-            bail!("GET /products/{sku} answered {status}: {body}");
-        }
-        Ok(body)
+        self.get_ok(Which::Inventory, &format!("/products/{sku}"))
+            .await
     }
 
     /// `(available, reserved)` units of `sku`, from `GET /products/{sku}`.
@@ -338,15 +336,9 @@ impl System {
         }
     }
 
-    /// `GET /payments/{order_id}`, which must answer 200.
     pub async fn payment(&self, order_id: &str) -> anyhow::Result<Value> {
-        let (status, body) = self
-            .get_json(Which::Payment, &format!("/payments/{order_id}"))
-            .await?;
-        if status != 200 {
-            bail!("GET /payments/{order_id} answered {status}: {body}");
-        }
-        Ok(body)
+        self.get_ok(Which::Payment, &format!("/payments/{order_id}"))
+            .await
     }
 
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
