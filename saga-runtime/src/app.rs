@@ -160,6 +160,11 @@ impl App {
             service,
         );
         workers.spawn(relay.run(relay_token.clone()));
+        workers.spawn(crate::retention::run(
+            infra.pool.clone(),
+            service,
+            relay_token.clone(),
+        ));
         let mut consumer_task = JoinSet::new();
         if let Some(c) = consumer {
             consumer_task.spawn(c(shutdown.clone()));
@@ -178,7 +183,7 @@ impl App {
                 r.err().map(|e| anyhow::Error::new(e).context("HTTP server failed"))
             }
             Some(_) = consumer_task.join_next() => (!shutdown.is_cancelled()).then(|| anyhow::anyhow!("consumer loop stopped unexpectedly")),
-            Some(_) = workers.join_next() => Some(anyhow::anyhow!("outbox relay stopped unexpectedly")),
+            Some(_) = workers.join_next() => Some(anyhow::anyhow!("outbox relay or retention task stopped unexpectedly")),
         };
         shutdown.cancel();
         tracing::info!(service, "shutting down");

@@ -4,6 +4,7 @@
 //! - [`db`]: create-if-missing, connect, migrate (shared + service tables);
 //! - [`outbox`]: transactional outbox and its relay to Kafka;
 //! - [`consumer`]: the idempotent, batched consumer loop with dead letters;
+//! - [`retention`]: purges old inbox ids off the hot path;
 //! - [`http`]: the JSON error type, JSON extractor, probes;
 //! - [`telemetry`]: logs, tracing and W3C trace-context propagation;
 //! - [`app`]: start-up, run, graceful shutdown.
@@ -20,6 +21,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod outbox;
+pub mod retention;
 pub mod telemetry;
 
 pub use app::{run_service, App, Infra};

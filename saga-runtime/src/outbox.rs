@@ -39,8 +39,6 @@ const ORPHAN_AFTER: &str = "5 seconds";
 /// Most rows held in memory for the relay (about 1 KiB each); the rest wait
 /// in the table for a sweep.
 const MAX_HELD: usize = 10_000;
-/// Rows left marked published by earlier versions are purged after this.
-const RETENTION: &str = "1 hour";
 
 /// Writes events into the outbox and hands them to the relay.
 #[derive(Clone, Debug)]
@@ -196,7 +194,6 @@ impl Relay {
 
     /// Runs until `shutdown`, then publishes what is left and flushes.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut purge = tokio::time::interval(Duration::from_secs(60));
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         let mut backoff = Duration::from_millis(50);
         let backlog = metrics::global()
@@ -227,7 +224,6 @@ impl Relay {
                         tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox sweep failed; will retry");
                     }
                 }
-                _ = purge.tick() => self.purge().await,
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -411,25 +407,6 @@ impl Relay {
         let latency = m.outbox_publish_seconds.get_or_create(&labels);
         for (_, at) in &outcome.sent {
             latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
-        }
-    }
-
-    async fn purge(&self) {
-        let result = sqlx::query(&format!(
-            "DELETE FROM outbox WHERE published_at < now() - interval '{RETENTION}'"
-        ))
-        .execute(&self.pool)
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "purging published outbox rows failed");
-        }
-        let result = sqlx::query(
-            "DELETE FROM processed_events WHERE processed_at < now() - interval '7 days'",
-        )
-        .execute(&self.pool)
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "purging old processed-event ids failed");
         }
     }
 }
