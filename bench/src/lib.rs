@@ -114,6 +114,9 @@ pub struct Config {
     pub inventory_url: String,
     pub brokers: String,
     pub topic_prefix: String,
+    /// `fetch.wait.max.ms` of the consumer that watches `order-events`:
+    /// the last hop of every measured saga, so set it like the services'.
+    pub fetch_wait_ms: u32,
     pub load: Load,
     pub mix: Mix,
     /// How long to wait for outstanding sagas after the last send.
@@ -414,7 +417,7 @@ async fn watch_final_events(
         .set("bootstrap.servers", &cfg.brokers)
         .set("group.id", format!("loadgen-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "2")
+        .set("fetch.wait.max.ms", cfg.fetch_wait_ms.to_string())
         .create()
         .context("creating the order-events consumer")?;
     let (brokers_topic, consumer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

@@ -16,6 +16,7 @@ async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
         inventory_url: base(Which::Inventory),
         brokers: sys.kafka.brokers.clone(),
         topic_prefix: sys.kafka.topic_prefix.clone(),
+        fetch_wait_ms: sys.kafka.fetch_wait_ms,
         load: Load::Open {
             rate: 50.0,
             duration: Duration::from_secs(4),

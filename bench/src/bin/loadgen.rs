@@ -37,6 +37,10 @@ struct Args {
     brokers: String,
     #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
+    /// `fetch.wait.max.ms` of the consumer that watches `order-events`
+    /// (the services read the same variable).
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = 1)]
+    fetch_wait_ms: u32,
     /// How long to wait for outstanding sagas after the last send.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     grace: Duration,
@@ -78,6 +82,7 @@ async fn main() -> ExitCode {
         inventory_url: args.inventory_url.trim_end_matches('/').to_owned(),
         brokers: args.brokers,
         topic_prefix: args.topic_prefix,
+        fetch_wait_ms: args.fetch_wait_ms,
         load,
         mix: args.mix,
         grace: args.grace,
