@@ -23,7 +23,8 @@ async fn old_processed_event_ids_are_purged_in_chunks_and_recent_ones_kept() -> 
     insert(3, "6 days").await?;
 
     let cutoff = chrono::Utc::now() - saga_runtime::retention::INBOX_RETENTION;
-    // 12 old rows in chunks of 5: three statements (5, 5, 2).
+    // 12 old rows in chunks of 5 take three statements (5, 5, 2); a loop
+    // that stopped after a full chunk would leave some behind.
     let deleted = purge_inbox(db, cutoff, 5).await?;
     assert_eq!(deleted, 12);
     let left: Vec<(i64, bool)> = sqlx::query_as(
