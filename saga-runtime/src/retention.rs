@@ -1,6 +1,5 @@
-//! Forgets what is no longer needed, off the hot path: processed-event ids
-//! (the consumers' inbox) after [`INBOX_RETENTION`], and outbox rows earlier
-//! versions left marked published.
+//! Forgets processed-event ids (the consumers' inbox) after
+//! [`INBOX_RETENTION`], off the hot path.
 //!
 //! It runs as its own task, so a long purge never holds up the relay or a
 //! consumer batch, and deletes in chunks of [`CHUNK`] rows, so no statement
@@ -22,9 +21,6 @@ pub const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const EVERY: Duration = Duration::from_secs(60);
 /// Rows deleted per statement.
 pub const CHUNK: i64 = 5_000;
-/// Published outbox rows left by earlier versions (which kept them an hour
-/// instead of deleting them) are purged after this.
-const OUTBOX_RETENTION: &str = "1 hour";
 
 /// Purges once a minute until `shutdown`.
 pub async fn run(pool: PgPool, service: &'static str, shutdown: CancellationToken) {
@@ -34,22 +30,15 @@ pub async fn run(pool: PgPool, service: &'static str, shutdown: CancellationToke
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let purge = async {
-            let cutoff = chrono::Utc::now() - INBOX_RETENTION;
-            match purge_inbox(&pool, cutoff, CHUNK).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(service, rows = n, "purged old processed-event ids"),
-                Err(e) => {
-                    tracing::warn!(service, error = %e, "purging old processed-event ids failed")
-                }
-            }
-            if let Err(e) = purge_outbox(&pool).await {
-                tracing::warn!(service, error = %e, "purging published outbox rows failed");
-            }
-        };
-        tokio::select! {
-            () = purge => {}
+        let cutoff = chrono::Utc::now() - INBOX_RETENTION;
+        let purged = tokio::select! {
+            r = purge_inbox(&pool, cutoff, CHUNK) => r,
             _ = shutdown.cancelled() => return,
+        };
+        match purged {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(service, rows = n, "purged old processed-event ids"),
+            Err(e) => tracing::warn!(service, error = %e, "purging old processed-event ids failed"),
         }
     }
 }
@@ -77,13 +66,4 @@ pub async fn purge_inbox(
             return Ok(total);
         }
     }
-}
-
-async fn purge_outbox(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(&format!(
-        "DELETE FROM outbox WHERE published_at < now() - interval '{OUTBOX_RETENTION}'"
-    ))
-    .execute(pool)
-    .await?
-    .rows_affected())
 }
