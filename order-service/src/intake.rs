@@ -37,10 +37,13 @@ pub struct Pending {
     pub traceparent: Option<String>,
 }
 
+/// An order and where its answer goes.
+type Queued = (Pending, oneshot::Sender<Result<bool, ApiError>>);
+
 /// The handle request handlers submit orders through.
 #[derive(Clone)]
 pub struct Intake {
-    tx: mpsc::Sender<(Pending, oneshot::Sender<Result<bool, ApiError>>)>,
+    tx: mpsc::Sender<Queued>,
 }
 
 impl Intake {
@@ -71,8 +74,6 @@ fn shutting_down() -> ApiError {
         "the service is shutting down; try again",
     )
 }
-
-type Queued = (Pending, oneshot::Sender<Result<bool, ApiError>>);
 
 async fn run(pool: PgPool, outbox: Outbox, mut rx: mpsc::Receiver<Queued>) {
     let mut batch: Vec<Queued> = Vec::with_capacity(MAX_BATCH);
