@@ -1,9 +1,11 @@
 //! SQL for orders and their history.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use events::{CorrelationId, Envelope, LineItem, OrderId};
+use saga_runtime::outbox::Prepared;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -73,13 +75,52 @@ impl NewRow {
     }
 }
 
-/// Inserts PENDING orders in one statement; returns the IDs inserted (an
-/// order whose idempotency key is taken, even by an earlier row of the same
-/// batch, is left out).
-pub async fn insert_many(
-    conn: &mut PgConnection,
+/// The statement [`create`] runs.
+static CREATE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH new AS (
+             INSERT INTO orders (order_id, customer_id, status, items, total_minor, correlation_id,
+                                 trace_id, idempotency_key, request_fingerprint)
+             SELECT o.order_id, o.customer_id, 'PENDING', o.items, o.total_minor, o.correlation_id,
+                    o.trace_id, o.idempotency_key, o.request_fingerprint
+             FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], $5::text[], $6::text[],
+                         $7::text[], $8::text[])
+                  AS o(order_id, customer_id, items, total_minor, correlation_id, trace_id,
+                       idempotency_key, request_fingerprint)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING order_id),
+         history AS (
+             INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
+             SELECT h.* FROM unnest($9::uuid[], $10::uuid[], $11::text[], $12::timestamptz[], $13::jsonb[])
+                  AS h(order_id, event_id, event_type, occurred_at, data)
+             WHERE h.order_id IN (SELECT order_id FROM new)),
+         events AS ({} RETURNING id, event_id)
+         SELECT order_id, NULL::bigint, NULL::uuid FROM new
+         UNION ALL SELECT NULL, id, event_id FROM events",
+        Prepared::insert(14, Some("SELECT order_id FROM new"))
+    )
+});
+
+/// What [`create`] wrote.
+#[derive(Debug, Default)]
+pub struct Created {
+    /// Orders inserted: those whose idempotency key was free (an order
+    /// whose key is taken, even by an earlier row of the same call, is
+    /// left out).
+    pub orders: HashSet<Uuid>,
+    /// The outbox rows written, `(id, event_id)`: only inserted orders' events.
+    pub events: Vec<(i64, Uuid)>,
+}
+
+/// Inserts PENDING orders, their `created` history and their outbox rows in
+/// one statement, so one round trip and one implicit transaction: an order
+/// whose idempotency key is taken gets neither history nor event.
+pub async fn create<'e>(
+    db: impl PgExecutor<'e>,
     rows: &[&NewRow],
-) -> Result<HashSet<Uuid>, sqlx::Error> {
+    created: &[&Envelope],
+    events: &Prepared,
+) -> Result<Created, sqlx::Error> {
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let customers: Vec<&str> = rows.iter().map(|r| r.customer_id.as_str()).collect();
     let items: Vec<&serde_json::Value> = rows.iter().map(|r| &r.items).collect();
@@ -91,29 +132,34 @@ pub async fn insert_many(
         .iter()
         .map(|r| r.request_fingerprint.as_deref())
         .collect();
-    let inserted: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO orders (order_id, customer_id, status, items, total_minor, correlation_id,
-                             trace_id, idempotency_key, request_fingerprint)
-         SELECT o.order_id, o.customer_id, 'PENDING', o.items, o.total_minor, o.correlation_id,
-                o.trace_id, o.idempotency_key, o.request_fingerprint
-         FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bigint[], $5::text[], $6::text[],
-                     $7::text[], $8::text[])
-              AS o(order_id, customer_id, items, total_minor, correlation_id, trace_id,
-                   idempotency_key, request_fingerprint)
-         ON CONFLICT (idempotency_key) DO NOTHING
-         RETURNING order_id",
-    )
-    .bind(&ids)
-    .bind(&customers)
-    .bind(&items)
-    .bind(&totals)
-    .bind(&correlations)
-    .bind(&traces)
-    .bind(&keys)
-    .bind(&prints)
-    .fetch_all(conn)
-    .await?;
-    Ok(inserted.into_iter().collect())
+    let h = History::of(created)?;
+    let query = sqlx::query_as(CREATE.as_str())
+        .bind(&ids)
+        .bind(&customers)
+        .bind(&items)
+        .bind(&totals)
+        .bind(&correlations)
+        .bind(&traces)
+        .bind(&keys)
+        .bind(&prints)
+        .bind(&h.order_ids)
+        .bind(&h.event_ids)
+        .bind(&h.types)
+        .bind(&h.times)
+        .bind(&h.data);
+    let written: Vec<(Option<Uuid>, Option<i64>, Option<Uuid>)> =
+        events.bind(query).fetch_all(db).await?;
+    let mut out = Created::default();
+    for row in written {
+        match row {
+            (Some(order), _, _) => {
+                out.orders.insert(order);
+            }
+            (None, Some(id), Some(event)) => out.events.push((id, event)),
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 pub async fn find<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<OrderRow>, sqlx::Error> {
@@ -151,13 +197,6 @@ pub async fn history<'e>(
 }
 
 /// Appends `events` to their orders' history.
-pub async fn record_history(
-    conn: &mut PgConnection,
-    events: &[&Envelope],
-) -> Result<(), sqlx::Error> {
-    save(conn, std::iter::empty(), events).await
-}
-
 /// History rows as the column arrays `unnest` takes.
 struct History {
     order_ids: Vec<uuid::Uuid>,

@@ -61,6 +61,89 @@ struct Handoff {
 #[must_use = "hand the rows to Outbox::committed once the transaction commits"]
 pub struct Staged(Vec<Row>);
 
+/// Outbox rows encoded for one `INSERT`, for a caller that writes them in
+/// the same statement as its own rows (data-modifying `WITH` queries):
+/// build the SQL with [`Prepared::insert`], bind with [`Prepared::bind`],
+/// select the `RETURNING id, event_id` pairs and turn them into [`Staged`]
+/// with [`Prepared::staged`].
+#[derive(Debug)]
+#[must_use = "insert the rows, then hand them to the relay through Prepared::staged"]
+pub struct Prepared(Vec<Row>);
+
+impl Prepared {
+    /// Parameters [`Prepared::bind`] adds.
+    pub const PARAMS: usize = 7;
+
+    /// `INSERT INTO outbox ... SELECT ...` over the arrays bound as
+    /// parameters `$first` to `$first + 6`, without a `RETURNING` clause.
+    /// With `only_orders`, a query yielding order IDs (`uuid`), only the
+    /// events of those orders are written.
+    pub fn insert(first: usize, only_orders: Option<&str>) -> String {
+        let p: Vec<String> = (first..first + Self::PARAMS)
+            .map(|i| format!("${i}"))
+            .collect();
+        let filter = only_orders
+            .map(|q| format!(" WHERE e.message_key::uuid IN ({q})"))
+            .unwrap_or_default();
+        format!(
+            "INSERT INTO outbox (event_id, topic, message_key, event_type, correlation_id, traceparent, payload)
+             SELECT e.* FROM unnest({}::uuid[], {}::text[], {}::text[], {}::text[], {}::text[], {}::text[], {}::bytea[])
+                  AS e(event_id, topic, message_key, event_type, correlation_id, traceparent, payload){filter}",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+        )
+    }
+
+    /// Binds the rows as the next [`Prepared::PARAMS`] parameters of `q`.
+    pub fn bind<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        let rows = &self.0;
+        q.bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|r| r.message_key.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|r| r.event_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|r| r.correlation_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|r| r.traceparent.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|r| r.payload.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+    }
+
+    /// The rows the insert wrote, given its `(id, event_id)` pairs; rows
+    /// the statement left out are dropped.
+    pub fn staged(self, ids: impl IntoIterator<Item = (i64, uuid::Uuid)>) -> Staged {
+        let ids: HashMap<uuid::Uuid, i64> = ids.into_iter().map(|(id, e)| (e, id)).collect();
+        Staged(
+            self.0
+                .into_iter()
+                .filter_map(|mut row| {
+                    row.id = *ids.get(&row.event_id)?;
+                    Some(row)
+                })
+                .collect(),
+        )
+    }
+}
+
 impl Outbox {
     pub fn new(kafka: &KafkaConfig) -> Self {
         Self {
@@ -80,6 +163,21 @@ impl Outbox {
         if events.is_empty() {
             return Ok(Staged::default());
         }
+        let rows = self.prepare(events)?;
+        let ids: Vec<(i64, uuid::Uuid)> = rows
+            .bind(sqlx::query_as(&format!(
+                "{} RETURNING id, event_id",
+                Prepared::insert(1, None)
+            )))
+            .fetch_all(&mut *conn)
+            .await?;
+        Ok(rows.staged(ids))
+    }
+
+    /// Encodes events for an outbox insert the caller makes part of a larger
+    /// statement (see [`Prepared`]), so that a state change and its events
+    /// can commit in one round trip.
+    pub fn prepare(&self, events: &[(&Envelope, Option<&str>)]) -> Result<Prepared, sqlx::Error> {
         let now = chrono::Utc::now();
         let mut rows = Vec::with_capacity(events.len());
         for &(e, traceparent) in events {
@@ -97,27 +195,7 @@ impl Outbox {
                 created_at: now,
             });
         }
-        let ids: Vec<(i64, uuid::Uuid)> = sqlx::query_as(
-            "INSERT INTO outbox (event_id, topic, message_key, event_type, correlation_id, traceparent, payload)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])
-             RETURNING id, event_id",
-        )
-        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.message_key.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.event_type.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.correlation_id.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.traceparent.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
-        .fetch_all(&mut *conn)
-        .await?;
-        let ids: HashMap<uuid::Uuid, i64> = ids.into_iter().map(|(id, e)| (e, id)).collect();
-        for row in &mut rows {
-            row.id = *ids.get(&row.event_id).ok_or_else(|| {
-                sqlx::Error::Protocol(format!("outbox insert returned no id for {}", row.event_id))
-            })?;
-        }
-        Ok(Staged(rows))
+        Ok(Prepared(rows))
     }
 
     /// Hands rows to the relay. Call after the transaction that staged them

@@ -217,13 +217,19 @@ async fn idempotency_key_returns_the_same_order_and_emits_once() -> anyhow::Resu
         })
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
+    let id2 = answers[0].2["order_id"]
+        .as_str()
+        .expect("order_id")
+        .to_owned();
 
     assert_eq!(sys.wait_terminal(&id).await?["status"], "CONFIRMED");
+    assert_eq!(sys.wait_terminal(&id2).await?["status"], "CONFIRMED");
     let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
         .fetch_one(sys.db(Which::Order))
         .await?;
     assert_eq!(orders, 2);
-    let created = sys.events_for(&sys.topic("order-events"), &id).await?;
+    let topic = sys.topic("order-events");
+    let created = sys.events_for(&topic, &id).await?;
     assert_eq!(
         created
             .iter()
@@ -231,6 +237,19 @@ async fn idempotency_key_returns_the_same_order_and_emits_once() -> anyhow::Resu
             .count(),
         1
     );
+    // The losing requests' orders were never written, so neither were
+    // their events: the statement that writes orders, history and outbox
+    // keeps only the events of the orders it inserted. (Every request was
+    // answered, so every such statement had committed and handed its
+    // events to the relay before the winner's saga even began; a stray
+    // event would be on the topic long before that saga ends.)
+    let all_created = sys
+        .read_topic(&topic)
+        .await?
+        .iter()
+        .filter(|m| m.header("event_type") == Some("OrderCreated"))
+        .count();
+    assert_eq!(all_created, 2, "one OrderCreated per order written");
     sys.shutdown().await
 }
 
