@@ -6,10 +6,12 @@
 //! `OrderConfirmed`/`OrderFailed` event on `order-events`, read straight from
 //! the broker (no polling of the API).
 
+pub mod hops;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
@@ -124,6 +126,9 @@ pub struct Config {
     /// Unit price of orders meant to be declined (above the payment limit).
     pub decline_price: String,
     pub progress: bool,
+    /// Afterwards, read the event topics back and split the confirmed
+    /// orders' time into legs ([`hops`]).
+    pub hops: bool,
 }
 
 /// Latency percentiles in milliseconds.
@@ -166,6 +171,9 @@ pub struct Report {
     pub sagas_per_s: f64,
     pub http: Latency,
     pub end_to_end: Latency,
+    /// With `--hops`: the confirmed path, leg by leg.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hops: Option<Vec<hops::Leg>>,
 }
 
 impl Report {
@@ -181,7 +189,7 @@ impl Report {
              outcomes        confirmed {} · payment declined {} · out of stock {} · lost {} · unexpected {}\n\
              throughput      {:.1} completed sagas/s over {:.2} s\n\
              http latency    p50 {:.2} ms · p90 {:.2} ms · p99 {:.2} ms · max {:.2} ms\n\
-             end-to-end      p50 {:.2} ms · p90 {:.2} ms · p99 {:.2} ms · max {:.2} ms\n",
+             end-to-end      p50 {:.2} ms · p90 {:.2} ms · p99 {:.2} ms · max {:.2} ms\n{}",
             self.mode,
             self.sent,
             self.accepted,
@@ -201,6 +209,7 @@ impl Report {
             self.end_to_end.p90_ms,
             self.end_to_end.p99_ms,
             self.end_to_end.max_ms,
+            self.hops.as_deref().map(hops::render).unwrap_or_default(),
         )
     }
 }
@@ -228,6 +237,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         .build()?;
     restock(&http, &cfg.inventory_url).await?;
 
+    let marks = if cfg.hops {
+        Some(hops::mark(&cfg).await?)
+    } else {
+        None
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<Note>();
     let watcher = watch_final_events(&cfg, tx.clone()).await?;
 
@@ -248,6 +262,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     };
 
     let started = Instant::now();
+    let started_wall = SystemTime::now();
+    // Wall-clock microseconds of an instant of this run, to compare with
+    // the events' timestamps.
+    let wall_us = |at: Instant| {
+        let since = started_wall + at.saturating_duration_since(started);
+        since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    };
+    // Confirmed orders: POST sent and final event seen (with `--hops`).
+    let mut timings: HashMap<String, (i64, i64)> = HashMap::new();
     let sender = tokio::spawn(send_all(cfg.clone(), http.clone(), tx.clone()));
     drop(tx);
 
@@ -339,6 +364,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                         &outcome,
                         done_at.saturating_duration_since(at),
                     );
+                    if cfg.hops && outcome.0 == "OrderConfirmed" {
+                        timings.insert(order_id, (wall_us(at), wall_us(done_at)));
+                    }
                     bar.inc(1);
                 } else {
                     pending.insert(order_id, (at, kind));
@@ -356,6 +384,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                         &outcome,
                         at.saturating_duration_since(sent_at),
                     );
+                    if cfg.hops && outcome.0 == "OrderConfirmed" {
+                        timings.insert(order_id, (wall_us(sent_at), wall_us(at)));
+                    }
                     last_completion = at;
                     bar.inc(1);
                     bar.set_message(format!(
@@ -385,6 +416,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     };
     report.http = summarize(&http_hist);
     report.end_to_end = summarize(&e2e_hist);
+    if let Some(marks) = marks {
+        report.hops = Some(hops::breakdown(&cfg, marks, &timings).await?);
+    }
     Ok(report)
 }
 

@@ -1,5 +1,6 @@
 //! A short load-generator run: a few hundred orders at a low rate, none lost,
-//! every outcome the one the mix asked for. (Speed targets live in
+//! every outcome the one the mix asked for, every confirmed order's path
+//! read back leg by leg. (Speed targets live in
 //! BENCHMARKS.md, not here.)
 
 use std::time::Duration;
@@ -25,6 +26,7 @@ async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
         grace: Duration::from_secs(60),
         decline_price: "5000.00".into(),
         progress: false,
+        hops: true,
     })
     .await?;
     println!("{}", report.render());
@@ -37,5 +39,12 @@ async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
     assert_eq!(report.failed_payment_declined, 10);
     assert_eq!(report.failed_out_of_stock, 10);
     assert_eq!(report.end_to_end.count, 200);
+    // Every confirmed order's four events were read back from the topics
+    // and split into the path's eight legs.
+    let legs = report.hops.as_deref().unwrap_or_default();
+    assert_eq!(legs.len(), 8, "{legs:?}");
+    for leg in legs {
+        assert_eq!(leg.latency.count, 180, "{leg:?}");
+    }
     sys.shutdown().await
 }

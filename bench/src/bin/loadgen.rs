@@ -3,6 +3,7 @@
 //! ```text
 //! loadgen --rate 200/s --duration 30s          # open loop
 //! loadgen --concurrency 64 --orders 20000      # closed loop, to find the maximum
+//! loadgen --rate 50/s --duration 20s --hops    # and where the time goes, leg by leg
 //! ```
 
 use std::process::ExitCode;
@@ -53,6 +54,10 @@ struct Args {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Afterwards, read the event topics back and show where the confirmed
+    /// orders' time went, leg by leg (clocks of this machine).
+    #[arg(long)]
+    hops: bool,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -88,6 +93,7 @@ async fn main() -> ExitCode {
         grace: args.grace,
         decline_price: args.decline_price,
         progress: !args.quiet,
+        hops: args.hops,
     };
     let report = match loadgen::run(cfg).await {
         Ok(r) => r,

@@ -1,0 +1,317 @@
+//! Where a saga's time goes, hop by hop (`loadgen --hops`).
+//!
+//! After a run, the three event topics are read back from where they ended
+//! when the run began. Every event carries two clocks: `occurred_at`, set by
+//! the handler that created it (inside its transaction), and the Kafka
+//! message timestamp, set when the outbox relay hands it to the producer
+//! after the commit. For the orders that were confirmed, the path
+//! `OrderCreated → PaymentSucceeded → InventoryReserved → OrderConfirmed`
+//! splits into legs whose medians add up to roughly the end-to-end median:
+//!
+//! - *handler → relay sends*: the rest of the handler's transaction, its
+//!   commit and the hand-over to the relay;
+//! - *relay sends → next handler*: the producer's linger, the produce
+//!   request, the broker, the next consumer's fetch, and that consumer's
+//!   loop up to the handler (transaction start, inbox, row lock).
+//!
+//! All clocks are this machine's (run the load generator beside the
+//! services, or on hosts whose clocks agree). Kafka timestamps have
+//! millisecond resolution, so each leg is good to about a millisecond;
+//! negative differences that rounding produces count as zero.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::{summarize, Config, Latency};
+
+/// The topics read back, without prefix.
+const TOPICS: [&str; 3] = ["order-events", "payment-events", "inventory-events"];
+/// The confirmed path, event by event.
+const PATH: [&str; 4] = [
+    "OrderCreated",
+    "PaymentSucceeded",
+    "InventoryReserved",
+    "OrderConfirmed",
+];
+/// Longest wait for the topics to be read back to where they ended.
+const READ_BACK: Duration = Duration::from_secs(60);
+
+/// One leg of the confirmed path.
+#[derive(Debug, Clone, Serialize)]
+pub struct Leg {
+    pub leg: String,
+    #[serde(flatten)]
+    pub latency: Latency,
+}
+
+/// Where each partition of the event topics ended before the run.
+pub struct Marks(TopicPartitionList);
+
+/// One event as read back: its two clocks, in microseconds since the epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    pub occurred_us: i64,
+    pub sent_us: i64,
+}
+
+fn consumer(cfg: &Config) -> anyhow::Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", format!("loadgen-hops-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("creating the consumer that reads the event topics back")
+}
+
+/// The current end of every partition of the event topics.
+fn ends(c: &BaseConsumer, prefix: &str) -> anyhow::Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for name in TOPICS {
+        let topic = format!("{prefix}{name}");
+        let metadata = c
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .with_context(|| format!("reading the partitions of {topic}"))?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (_, high) = c
+                    .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
+                    .with_context(|| format!("reading the end of {topic}/{}", p.id()))?;
+                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))?;
+            }
+        }
+    }
+    Ok(tpl)
+}
+
+/// Notes where the event topics end, before the run starts.
+pub async fn mark(cfg: &Config) -> anyhow::Result<Marks> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || {
+        let c = consumer(&cfg)?;
+        Ok(Marks(ends(&c, &cfg.topic_prefix)?))
+    })
+    .await?
+}
+
+/// Reads back the events written since `marks` for `orders`, by order ID.
+async fn read_back(
+    cfg: &Config,
+    marks: Marks,
+    orders: std::collections::HashSet<String>,
+) -> anyhow::Result<HashMap<String, HashMap<String, Seen>>> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || {
+        let c = consumer(&cfg)?;
+        let end = ends(&c, &cfg.topic_prefix)?;
+        let mut left: HashMap<(String, i32), i64> = HashMap::new();
+        for e in end.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                left.insert((e.topic().to_owned(), e.partition()), o);
+            }
+        }
+        // Partitions already read to their end need no reading.
+        for m in marks.0.elements() {
+            if let (Offset::Offset(from), Some(to)) =
+                (m.offset(), left.get(&(m.topic().to_owned(), m.partition())))
+            {
+                if from >= *to {
+                    left.remove(&(m.topic().to_owned(), m.partition()));
+                }
+            }
+        }
+        c.assign(&marks.0).context("assigning the event topics")?;
+        let mut seen: HashMap<String, HashMap<String, Seen>> = HashMap::new();
+        let started = std::time::Instant::now();
+        while !left.is_empty() {
+            if started.elapsed() > READ_BACK {
+                anyhow::bail!(
+                    "reading the event topics back took over {} s ({} partitions unfinished)",
+                    READ_BACK.as_secs(),
+                    left.len()
+                );
+            }
+            let Some(msg) = c.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let msg = msg.context("reading the event topics back")?;
+            let key = (msg.topic().to_owned(), msg.partition());
+            if let Some(end) = left.get(&key) {
+                if msg.offset() + 1 >= *end {
+                    left.remove(&key);
+                }
+            }
+            let (Some(payload), Some(sent_ms)) = (msg.payload(), msg.timestamp().to_millis())
+            else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                continue;
+            };
+            let (Some(order), Some(event_type), Some(occurred)) = (
+                v["order_id"].as_str(),
+                v["event_type"].as_str(),
+                v["occurred_at"].as_str(),
+            ) else {
+                continue;
+            };
+            if !orders.contains(order) {
+                continue;
+            }
+            let Ok(occurred) = chrono::DateTime::parse_from_rfc3339(occurred) else {
+                continue;
+            };
+            seen.entry(order.to_owned()).or_default().insert(
+                event_type.to_owned(),
+                Seen {
+                    occurred_us: occurred.timestamp_micros(),
+                    sent_us: sent_ms * 1000,
+                },
+            );
+        }
+        Ok(seen)
+    })
+    .await?
+}
+
+/// The legs of the confirmed path over `orders` (ID → POST sent and final
+/// event seen, microseconds since the epoch) whose events were all seen.
+pub fn legs(
+    orders: &HashMap<String, (i64, i64)>,
+    seen: &HashMap<String, HashMap<String, Seen>>,
+) -> anyhow::Result<Vec<Leg>> {
+    let names = [
+        "order-service: POST sent → relay sends OrderCreated".to_owned(),
+        "relay sends → payment-service handler".to_owned(),
+        "payment-service: handler → relay sends PaymentSucceeded".to_owned(),
+        "relay sends → inventory-service handler".to_owned(),
+        "inventory-service: handler → relay sends InventoryReserved".to_owned(),
+        "relay sends → order-service handler".to_owned(),
+        "order-service: handler → relay sends OrderConfirmed".to_owned(),
+        "relay sends → load generator sees OrderConfirmed".to_owned(),
+    ];
+    let mut hists = names
+        .iter()
+        .map(|_| Histogram::<u64>::new(3))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (order, &(posted_us, done_us)) in orders {
+        let Some(events) = seen.get(order) else {
+            continue;
+        };
+        let Some(path) = PATH
+            .iter()
+            .map(|e| events.get(*e).copied())
+            .collect::<Option<Vec<Seen>>>()
+        else {
+            continue;
+        };
+        let mut points = vec![posted_us];
+        for (i, e) in path.iter().enumerate() {
+            // The order's own POST is its first event's "handler".
+            if i > 0 {
+                points.push(e.occurred_us);
+            }
+            points.push(e.sent_us);
+        }
+        points.push(done_us);
+        for (h, pair) in hists.iter_mut().zip(points.windows(2)) {
+            let _ = h.record(u64::try_from(pair[1] - pair[0]).unwrap_or(0));
+        }
+    }
+    Ok(names
+        .into_iter()
+        .zip(&hists)
+        .map(|(leg, h)| Leg {
+            leg,
+            latency: summarize(h),
+        })
+        .collect())
+}
+
+/// Reads the events of `orders` back and splits their time into legs.
+pub async fn breakdown(
+    cfg: &Config,
+    marks: Marks,
+    orders: &HashMap<String, (i64, i64)>,
+) -> anyhow::Result<Vec<Leg>> {
+    let ids = orders.keys().cloned().collect();
+    let seen = read_back(cfg, marks, ids).await?;
+    legs(orders, &seen)
+}
+
+/// The legs as a table.
+pub fn render(legs: &[Leg]) -> String {
+    let width = legs
+        .iter()
+        .map(|l| l.leg.chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut out = format!(
+        "where the time goes (confirmed orders, {} seen whole; Kafka timestamps are whole ms)\n",
+        legs.first().map_or(0, |l| l.latency.count)
+    );
+    for l in legs {
+        out += &format!(
+            "  {:<width$}  p50 {:>7.2} ms · p90 {:>7.2} ms · p99 {:>7.2} ms\n",
+            l.leg, l.latency.p50_ms, l.latency.p90_ms, l.latency.p99_ms,
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(occurred_us: i64, sent_us: i64) -> Seen {
+        Seen {
+            occurred_us,
+            sent_us,
+        }
+    }
+
+    #[test]
+    fn legs_split_the_confirmed_path_and_skip_incomplete_orders() {
+        let mut orders = HashMap::new();
+        orders.insert("a".to_owned(), (0, 30_000));
+        orders.insert("b".to_owned(), (0, 99_000));
+        let mut events = HashMap::new();
+        let a: HashMap<String, Seen> = [
+            ("OrderCreated", seen(1_000, 2_000)),
+            ("PaymentSucceeded", seen(8_000, 9_000)),
+            ("InventoryReserved", seen(15_000, 17_000)),
+            // The Kafka timestamp rounded down below the handler's clock.
+            ("OrderConfirmed", seen(24_500, 24_000)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        events.insert("a".to_owned(), a);
+        // "b" was declined: no InventoryReserved, so it is left out.
+        events.insert(
+            "b".to_owned(),
+            [("OrderCreated".to_owned(), seen(1_000, 2_000))]
+                .into_iter()
+                .collect(),
+        );
+        let legs = legs(&orders, &events).unwrap();
+        let want = [2.0, 6.0, 1.0, 6.0, 2.0, 7.5, 0.0, 6.0];
+        for (l, w) in legs.iter().zip(want) {
+            // The histogram keeps three significant digits.
+            assert!(
+                (l.latency.p50_ms - w).abs() < 0.01,
+                "{}: {} ms, want {w}",
+                l.leg,
+                l.latency.p50_ms
+            );
+            assert_eq!(l.latency.count, 1, "{}", l.leg);
+        }
+        assert_eq!(legs.len(), want.len());
+    }
+}
