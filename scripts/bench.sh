@@ -146,8 +146,8 @@ run_scenario() {
 for scenario in $scenarios; do
   case $scenario in
     idle) echo "==> idle, 10 s"; run_scenario idle idle ;;
-    rate50) echo "==> open loop 50/s for 30 s"; run_scenario rate50 --rate 50/s --duration 30s ;;
-    rate200) echo "==> open loop 200/s for 30 s"; run_scenario rate200 --rate 200/s --duration 30s ;;
+    rate50) echo "==> open loop 50/s for 30 s"; run_scenario rate50 --rate 50/s --duration 30s --hops ;;
+    rate200) echo "==> open loop 200/s for 30 s"; run_scenario rate200 --rate 200/s --duration 30s --hops ;;
     max)
       echo "==> closed loop, concurrency 64, $orders orders"
       run_scenario max --concurrency 64 --orders "$orders" --grace 120s
@@ -187,6 +187,21 @@ for row in rows:
         f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} | "
         f"{e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} / {e['max_ms']:.1f} |"
     )
+hop_runs = [(r["mode"], r["hops"]) for r in (json.load(open(row.split("|", 2)[1])) for row in rows) if r.get("hops")]
+if hop_runs:
+    lines += [
+        "",
+        "Where the time goes: the confirmed orders' path, leg by leg, p50 / p90 (ms), from",
+        "each event's `occurred_at` (set by its handler) and Kafka timestamp (set when the",
+        "relay sends it; whole milliseconds). *relay sends → handler* legs are the broker's",
+        "delivery plus the next consumer's pick-up; the others are the services' own work.",
+        "",
+        "| leg | " + " | ".join(mode for mode, _ in hop_runs) + " |",
+        "|---|" + "---|" * len(hop_runs),
+    ]
+    for i, leg in enumerate(hop_runs[0][1]):
+        cells = [f"{legs[i]['p50_ms']:.1f} / {legs[i]['p90_ms']:.1f}" for _, legs in hop_runs]
+        lines.append(f"| {leg['leg']} | " + " | ".join(cells) + " |")
 lines += ["", "CPU (share of one core, averaged over the scenario) and peak RSS per service:", ""]
 for name, use in usage:
     lines.append(f"- **{name}**: {use.strip().rstrip(';')}")
