@@ -1,12 +1,15 @@
-//! The outbox relay's safety net: rows committed but never handed to a relay
-//! in memory (the writer died right after its commit) are found by the
-//! periodic sweep, published once, and deleted.
+//! The outbox relay: rows handed over in quick succession are published once
+//! each, in order per order, and deleted; and its safety net: rows committed
+//! but never handed to a relay in memory (the writer died right after its
+//! commit) are found by the periodic sweep, published once, and deleted.
 
 use std::time::Duration;
 
 use events::{CorrelationId, Envelope, Event, Money, OrderConfirmed, OrderId};
+use saga_runtime::outbox::Relay;
 use saga_runtime::Outbox;
-use saga_tests::{poll, System, Which};
+use saga_tests::{poll, System, TopicMessage, Which};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn rows_no_relay_was_handed_are_swept_published_and_deleted() -> anyhow::Result<()> {
@@ -66,4 +69,115 @@ async fn rows_no_relay_was_handed_are_swept_published_and_deleted() -> anyhow::R
         .count();
     assert_eq!(copies, 1);
     sys.shutdown().await
+}
+
+/// The relay sends new rows while earlier batches still wait for their
+/// acknowledgements. However the batches interleave, every row is published
+/// once, each order's events keep the order they were written in, and every
+/// published row is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_handed_over_in_quick_succession_are_published_once_in_order_per_order(
+) -> anyhow::Result<()> {
+    let mut sys = System::start().await?;
+    // Our own relay on the order-service's database, with nobody else's
+    // relay or sweep beside it.
+    sys.stop(Which::Order).await?;
+    let db = sys.db(Which::Order).clone();
+    let outbox = Outbox::new(sys.kafka());
+    let producer = saga_runtime::kafka::producer(sys.kafka(), "relay-test")?;
+    let relay = Relay::new(db.clone(), producer, outbox.clone(), "relay-test");
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(relay.run(stop.clone()));
+
+    let orders: Vec<OrderId> = (0..4).map(|_| OrderId::new()).collect();
+    let mut written: Vec<Envelope> = Vec::new();
+    // 60 commits of 5 events each, handed over as fast as they commit.
+    for commit in 0..60 {
+        let events: Vec<Envelope> = (0..5)
+            .map(|i| confirmed(orders[(commit + i) % orders.len()]))
+            .collect();
+        let traced: Vec<(&Envelope, Option<&str>)> = events.iter().map(|e| (e, None)).collect();
+        let mut tx = db.begin().await?;
+        let staged = outbox.enqueue_traced(&mut tx, &traced).await?;
+        tx.commit().await?;
+        outbox.committed(staged);
+        written.extend(events);
+    }
+
+    let topic = sys.topic("order-events");
+    let ours: std::collections::HashSet<String> =
+        written.iter().map(|e| e.event_id.to_string()).collect();
+    let published = poll(
+        Duration::from_millis(50),
+        || async {
+            let mine: Vec<TopicMessage> = sys
+                .read_topic(&topic)
+                .await?
+                .into_iter()
+                .filter(|m| m.header("event_id").is_some_and(|id| ours.contains(id)))
+                .collect();
+            Ok(if mine.len() >= written.len() {
+                Ok(mine)
+            } else {
+                Err(mine.len())
+            })
+        },
+        |n| anyhow::anyhow!("{n} of {} rows published", written.len()),
+    )
+    .await?;
+    assert_eq!(published.len(), written.len(), "every row exactly once");
+    for order in &orders {
+        let key = order.to_string();
+        let want: Vec<String> = written
+            .iter()
+            .filter(|e| e.order_id == *order)
+            .map(|e| e.event_id.to_string())
+            .collect();
+        // One key, one partition: offsets give the published order.
+        let mut got: Vec<&TopicMessage> = published
+            .iter()
+            .filter(|m| m.key.as_deref() == Some(key.as_str()))
+            .collect();
+        got.sort_by_key(|m| m.offset);
+        let got: Vec<String> = got
+            .iter()
+            .filter_map(|m| m.header("event_id").map(str::to_owned))
+            .collect();
+        assert_eq!(got, want, "events of order {key} out of order");
+    }
+    let left = poll(
+        Duration::from_millis(50),
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&db)
+                .await?;
+            Ok(if n == 0 { Ok(n) } else { Err(n) })
+        },
+        |n| anyhow::anyhow!("{n} published row(s) still in the outbox"),
+    )
+    .await?;
+    assert_eq!(left, 0);
+    // Deleted because published, not because a sweep published them again.
+    let copies = sys
+        .read_topic(&topic)
+        .await?
+        .iter()
+        .filter(|m| m.header("event_id").is_some_and(|id| ours.contains(id)))
+        .count();
+    assert_eq!(copies, written.len(), "no row published twice");
+    stop.cancel();
+    relay.await?;
+    sys.restart(Which::Order).await?;
+    sys.shutdown().await
+}
+
+fn confirmed(order: OrderId) -> Envelope {
+    Envelope::new(
+        order,
+        CorrelationId::generate(),
+        Event::OrderConfirmed(OrderConfirmed {
+            total: Money::from_minor(100),
+            order_created_at: chrono::Utc::now(),
+        }),
+    )
 }
