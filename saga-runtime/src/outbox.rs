@@ -19,10 +19,8 @@ use std::time::Duration;
 
 use events::Envelope;
 use futures::future::join_all;
-use futures::stream::{FuturesOrdered, StreamExt};
-use futures::FutureExt;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -33,9 +31,6 @@ use crate::{metrics, telemetry};
 
 /// Rows published per round trip.
 const BATCH_SIZE: i64 = 500;
-/// Batches sent and not yet acknowledged: the relay does not wait for one
-/// batch's acknowledgements before sending the next.
-const MAX_IN_FLIGHT: usize = 8;
 /// How often rows no relay holds in memory are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How old an unpublished row must be before a sweep takes it: younger ones
@@ -230,11 +225,8 @@ impl Outbox {
         std::mem::take(&mut *self.queue())
     }
 
-    /// Puts rows back at the head of the queue (a retriable failure). With
-    /// several batches in flight, later ones may come back after earlier
-    /// ones: the rows put back keep `id` order among themselves.
+    /// Puts rows back at the head of the queue (a retriable failure).
     fn requeue(&self, mut rows: Vec<Row>) {
-        rows.sort_by_key(|r| r.id);
         let mut q = self.queue();
         rows.append(&mut q);
         rows.truncate(MAX_HELD);
@@ -279,60 +271,33 @@ impl Relay {
     }
 
     /// Runs until `shutdown`, then publishes what is left and flushes.
-    ///
-    /// Rows go to the producer as soon as they are handed over, while
-    /// earlier batches still wait for their acknowledgements (up to
-    /// [`MAX_IN_FLIGHT`] batches); batches are concluded (acknowledged rows
-    /// deleted, failed ones put back) in the order they were sent.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Duration::from_millis(50);
-        let mut paused_until: Option<tokio::time::Instant> = None;
-        let mut in_flight = FuturesOrdered::new();
         let backlog = metrics::global()
             .outbox_backlog
             .get_or_create(&metrics::Metrics::service(self.service))
             .clone();
         loop {
-            let paused = paused_until.is_some_and(|t| tokio::time::Instant::now() < t);
-            let room = in_flight.len() < MAX_IN_FLIGHT;
-            if !paused && room {
-                let rows = self.outbox.take();
-                backlog.set(rows.len() as i64);
-                if !rows.is_empty() {
-                    in_flight.push_back(self.enqueue(rows).finish());
-                    continue;
+            let rows = self.outbox.take();
+            backlog.set(rows.len() as i64);
+            if !rows.is_empty() {
+                match self.publish(rows).await {
+                    Ok(()) => backoff = Duration::from_millis(50),
+                    Err(e) => {
+                        tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox publish failed; will retry");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
+                continue;
             }
             tokio::select! {
-                Some(first) = in_flight.next(), if !in_flight.is_empty() => {
-                    // Conclude every batch already acknowledged in one go.
-                    let mut done = vec![first];
-                    while let Some(Some(more)) = in_flight.next().now_or_never() {
-                        done.push(more);
-                    }
-                    match self.conclude(Outcome::merge(done)).await {
-                        Ok(()) => {
-                            backoff = Duration::from_millis(50);
-                            paused_until = None;
-                        }
-                        Err(e) => {
-                            tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox publish failed; will retry");
-                            paused_until = Some(tokio::time::Instant::now() + backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-                _ = self.outbox.handoff.wake.notified(), if !paused && room => {}
-                _ = async {
-                    if let Some(t) = paused_until {
-                        tokio::time::sleep_until(t).await;
-                    }
-                }, if paused => {}
-                // Rows in flight are not in the queue; sweep only without any,
-                // so that it cannot take them for orphans.
-                _ = sweep.tick(), if in_flight.is_empty() && !paused => {
+                _ = self.outbox.handoff.wake.notified() => {}
+                _ = sweep.tick() => {
                     if let Err(e) = self.sweep().await {
                         tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox sweep failed; will retry");
                     }
@@ -342,11 +307,6 @@ impl Relay {
         }
         // Graceful stop: whatever committed before shutdown still goes out
         // (or stays in the table for the next start).
-        while let Some(outcome) = in_flight.next().await {
-            if let Err(e) = self.conclude(outcome).await {
-                tracing::warn!(error = %format!("{e:#}"), "outbox publish failed at shutdown; rows stay for the next start");
-            }
-        }
         let rows = self.outbox.take();
         if !rows.is_empty() {
             if let Err(e) = self.publish(rows).await {
@@ -361,15 +321,10 @@ impl Relay {
         }
     }
 
-    /// Publishes rows handed over in memory and concludes the batch.
+    /// Publishes rows handed over in memory and deletes those the broker
+    /// acknowledged. Rows to retry go back to the head of the queue.
     async fn publish(&self, rows: Vec<Row>) -> anyhow::Result<()> {
-        let outcome = self.enqueue(rows).finish().await;
-        self.conclude(outcome).await
-    }
-
-    /// Deletes the rows the broker acknowledged and puts the ones to retry
-    /// back at the head of the queue.
-    async fn conclude(&self, mut outcome: Outcome) -> anyhow::Result<()> {
+        let mut outcome = self.send(rows).await;
         let finished = async {
             let mut conn = self.pool.acquire().await?;
             outcome.settle(&mut conn).await
@@ -412,7 +367,7 @@ impl Relay {
             rows = rows.len(),
             "publishing outbox rows no relay announced"
         );
-        let mut outcome = self.enqueue(rows).finish().await;
+        let mut outcome = self.send(rows).await;
         // Rows to retry stay in the table for the next sweep.
         outcome.retry.clear();
         outcome.settle(&mut tx).await?;
@@ -421,10 +376,9 @@ impl Relay {
         outcome.error.map_or(Ok(()), Err)
     }
 
-    /// Hands every row to the producer (which batches them under
-    /// `linger.ms`); the acknowledgements are awaited with
-    /// [`Sending::finish`].
-    fn enqueue(&self, rows: Vec<Row>) -> Sending {
+    /// Sends every row, then awaits the deliveries together (awaiting one by
+    /// one would serialise them behind `linger.ms`), and sorts the results.
+    async fn send(&self, rows: Vec<Row>) -> Outcome {
         let mut outcome = Outcome::default();
         let mut pending = Vec::with_capacity(rows.len());
         let mut rows = rows.into_iter();
@@ -481,38 +435,6 @@ impl Relay {
             }
         }
         outcome.retry.extend(rows);
-        Sending { pending, outcome }
-    }
-
-    fn record(&self, outcome: &Outcome) {
-        let m = metrics::global();
-        let labels = metrics::Metrics::service(self.service);
-        m.outbox_published
-            .get_or_create(&labels)
-            .inc_by(outcome.sent.len() as u64);
-        let now = chrono::Utc::now();
-        let latency = m.outbox_publish_seconds.get_or_create(&labels);
-        for (_, at) in &outcome.sent {
-            latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
-        }
-    }
-}
-
-/// Rows handed to the producer, with their acknowledgements to come.
-struct Sending {
-    pending: Vec<(Row, tracing::Span, DeliveryFuture)>,
-    /// Rows the producer would not take (they are to be retried).
-    outcome: Outcome,
-}
-
-impl Sending {
-    /// Awaits the deliveries together (awaiting one by one would serialise
-    /// them behind `linger.ms`) and sorts the results.
-    async fn finish(self) -> Outcome {
-        let Sending {
-            pending,
-            mut outcome,
-        } = self;
         let (sent, deliveries): (Vec<_>, Vec<_>) = pending
             .into_iter()
             .map(|(row, span, d)| ((row, span), d))
@@ -552,6 +474,19 @@ impl Sending {
         outcome.retry = retry;
         outcome
     }
+
+    fn record(&self, outcome: &Outcome) {
+        let m = metrics::global();
+        let labels = metrics::Metrics::service(self.service);
+        m.outbox_published
+            .get_or_create(&labels)
+            .inc_by(outcome.sent.len() as u64);
+        let now = chrono::Utc::now();
+        let latency = m.outbox_publish_seconds.get_or_create(&labels);
+        for (_, at) in &outcome.sent {
+            latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        }
+    }
 }
 
 /// What became of a batch of rows.
@@ -567,20 +502,6 @@ struct Outcome {
 }
 
 impl Outcome {
-    /// Several batches' outcomes as one, in the order given.
-    fn merge(outcomes: Vec<Outcome>) -> Outcome {
-        let mut all = Outcome::default();
-        for o in outcomes {
-            all.sent.extend(o.sent);
-            all.parked.extend(o.parked);
-            all.retry.extend(o.retry);
-            if all.error.is_none() {
-                all.error = o.error;
-            }
-        }
-        all
-    }
-
     /// Deletes the published rows and parks the refused ones. The delete
     /// need not wait for the disk (`synchronous_commit` off for its own
     /// transaction, set in the same statement): if it is lost, the rows are

@@ -71,10 +71,9 @@ async fn rows_no_relay_was_handed_are_swept_published_and_deleted() -> anyhow::R
     sys.shutdown().await
 }
 
-/// The relay sends new rows while earlier batches still wait for their
-/// acknowledgements. However the batches interleave, every row is published
-/// once, each order's events keep the order they were written in, and every
-/// published row is deleted.
+/// Rows handed over faster than the relay's round trips: however they are
+/// cut into batches, every row is published once, each order's events keep
+/// the order they were written in, and every published row is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_handed_over_in_quick_succession_are_published_once_in_order_per_order(
 ) -> anyhow::Result<()> {
