@@ -3,26 +3,21 @@
 //! but never handed to a relay in memory (the writer died right after its
 //! commit) are found by the periodic sweep, published once, and deleted.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use events::{CorrelationId, Envelope, Event, Money, OrderConfirmed, OrderId};
 use saga_runtime::outbox::Relay;
 use saga_runtime::Outbox;
 use saga_tests::{poll, System, TopicMessage, Which};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn rows_no_relay_was_handed_are_swept_published_and_deleted() -> anyhow::Result<()> {
     let sys = System::start().await?;
     let outbox = Outbox::new(sys.kafka());
-    let event = Envelope::new(
-        OrderId::new(),
-        CorrelationId::generate(),
-        Event::OrderConfirmed(OrderConfirmed {
-            total: Money::from_minor(1_234),
-            order_created_at: chrono::Utc::now(),
-        }),
-    );
+    let event = confirmed(OrderId::new());
     let db = sys.db(Which::Order);
     let mut tx = db.begin().await?;
     let staged = outbox.enqueue_traced(&mut tx, &[(&event, None)]).await?;
@@ -30,44 +25,12 @@ async fn rows_no_relay_was_handed_are_swept_published_and_deleted() -> anyhow::R
     // As if the writer died between its commit and the hand-over.
     drop(staged);
 
-    let topic = sys.topic("order-events");
-    let event_id = event.event_id.to_string();
-    let published = poll(
-        Duration::from_millis(100),
-        || async {
-            let found = sys
-                .read_topic(&topic)
-                .await?
-                .into_iter()
-                .filter(|m| m.header("event_id") == Some(event_id.as_str()))
-                .count();
-            Ok(if found > 0 { Ok(found) } else { Err(found) })
-        },
-        |_| anyhow::anyhow!("the swept row never reached {topic}"),
-    )
-    .await?;
-    assert_eq!(published, 1);
-    let left = poll(
-        Duration::from_millis(100),
-        || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_id = $1")
-                .bind(event.event_id)
-                .fetch_one(db)
-                .await?;
-            Ok(if n == 0 { Ok(n) } else { Err(n) })
-        },
-        |n| anyhow::anyhow!("{n} published row(s) still in the outbox"),
-    )
-    .await?;
-    assert_eq!(left, 0);
+    let ours = HashSet::from([event.event_id.to_string()]);
+    let published = wait_published(&sys, &ours).await?;
+    assert_eq!(published.len(), 1);
+    wait_deleted(db, &ours).await?;
     // Published once: the sweep took it under a row lock and deleted it.
-    let copies = sys
-        .read_topic(&topic)
-        .await?
-        .into_iter()
-        .filter(|m| m.header("event_id") == Some(event_id.as_str()))
-        .count();
-    assert_eq!(copies, 1);
+    assert_eq!(published_now(&sys, &ours).await?.len(), 1);
     sys.shutdown().await
 }
 
@@ -103,27 +66,8 @@ async fn rows_handed_over_in_quick_succession_are_published_once_in_order_per_or
         written.extend(events);
     }
 
-    let topic = sys.topic("order-events");
-    let ours: std::collections::HashSet<String> =
-        written.iter().map(|e| e.event_id.to_string()).collect();
-    let published = poll(
-        Duration::from_millis(50),
-        || async {
-            let mine: Vec<TopicMessage> = sys
-                .read_topic(&topic)
-                .await?
-                .into_iter()
-                .filter(|m| m.header("event_id").is_some_and(|id| ours.contains(id)))
-                .collect();
-            Ok(if mine.len() >= written.len() {
-                Ok(mine)
-            } else {
-                Err(mine.len())
-            })
-        },
-        |n| anyhow::anyhow!("{n} of {} rows published", written.len()),
-    )
-    .await?;
+    let ours: HashSet<String> = written.iter().map(|e| e.event_id.to_string()).collect();
+    let published = wait_published(&sys, &ours).await?;
     assert_eq!(published.len(), written.len(), "every row exactly once");
     for order in &orders {
         let key = order.to_string();
@@ -144,26 +88,13 @@ async fn rows_handed_over_in_quick_succession_are_published_once_in_order_per_or
             .collect();
         assert_eq!(got, want, "events of order {key} out of order");
     }
-    let left = poll(
-        Duration::from_millis(50),
-        || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(&db)
-                .await?;
-            Ok(if n == 0 { Ok(n) } else { Err(n) })
-        },
-        |n| anyhow::anyhow!("{n} published row(s) still in the outbox"),
-    )
-    .await?;
-    assert_eq!(left, 0);
+    wait_deleted(&db, &ours).await?;
     // Deleted because published, not because a sweep published them again.
-    let copies = sys
-        .read_topic(&topic)
-        .await?
-        .iter()
-        .filter(|m| m.header("event_id").is_some_and(|id| ours.contains(id)))
-        .count();
-    assert_eq!(copies, written.len(), "no row published twice");
+    assert_eq!(
+        published_now(&sys, &ours).await?.len(),
+        written.len(),
+        "no row published twice"
+    );
     stop.cancel();
     relay.await?;
     sys.restart(Which::Order).await?;
@@ -175,8 +106,52 @@ fn confirmed(order: OrderId) -> Envelope {
         order,
         CorrelationId::generate(),
         Event::OrderConfirmed(OrderConfirmed {
-            total: Money::from_minor(100),
+            total: Money::from_minor(1_234),
             order_created_at: chrono::Utc::now(),
         }),
     )
+}
+
+/// The messages on `order-events` whose `event_id` is one of `ids`.
+async fn published_now(sys: &System, ids: &HashSet<String>) -> anyhow::Result<Vec<TopicMessage>> {
+    Ok(sys
+        .read_topic(&sys.topic("order-events"))
+        .await?
+        .into_iter()
+        .filter(|m| m.header("event_id").is_some_and(|id| ids.contains(id)))
+        .collect())
+}
+
+/// [`published_now`] once every one of `ids` is there.
+async fn wait_published(sys: &System, ids: &HashSet<String>) -> anyhow::Result<Vec<TopicMessage>> {
+    poll(
+        Duration::from_millis(50),
+        || async {
+            let found = published_now(sys, ids).await?;
+            Ok(if found.len() >= ids.len() {
+                Ok(found)
+            } else {
+                Err(found.len())
+            })
+        },
+        |n| anyhow::anyhow!("{n} of {} rows published", ids.len()),
+    )
+    .await
+}
+
+/// Waits until none of the outbox rows of `ids` is left.
+async fn wait_deleted(db: &PgPool, ids: &HashSet<String>) -> anyhow::Result<()> {
+    let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+    poll(
+        Duration::from_millis(50),
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_id = ANY($1)")
+                .bind(&ids)
+                .fetch_one(db)
+                .await?;
+            Ok(if n == 0 { Ok(()) } else { Err(n) })
+        },
+        |n| anyhow::anyhow!("{n} published row(s) still in the outbox"),
+    )
+    .await
 }
