@@ -196,7 +196,6 @@ pub async fn history<'e>(
     .await
 }
 
-/// Appends `events` to their orders' history.
 /// History rows as the column arrays `unnest` takes.
 struct History {
     order_ids: Vec<uuid::Uuid>,
