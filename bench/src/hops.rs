@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, TopicPartitionList};
 use serde::Serialize;
 
 use crate::{summarize, Config, Latency};
@@ -75,32 +75,16 @@ fn consumer(cfg: &Config) -> anyhow::Result<BaseConsumer> {
         .context("creating the consumer that reads the event topics back")
 }
 
-/// The current end of every partition of the event topics.
-fn ends(c: &BaseConsumer, prefix: &str) -> anyhow::Result<TopicPartitionList> {
-    let mut tpl = TopicPartitionList::new();
-    for name in TOPICS {
-        let topic = format!("{prefix}{name}");
-        let metadata = c
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .with_context(|| format!("reading the partitions of {topic}"))?;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                let (_, high) = c
-                    .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
-                    .with_context(|| format!("reading the end of {topic}/{}", p.id()))?;
-                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))?;
-            }
-        }
-    }
-    Ok(tpl)
-}
-
 /// Notes where the event topics end, before the run starts.
 pub async fn mark(cfg: &Config) -> anyhow::Result<Marks> {
     let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || {
         let c = consumer(&cfg)?;
-        Ok(Marks(ends(&c, &cfg.topic_prefix)?))
+        let topics: Vec<String> = TOPICS
+            .iter()
+            .map(|t| format!("{}{t}", cfg.topic_prefix))
+            .collect();
+        Ok(Marks(crate::topic_ends(&c, &topics)?))
     })
     .await?
 }

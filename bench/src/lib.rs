@@ -441,6 +441,27 @@ async fn restock(http: &reqwest::Client, inventory_url: &str) -> anyhow::Result<
     Ok(())
 }
 
+/// Where every partition of `topics` ends now, as the broker answers
+/// `ListOffsets` (tansu 0.6 answers short of the end when the last batch
+/// holds several records; see [`hops::Marks`]).
+fn topic_ends<C: Consumer>(c: &C, topics: &[String]) -> anyhow::Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("reading the partitions of {topic}"))?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (_, high) = c
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                    .with_context(|| format!("reading the end of {topic}/{}", p.id()))?;
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
+            }
+        }
+    }
+    Ok(tpl)
+}
+
 /// Reads `order-events` from its current end and reports every final event.
 async fn watch_final_events(
     cfg: &Config,
@@ -454,23 +475,15 @@ async fn watch_final_events(
         .set("fetch.wait.max.ms", cfg.fetch_wait_ms.to_string())
         .create()
         .context("creating the order-events consumer")?;
-    let (brokers_topic, consumer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let mut tpl = TopicPartitionList::new();
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                let (_, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))?;
-            }
-        }
+    let consumer = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let tpl = topic_ends(&consumer, std::slice::from_ref(&topic))?;
         if tpl.count() == 0 {
             bail!("topic {topic} has no partitions (is the system running with this KAFKA_TOPIC_PREFIX?)");
         }
         consumer.assign(&tpl)?;
-        Ok((topic, consumer))
+        Ok(consumer)
     })
     .await??;
-    let _ = brokers_topic;
     Ok(tokio::spawn(async move {
         loop {
             let Ok(msg) = consumer.recv().await else {
