@@ -14,7 +14,7 @@
 //! well; consumers absorb the duplicate.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use events::Envelope;
@@ -98,34 +98,18 @@ impl Prepared {
         &'q self,
         q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        // One array per column, in the order `insert` names them.
+        fn col<'r, T>(rows: &'r [Row], f: impl Fn(&'r Row) -> T) -> Vec<T> {
+            rows.iter().map(f).collect()
+        }
         let rows = &self.0;
-        q.bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
-            .bind(
-                rows.iter()
-                    .map(|r| r.message_key.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                rows.iter()
-                    .map(|r| r.event_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                rows.iter()
-                    .map(|r| r.correlation_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                rows.iter()
-                    .map(|r| r.traceparent.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                rows.iter()
-                    .map(|r| r.payload.as_slice())
-                    .collect::<Vec<_>>(),
-            )
+        q.bind(col(rows, |r| r.event_id))
+            .bind(col(rows, |r| r.topic.as_str()))
+            .bind(col(rows, |r| r.message_key.as_str()))
+            .bind(col(rows, |r| r.event_type.as_str()))
+            .bind(col(rows, |r| r.correlation_id.as_str()))
+            .bind(col(rows, |r| r.traceparent.as_deref()))
+            .bind(col(rows, |r| r.payload.as_slice()))
     }
 
     /// The rows the insert wrote, given its `(id, event_id)` pairs; rows
@@ -163,12 +147,11 @@ impl Outbox {
         if events.is_empty() {
             return Ok(Staged::default());
         }
+        static INSERT: LazyLock<String> =
+            LazyLock::new(|| format!("{} RETURNING id, event_id", Prepared::insert(1, None)));
         let rows = self.prepare(events)?;
         let ids: Vec<(i64, uuid::Uuid)> = rows
-            .bind(sqlx::query_as(&format!(
-                "{} RETURNING id, event_id",
-                Prepared::insert(1, None)
-            )))
+            .bind(sqlx::query_as(INSERT.as_str()))
             .fetch_all(&mut *conn)
             .await?;
         Ok(rows.staged(ids))
