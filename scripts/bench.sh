@@ -5,13 +5,21 @@
 # synchronous_commit on), tansu broker and the three release binaries on free
 # ports, runs the scenario and stops them. The scenarios:
 #   1. idle CPU for 10 s (the cost of low fetch.wait.max.ms polling)
-#   2. open loop 50 orders/s for 30 s
-#   3. open loop 200 orders/s for 30 s
-#   4. closed loop, concurrency 64 (BENCH_ORDERS orders, default 60000: over
+#   2. open loop 10 orders/s for 30 s (the unloaded floor, leg by leg)
+#   3. open loop 50 orders/s for 30 s
+#   4. open loop 200 orders/s for 30 s
+#   5. closed loop, concurrency 64 (BENCH_ORDERS orders, default 60000: over
 #      30 s at the target of 1,000 sagas/s)
 # and records each service's CPU and peak RSS per scenario, with the broker's
 # CPU and the whole machine's busy share.
 # BENCH_SCENARIOS picks a subset (e.g. "max"); BENCH_OUT another output file.
+#
+# Existing servers instead of local ones (e.g. Kafka from docker compose):
+#   KAFKA_BROKERS=localhost:9092 ./scripts/bench.sh
+# uses that broker, each scenario under topics and groups of its own
+# (KAFKA_TOPIC_PREFIX bench-<run>-<scenario>.), left there afterwards; and
+# BENCH_DATABASE_URL (or DATABASE_URL) a PostgreSQL server, each scenario in
+# databases of its own, dropped afterwards. Neither's CPU is measured then.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/infra.sh
@@ -23,11 +31,26 @@ out=${BENCH_OUT:-BENCHMARKS.md}
 # full fetch.wait.max.ms, so the benchmark runs with the lowest (see
 # docs/performance.md). The load generator reads the same variable.
 export KAFKA_FETCH_WAIT_MS=${KAFKA_FETCH_WAIT_MS:-1}
+ext_kafka=${KAFKA_BROKERS:-}
+ext_pg=${BENCH_DATABASE_URL:-${DATABASE_URL:-}}
+unset KAFKA_TOPIC_PREFIX
+run_id=$(date +%s)
 work=$(mktemp -d "${TMPDIR:-/tmp}/saga-bench.XXXXXX")
 chmod 755 "$work"
 services=(order-service payment-service inventory-service)
 declare -A pids
 sys=""
+tansu_pid=""
+psql=""
+if [ -n "$ext_pg" ]; then
+  psql=$(psql_bin)
+  [ -n "$psql" ] || echo "warning: no psql here: the bench databases on BENCH_DATABASE_URL stay after the run" >&2
+fi
+
+# ext_psql DB SQL: runs SQL in database DB of the external server.
+ext_psql() {
+  [ -n "$psql" ] && "$psql" "$(url_with_db "$ext_pg" "$1")" -qAtc "$2"
+}
 
 # Stops the services, the broker and PostgreSQL of the running system.
 stop_system() {
@@ -42,6 +65,12 @@ stop_system() {
   if [ -n "$sys" ]; then
     stop_pidfile "$sys/tansu.pid"
     stop_postgres "$sys/pg"
+    if [ -n "$ext_pg" ] && [ -n "$psql" ]; then
+      for s in "${services[@]}"; do
+        ext_psql postgres "DROP DATABASE IF EXISTS \"$db_prefix${s%-service}\" WITH (FORCE)" >/dev/null ||
+          echo "warning: could not drop database $db_prefix${s%-service}" >&2
+      done
+    fi
   fi
   sys=""
 }
@@ -58,21 +87,35 @@ trap cleanup EXIT INT TERM
 # services on free ports. Every scenario gets its own: tansu's in-memory
 # store makes each fetch cost more the more batches a partition holds, so a
 # broker carried over from the previous scenario would slow the next one.
+# With external servers: fresh databases, topics and groups on them instead.
 start_system() {
   local s db p
   sys="$work/$1"
   mkdir -p "$sys"
   chmod 755 "$sys"
-  pg_port=$(free_port)
-  kafka_port=$(free_port)
-  start_postgres "$sys/pg" "$pg_port" durable >/dev/null
-  start_tansu "$kafka_port" "$sys/tansu.log" "$sys/tansu.pid"
-  tansu_pid=$(cat "$sys/tansu.pid")
+  if [ -n "$ext_pg" ]; then
+    db_prefix="bench_${run_id}_$1_"
+    pg_base=$ext_pg
+  else
+    db_prefix="bench_"
+    pg_port=$(free_port)
+    start_postgres "$sys/pg" "$pg_port" durable >/dev/null
+    pg_base="postgres://postgres@127.0.0.1:$pg_port/postgres"
+  fi
+  if [ -n "$ext_kafka" ]; then
+    brokers=$ext_kafka
+    export KAFKA_TOPIC_PREFIX="bench-$run_id-$1."
+  else
+    kafka_port=$(free_port)
+    start_tansu "$kafka_port" "$sys/tansu.log" "$sys/tansu.pid"
+    tansu_pid=$(cat "$sys/tansu.pid")
+    brokers="127.0.0.1:$kafka_port"
+  fi
   for s in "${services[@]}"; do
     db=${s%-service}
     p=$(free_port)
-    PORT=$p DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/bench_$db" \
-      KAFKA_BROKERS="127.0.0.1:$kafka_port" RUST_LOG=${RUST_LOG:-warn} \
+    PORT=$p DATABASE_URL="$(url_with_db "$pg_base" "$db_prefix$db")" \
+      KAFKA_BROKERS="$brokers" RUST_LOG=${RUST_LOG:-warn} \
       "target/release/$s" >"$sys/$s.log" 2>&1 &
     pids[$s]=$!
     eval "port_${db}=$p"
@@ -84,7 +127,11 @@ start_system() {
   done
   # Creating the databases left tens of MB to write back; flushed now, it
   # cannot stall the scenario's first commits (seen: 160-190 ms).
-  "$(pg_bindir)/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -qAtc CHECKPOINT postgres >/dev/null
+  if [ -n "$ext_pg" ]; then
+    ext_psql postgres CHECKPOINT >/dev/null 2>&1 || true
+  else
+    "$(pg_bindir)/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -qAtc CHECKPOINT postgres >/dev/null
+  fi
   sync
   # shellcheck disable=SC2154 # set through eval above
   order_url="http://127.0.0.1:$port_order"
@@ -95,7 +142,7 @@ start_system() {
 echo "==> building release binaries"
 cargo build --release --locked --bins
 
-scenarios=${BENCH_SCENARIOS:-idle rate50 rate200 max}
+scenarios=${BENCH_SCENARIOS:-idle rate10 rate50 rate200 max}
 ticks=$(getconf CLK_TCK)
 # busy and total jiffies of the whole machine
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
@@ -115,7 +162,7 @@ run_scenario() {
     reset_peak "${pids[$s]}"
     before+=("$(cpu_ticks "${pids[$s]}")")
   done
-  tansu_before=$(cpu_ticks "$tansu_pid")
+  if [ -n "$tansu_pid" ]; then tansu_before=$(cpu_ticks "$tansu_pid"); fi
   machine_before=$(machine_ticks)
   start=$(date +%s.%N)
   if [ "$1" = "idle" ]; then
@@ -123,7 +170,7 @@ run_scenario() {
     echo '{}' >"$work/$name.json"
   else
     target/release/loadgen --order-url "$order_url" --inventory-url "$inventory_url" \
-      --brokers "127.0.0.1:$kafka_port" --quiet --json "$work/$name.json" "$@"
+      --brokers "$brokers" --quiet --json "$work/$name.json" "$@"
   fi
   end=$(date +%s.%N)
   local usage=""
@@ -135,8 +182,10 @@ run_scenario() {
     usage+="$s ${cpu}% CPU, peak RSS $(peak_rss_mib "${pids[$s]}") MiB; "
     i=$((i + 1))
   done
-  usage+="broker (tansu) $(awk -v a="$tansu_before" -v b="$(cpu_ticks "$tansu_pid")" -v t="$ticks" -v s="$start" -v e="$end" \
-    'BEGIN {printf "%.0f", 100 * (b - a) / t / (e - s)}')% CPU; "
+  if [ -n "$tansu_pid" ]; then
+    usage+="broker (tansu) $(awk -v a="$tansu_before" -v b="$(cpu_ticks "$tansu_pid")" -v t="$ticks" -v s="$start" -v e="$end" \
+      'BEGIN {printf "%.0f", 100 * (b - a) / t / (e - s)}')% CPU; "
+  fi
   usage+="machine $(machine_ticks | awk -v before="$machine_before" '{split(before, a, " "); printf "%.0f", 100 * ($1 - a[1]) / ($2 - a[2])}')% busy; "
   results+=("$name|$work/$name.json|$usage")
   echo "    $usage"
@@ -146,28 +195,44 @@ run_scenario() {
 for scenario in $scenarios; do
   case $scenario in
     idle) echo "==> idle, 10 s"; run_scenario idle idle ;;
+    rate10) echo "==> open loop 10/s for 30 s"; run_scenario rate10 --rate 10/s --duration 30s --hops ;;
     rate50) echo "==> open loop 50/s for 30 s"; run_scenario rate50 --rate 50/s --duration 30s --hops ;;
     rate200) echo "==> open loop 200/s for 30 s"; run_scenario rate200 --rate 200/s --duration 30s --hops ;;
     max)
       echo "==> closed loop, concurrency 64, $orders orders"
       run_scenario max --concurrency 64 --orders "$orders" --grace 120s
       ;;
-    *) echo "unknown scenario $scenario (idle rate50 rate200 max)" >&2; exit 2 ;;
+    *) echo "unknown scenario $scenario (idle rate10 rate50 rate200 max)" >&2; exit 2 ;;
   esac
 done
 
-python3 - "$out" "$(nproc)" "$(date -u +%Y-%m-%d)" "$KAFKA_FETCH_WAIT_MS" "${KAFKA_LINGER_MS:-1}" "${results[@]}" <<'PY'
+if [ -n "$ext_pg" ]; then
+  durability=$(ext_psql postgres "SELECT 'fsync ' || current_setting('fsync') || ', synchronous_commit ' || current_setting('synchronous_commit')" 2>/dev/null || echo "settings unknown")
+  database="the PostgreSQL server at BENCH_DATABASE_URL ($durability)"
+else
+  database="PostgreSQL (fsync and synchronous_commit on)"
+fi
+if [ -n "$ext_kafka" ]; then
+  broker="the broker at KAFKA_BROKERS=$ext_kafka"
+else
+  broker="the tansu broker (in memory)"
+fi
+command="./scripts/bench.sh"
+[ -n "$ext_pg" ] && command="BENCH_DATABASE_URL=… $command"
+[ -n "$ext_kafka" ] && command="KAFKA_BROKERS=$ext_kafka $command"
+python3 - "$out" "$(nproc)" "$(date -u +%Y-%m-%d)" "$KAFKA_FETCH_WAIT_MS" "${KAFKA_LINGER_MS:-1}" "$database, $broker" "$command" "${results[@]}" <<'PY'
 import json, sys
-out, cores, day, fetch_wait, linger, *rows = sys.argv[1:]
+out, cores, day, fetch_wait, linger, servers, command, *rows = sys.argv[1:]
+mem_kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal:"))
+mem_gib = round(mem_kib / 1024 / 1024)
 lines = [
     "# Benchmarks",
     "",
-    f"Measured {day} on this project's reference machine: {cores} cores, 24 GiB,",
-    "PostgreSQL (fsync and synchronous_commit on), the tansu broker (in memory),",
-    "the three release binaries (RUST_LOG=warn) and the load generator all on it.",
+    f"Measured {day} on a machine with {cores} cores and {mem_gib} GiB: {servers},",
+    "the three release binaries (RUST_LOG=warn) and the load generator.",
     f"Each scenario starts on a fresh system. Consumers' `fetch.wait.max.ms` {fetch_wait},",
     f"producers' `linger.ms` {linger}.",
-    "Reproduce with `./scripts/bench.sh` (writes this file). What the figures mean,",
+    f"Reproduce with `{command}` (writes this file). What the figures mean,",
     "where the time goes and what was tried: [docs/performance.md](docs/performance.md).",
     "",
     "| scenario | sagas done | lost | throughput (sagas/s) | HTTP p50 / p99 (ms) | end-to-end p50 / p90 / p99 / max (ms) |",

@@ -55,6 +55,34 @@ pg_bindir() {
   return 1
 }
 
+# url_with_db URL DB: URL (postgres://user:pass@host:port[/db][?params]) with
+# its database replaced by DB.
+url_with_db() {
+  local url=$1 db=$2 query="" rest
+  case $url in *\?*)
+    query="?${url#*\?}"
+    url=${url%%\?*}
+    ;;
+  esac
+  rest=${url#*://}
+  echo "${url%%://*}://${rest%%/*}/$db$query"
+}
+
+# Path of a psql client, or nothing (never installs one).
+psql_bin() {
+  local d
+  if command -v psql >/dev/null 2>&1; then
+    command -v psql
+    return 0
+  fi
+  for d in /usr/lib/postgresql/*/bin; do
+    if [ -x "$d/psql" ]; then
+      echo "$d/psql"
+      return 0
+    fi
+  done
+}
+
 # Runs a command as the user that owns the cluster: PostgreSQL refuses root.
 as_pg_user() {
   if [ "$(id -u)" -eq 0 ]; then
