@@ -470,7 +470,10 @@ impl<H: Handler> EventLoop<H> {
 
     /// Copies `msg` to `<topic>.dlq` with headers saying who gave up and why.
     /// Retries until the broker takes it (or shutdown): the offset is not
-    /// stored before.
+    /// stored before. A copy that can never be published (too large for
+    /// the producer, topic refused) is logged with the message's position
+    /// and counted instead, so it cannot hold up its partition for good;
+    /// the original stays in its topic at that offset.
     async fn dead_letter(
         &self,
         msg: &BorrowedMessage<'_>,
@@ -521,6 +524,26 @@ impl<H: Handler> EventLoop<H> {
                 Ok(_) => {
                     metrics::global()
                         .dead_lettered
+                        .get_or_create(&metrics::TopicLabels {
+                            service: self.service.to_owned(),
+                            topic: msg.topic().to_owned(),
+                        })
+                        .inc();
+                    return Ok(());
+                }
+                Err((e, _)) if kafka::is_permanent(&e) => {
+                    tracing::error!(
+                        service = self.service,
+                        topic = msg.topic(),
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        reason,
+                        dlq = %topic,
+                        error = %e,
+                        "the dead-letter topic can never take this message; skipping it"
+                    );
+                    metrics::global()
+                        .dead_letter_failed
                         .get_or_create(&metrics::TopicLabels {
                             service: self.service.to_owned(),
                             topic: msg.topic().to_owned(),

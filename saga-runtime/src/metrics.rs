@@ -57,6 +57,7 @@ pub struct Metrics {
     pub consumer_errors: Family<ServiceLabels, Counter>,
     pub consumer_retries: Family<ServiceLabels, Counter>,
     pub dead_lettered: Family<TopicLabels, Counter>,
+    pub dead_letter_failed: Family<TopicLabels, Counter>,
     pub consumer_batch_size: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub consumer_batch_seconds: Histograms<ServiceLabels>,
     pub outbox_published: Family<ServiceLabels, Counter>,
@@ -75,6 +76,7 @@ impl Metrics {
             consumer_errors: Family::default(),
             consumer_retries: Family::default(),
             dead_lettered: Family::default(),
+            dead_letter_failed: Family::default(),
             consumer_batch_size: Family::new_with_constructor(batch_size_histogram),
             consumer_batch_seconds: Family::new_with_constructor(latency_histogram),
             outbox_published: Family::default(),
@@ -108,6 +110,11 @@ impl Metrics {
             "dead_lettered_messages",
             "Messages sent to a dead-letter topic",
             m.dead_lettered.clone(),
+        );
+        registry.register(
+            "dead_letter_failed_messages",
+            "Messages a dead-letter topic can never take (logged with their position, then skipped)",
+            m.dead_letter_failed.clone(),
         );
         registry.register(
             "consumer_batch_size",

@@ -433,6 +433,59 @@ async fn malformed_messages_go_to_the_dead_letter_topic_and_do_not_block() -> an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_its_dead_letter_topic_can_never_take_does_not_block() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let order_topic = sys.topic("order-events");
+    // Malformed and larger than the services' producers may send (librdkafka's
+    // default message.max.bytes, 1,000,000): its copy to the DLQ fails for good.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &sys.kafka.brokers)
+        .set("message.max.bytes", "2000000")
+        .create()?;
+    let mut huge = vec![b'x'; 1_100_000];
+    huge[0] = b'{';
+    for partition in 0..sys.kafka.partitions {
+        let key = format!("huge-{partition}");
+        let record = rdkafka::producer::FutureRecord::to(&order_topic)
+            .partition(partition)
+            .key(&key)
+            .payload(&huge);
+        producer
+            .send(record, std::time::Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow::Error::new(e).context("producing the huge message"))?;
+    }
+
+    // Every partition has one in front of the orders; they still complete.
+    let ids: Vec<String> = futures::future::try_join_all(
+        (0..6).map(|_| sys.place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "3.00"}]))),
+    )
+    .await?;
+    for id in &ids {
+        assert_eq!(sys.wait_terminal(id).await?["status"], "CONFIRMED");
+    }
+
+    let dlq = sys.read_topic(&format!("{order_topic}.dlq")).await?;
+    assert!(dlq.is_empty(), "{dlq:?}");
+    let metrics = sys
+        .http
+        .get(sys.url(Which::Payment, "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let counted = format!(
+        "saga_dead_letter_failed_messages_total{{service=\"payment-service\",topic=\"{order_topic}\"}} {}",
+        sys.kafka.partitions
+    );
+    assert!(
+        metrics.lines().any(|l| l == counted),
+        "{counted} not in {metrics}"
+    );
+    sys.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_a_handler_refuses_are_dead_lettered_alone_and_stay_replayable() -> anyhow::Result<()>
 {
     let sys = System::start().await?;
