@@ -484,6 +484,10 @@ impl<H: Handler> EventLoop<H> {
         let partition = msg.partition().to_string();
         let offset = msg.offset().to_string();
         let failed_at = chrono::Utc::now().to_rfc3339();
+        let labels = metrics::TopicLabels {
+            service: self.service.to_owned(),
+            topic: msg.topic().to_owned(),
+        };
         tracing::warn!(
             service = self.service,
             topic = msg.topic(),
@@ -522,13 +526,7 @@ impl<H: Handler> EventLoop<H> {
             }
             match self.producer.send(record, Duration::from_secs(5)).await {
                 Ok(_) => {
-                    metrics::global()
-                        .dead_lettered
-                        .get_or_create(&metrics::TopicLabels {
-                            service: self.service.to_owned(),
-                            topic: msg.topic().to_owned(),
-                        })
-                        .inc();
+                    metrics::global().dead_lettered.get_or_create(&labels).inc();
                     return Ok(());
                 }
                 Err((e, _)) if kafka::is_permanent(&e) => {
@@ -544,10 +542,7 @@ impl<H: Handler> EventLoop<H> {
                     );
                     metrics::global()
                         .dead_letter_failed
-                        .get_or_create(&metrics::TopicLabels {
-                            service: self.service.to_owned(),
-                            topic: msg.topic().to_owned(),
-                        })
+                        .get_or_create(&labels)
                         .inc();
                     return Ok(());
                 }

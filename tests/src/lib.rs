@@ -307,6 +307,30 @@ impl System {
         .await
     }
 
+    /// Places `n` one-unit orders of SKU-1 at once and waits until every one
+    /// is CONFIRMED (an error names any that ended otherwise).
+    pub async fn confirm_orders(&self, n: usize) -> anyhow::Result<Vec<String>> {
+        let item = serde_json::json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "2.00"}]);
+        let ids = futures::future::try_join_all((0..n).map(|_| self.place(item.clone()))).await?;
+        for id in &ids {
+            let order = self.wait_terminal(id).await?;
+            anyhow::ensure!(order["status"] == "CONFIRMED", "order {id} ended {order}");
+        }
+        Ok(ids)
+    }
+
+    /// The Prometheus text of `w`'s `/metrics`.
+    pub async fn metrics(&self, w: Which) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(self.url(w, "/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// `PUT /products/{sku}`.
     pub async fn stock(&self, sku: &str, available: i64) -> anyhow::Result<()> {
         let resp = self

@@ -46,13 +46,7 @@ async fn each_order_is_one_connected_trace_and_metrics_follow_the_saga() -> anyh
     otlp::check_order_traces(&sys, &spans).await?;
 
     // Metrics moved with the two sagas.
-    let metrics = sys
-        .http
-        .get(sys.url(Which::Order, "/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = sys.metrics(Which::Order).await?;
     let value = |needle: &str| -> f64 {
         metrics
             .lines()

@@ -398,13 +398,7 @@ async fn malformed_messages_go_to_the_dead_letter_topic_and_do_not_block() -> an
     )
     .await?;
 
-    let ids: Vec<String> = futures::future::try_join_all(
-        (0..6).map(|_| sys.place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "3.00"}]))),
-    )
-    .await?;
-    for id in &ids {
-        assert_eq!(sys.wait_terminal(id).await?["status"], "CONFIRMED");
-    }
+    sys.confirm_orders(6).await?;
 
     let dlq = sys.read_topic(&format!("{order_topic}.dlq")).await?;
     assert_eq!(dlq.len(), 7, "{dlq:?}");
@@ -457,23 +451,11 @@ async fn a_message_its_dead_letter_topic_can_never_take_does_not_block() -> anyh
     }
 
     // Every partition has one in front of the orders; they still complete.
-    let ids: Vec<String> = futures::future::try_join_all(
-        (0..6).map(|_| sys.place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "3.00"}]))),
-    )
-    .await?;
-    for id in &ids {
-        assert_eq!(sys.wait_terminal(id).await?["status"], "CONFIRMED");
-    }
+    sys.confirm_orders(6).await?;
 
     let dlq = sys.read_topic(&format!("{order_topic}.dlq")).await?;
     assert!(dlq.is_empty(), "{dlq:?}");
-    let metrics = sys
-        .http
-        .get(sys.url(Which::Payment, "/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = sys.metrics(Which::Payment).await?;
     let counted = format!(
         "saga_dead_letter_failed_messages_total{{service=\"payment-service\",topic=\"{order_topic}\"}} {}",
         sys.kafka.partitions
@@ -512,13 +494,7 @@ async fn events_a_handler_refuses_are_dead_lettered_alone_and_stay_replayable() 
     let headers = rdkafka::message::OwnedHeaders::new;
     sys.produce_raw(&inventory_topic, &stray_order, &stray, headers())
         .await?;
-    let ids: Vec<String> = futures::future::try_join_all(
-        (0..4).map(|_| sys.place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "2.00"}]))),
-    )
-    .await?;
-    for id in &ids {
-        assert_eq!(sys.wait_terminal(id).await?["status"], "CONFIRMED");
-    }
+    sys.confirm_orders(4).await?;
 
     let dlq_topic = format!("{inventory_topic}.dlq");
     let dlq = sys.wait_topic(&dlq_topic, 1).await?;
