@@ -149,13 +149,20 @@ machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 reset_peak() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
+# cpu_share BEFORE NOW: percent of one core between the scenario's $start and $end
+cpu_share() {
+  awk -v a="$1" -v b="$2" -v t="$ticks" -v s="$start" -v e="$end" 'BEGIN {printf "%.0f", 100 * (b - a) / t / (e - s)}'
+}
 
 # run_scenario NAME SECONDS-OR-EMPTY LOADGEN-ARGS...
 results=()
 run_scenario() {
   local name=$1
   shift
-  echo "    fresh system: PostgreSQL, tansu, services"
+  local db_what="PostgreSQL" broker_what="tansu"
+  [ -z "$ext_pg" ] || db_what="databases on BENCH_DATABASE_URL"
+  [ -z "$ext_kafka" ] || broker_what="topics on $ext_kafka"
+  echo "    fresh system: $db_what, $broker_what, services"
   start_system "$name"
   local before=() start end s i=0 tansu_before machine_before
   for s in "${services[@]}"; do
@@ -175,16 +182,11 @@ run_scenario() {
   end=$(date +%s.%N)
   local usage=""
   for s in "${services[@]}"; do
-    local now cpu
-    now=$(cpu_ticks "${pids[$s]}")
-    cpu=$(awk -v a="${before[$i]}" -v b="$now" -v t="$ticks" -v s="$start" -v e="$end" \
-      'BEGIN {printf "%.0f", 100 * (b - a) / t / (e - s)}')
-    usage+="$s ${cpu}% CPU, peak RSS $(peak_rss_mib "${pids[$s]}") MiB; "
+    usage+="$s $(cpu_share "${before[$i]}" "$(cpu_ticks "${pids[$s]}")")% CPU, peak RSS $(peak_rss_mib "${pids[$s]}") MiB; "
     i=$((i + 1))
   done
   if [ -n "$tansu_pid" ]; then
-    usage+="broker (tansu) $(awk -v a="$tansu_before" -v b="$(cpu_ticks "$tansu_pid")" -v t="$ticks" -v s="$start" -v e="$end" \
-      'BEGIN {printf "%.0f", 100 * (b - a) / t / (e - s)}')% CPU; "
+    usage+="broker (tansu) $(cpu_share "$tansu_before" "$(cpu_ticks "$tansu_pid")")% CPU; "
   fi
   usage+="machine $(machine_ticks | awk -v before="$machine_before" '{split(before, a, " "); printf "%.0f", 100 * ($1 - a[1]) / ($2 - a[2])}')% busy; "
   results+=("$name|$work/$name.json|$usage")

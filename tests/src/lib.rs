@@ -370,6 +370,9 @@ impl System {
         Ok(ClientConfig::new()
             .set("bootstrap.servers", &self.kafka.brokers)
             .set("linger.ms", "1")
+            // Room for messages larger than the services may send (their
+            // producers keep librdkafka's default, 1,000,000 bytes).
+            .set("message.max.bytes", "2000000")
             .create()?)
     }
 

@@ -432,10 +432,7 @@ async fn a_message_its_dead_letter_topic_can_never_take_does_not_block() -> anyh
     let order_topic = sys.topic("order-events");
     // Malformed and larger than the services' producers may send (librdkafka's
     // default message.max.bytes, 1,000,000): its copy to the DLQ fails for good.
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &sys.kafka.brokers)
-        .set("message.max.bytes", "2000000")
-        .create()?;
+    let producer = sys.producer()?;
     // Still under Kafka's own default limit for a batch (1,048,588 bytes).
     let mut huge = vec![b'x'; 1_010_000];
     huge[0] = b'{';
