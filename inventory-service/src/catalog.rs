@@ -1,9 +1,14 @@
 //! The product catalog and its HTTP API.
+//!
+//! Every write that changes the units put in goes through the stock ledger
+//! in the same statement, so `stocked` (the ledger's sum) always equals
+//! `available + reserved`: reservations only move units between the two.
 
 use anyhow::Context;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use events::Sku;
 use saga_runtime::{ApiError, ApiJson};
@@ -25,22 +30,31 @@ pub const DEMO_CATALOG: &[(&str, &str, i64)] = &[
 const MAX_STOCK: i64 = 1_000_000_000;
 const MAX_NAME_LEN: usize = 200;
 
+/// Loads the demo catalog into an empty catalog. Safe when several
+/// replicas start at once: a product another replica inserted meanwhile is
+/// left alone, and only the rows this call inserted enter the ledger.
 pub async fn seed_if_empty(pool: &PgPool) -> anyhow::Result<()> {
     let skus: Vec<&str> = DEMO_CATALOG.iter().map(|p| p.0).collect();
     let names: Vec<&str> = DEMO_CATALOG.iter().map(|p| p.1).collect();
     let units: Vec<i64> = DEMO_CATALOG.iter().map(|p| p.2).collect();
-    let inserted = sqlx::query(
-        "INSERT INTO products (sku, name, available)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
-         WHERE NOT EXISTS (SELECT 1 FROM products)",
+    let inserted: i64 = sqlx::query_scalar(
+        "WITH seeded AS (
+             INSERT INTO products (sku, name, available)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+             WHERE NOT EXISTS (SELECT 1 FROM products)
+             ON CONFLICT (sku) DO NOTHING
+             RETURNING sku, available),
+         booked AS (
+             INSERT INTO stock_ledger (sku, delta, reason)
+             SELECT sku, available, 'seed' FROM seeded)
+         SELECT count(*) FROM seeded",
     )
     .bind(&skus)
     .bind(&names)
     .bind(&units)
-    .execute(pool)
+    .fetch_one(pool)
     .await
-    .context("seeding the demo catalog")?
-    .rows_affected();
+    .context("seeding the demo catalog")?;
     if inserted > 0 {
         tracing::info!(products = inserted, "loaded the demo catalog");
     }
@@ -51,6 +65,7 @@ pub fn router(pool: PgPool) -> Router {
     Router::new()
         .route("/products", get(list))
         .route("/products/{sku}", get(show).put(upsert))
+        .route("/products/{sku}/restock", post(restock))
         .with_state(pool)
 }
 
@@ -60,8 +75,15 @@ struct ProductRow {
     name: String,
     available: i64,
     reserved: i64,
+    stocked: i64,
+    version: i64,
     updated_at: chrono::DateTime<chrono::Utc>,
 }
+
+/// Columns of [`ProductRow`] from `products p`.
+const PRODUCT_COLUMNS: &str = "p.sku, p.name, p.available, p.reserved, \
+     COALESCE((SELECT sum(delta) FROM stock_ledger l WHERE l.sku = p.sku), 0)::bigint AS stocked, \
+     p.version, p.updated_at";
 
 fn to_json(p: &ProductRow) -> serde_json::Value {
     json!({
@@ -69,14 +91,25 @@ fn to_json(p: &ProductRow) -> serde_json::Value {
         "name": p.name,
         "available": p.available,
         "reserved": p.reserved,
+        "stocked": p.stocked,
+        "version": p.version,
         "updated_at": p.updated_at,
     })
 }
 
+/// The product with its version as `ETag`, for a later `If-Match`.
+fn with_etag(status: StatusCode, p: &ProductRow) -> Response {
+    let mut r = (status, Json(to_json(p))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", p.version)) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
 async fn list(State(pool): State<PgPool>) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows: Vec<ProductRow> = sqlx::query_as(
-        "SELECT sku, name, available, reserved, updated_at FROM products ORDER BY sku",
-    )
+    let rows: Vec<ProductRow> = sqlx::query_as(&format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products p ORDER BY p.sku"
+    ))
     .fetch_all(&pool)
     .await?;
     Ok(Json(
@@ -88,18 +121,19 @@ fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
     Sku::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-async fn show(
-    State(pool): State<PgPool>,
-    Path(sku): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let sku = parse_sku(&sku)?;
-    let row: Option<ProductRow> = sqlx::query_as(
-        "SELECT sku, name, available, reserved, updated_at FROM products WHERE sku = $1",
-    )
+async fn find(pool: &PgPool, sku: &Sku) -> Result<Option<ProductRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products p WHERE p.sku = $1"
+    ))
     .bind(sku.as_str())
-    .fetch_optional(&pool)
-    .await?;
-    row.map(|r| Json(to_json(&r)))
+    .fetch_optional(pool)
+    .await
+}
+
+async fn show(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+    let sku = parse_sku(&sku)?;
+    let row = find(&pool, &sku).await?;
+    row.map(|r| with_etag(StatusCode::OK, &r))
         .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))
 }
 
@@ -108,14 +142,54 @@ async fn show(
 struct UpsertRequest {
     name: String,
     available: i64,
+    /// The version the caller read; a stale one is refused (as `If-Match`).
+    #[serde(default)]
+    version: Option<i64>,
 }
 
-/// Creates the product, or sets its name and available units.
+/// The version a write expects, from `If-Match` (`"3"`, `3` or `W/"3"`)
+/// and/or the body's `version`; both given must agree.
+fn expected_version(headers: &HeaderMap, body: Option<i64>) -> Result<Option<i64>, ApiError> {
+    let header = match headers.get(header::IF_MATCH) {
+        None => None,
+        Some(v) => {
+            let raw = v.to_str().unwrap_or_default().trim();
+            let tag = raw.trim_start_matches("W/").trim_matches('"');
+            Some(tag.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "If-Match must be a product version as its ETag gives it, e.g. \"3\"; got {raw:?}"
+                ))
+            })?)
+        }
+    };
+    match (header, body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::bad_request(format!(
+            "If-Match ({h}) and version ({b}) disagree"
+        ))),
+        (h, b) => Ok(h.or(b)),
+    }
+}
+
+fn stale(sku: &Sku, expected: i64, current: Option<i64>) -> ApiError {
+    let now = current.map_or("the product does not exist".to_owned(), |v| {
+        format!("it is at version {v}")
+    });
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "version_conflict",
+        format!("product {sku} changed since version {expected} ({now}); read it again and retry"),
+    )
+}
+
+/// Creates the product, or sets its name and available units. With a
+/// version (`If-Match` or `version`), only if the product is still at it,
+/// so a read-modify-write cannot overwrite reservations made in between.
 async fn upsert(
     State(pool): State<PgPool>,
     Path(sku): Path<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<UpsertRequest>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
@@ -129,33 +203,127 @@ async fn upsert(
             body.available
         )));
     }
-    let (row, created): (ProductRow, bool) = {
-        let r: (String, String, i64, i64, chrono::DateTime<chrono::Utc>, bool) = sqlx::query_as(
-            "INSERT INTO products (sku, name, available) VALUES ($1, $2, $3)
-             ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name, available = EXCLUDED.available, updated_at = now()
-             RETURNING sku, name, available, reserved, updated_at, (xmax = 0) AS created",
-        )
-        .bind(sku.as_str())
-        .bind(name)
-        .bind(body.available)
-        .fetch_one(&pool)
-        .await?;
-        (
-            ProductRow {
-                sku: r.0,
-                name: r.1,
-                available: r.2,
-                reserved: r.3,
-                updated_at: r.4,
-            },
-            r.5,
-        )
-    };
-    tracing::info!(sku = %sku, available = row.available, created, "product stocked");
+    let expected = expected_version(&headers, body.version)?;
+    // One statement: lock the current row (if any), write unless the
+    // version is stale, book the change of units in the ledger.
+    let (written, created, current): (bool, bool, i64) = sqlx::query_as(
+        "WITH cur AS (SELECT available, version FROM products WHERE sku = $1 FOR UPDATE),
+              up AS (
+                  INSERT INTO products (sku, name, available)
+                  SELECT $1, $2, $3 WHERE $4::bigint IS NULL OR $4 = (SELECT version FROM cur)
+                  ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name, available = EXCLUDED.available,
+                      version = products.version + 1, updated_at = now()
+                  RETURNING (xmax = 0) AS created),
+              booked AS (
+                  INSERT INTO stock_ledger (sku, delta, reason)
+                  SELECT $1, $3 - COALESCE((SELECT available FROM cur), 0), 'put'
+                  WHERE EXISTS (SELECT 1 FROM up) AND $3 <> COALESCE((SELECT available FROM cur), 0))
+         SELECT true, created, 0::bigint FROM up
+         UNION ALL
+         SELECT false, false, COALESCE((SELECT version FROM cur), 0) WHERE NOT EXISTS (SELECT 1 FROM up)",
+    )
+    .bind(sku.as_str())
+    .bind(name)
+    .bind(body.available)
+    .bind(expected)
+    .fetch_one(&pool)
+    .await?;
+    if !written {
+        let expected = expected.unwrap_or_default();
+        return Err(stale(&sku, expected, (current > 0).then_some(current)));
+    }
+    let row = find(&pool, &sku)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))?;
+    tracing::info!(sku = %sku, available = row.available, version = row.version, created, "product stocked");
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(to_json(&row))))
+    Ok(with_etag(status, &row))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestockRequest {
+    quantity: i64,
+}
+
+/// Adds units to a product atomically (whatever was reserved meanwhile).
+async fn restock(
+    State(pool): State<PgPool>,
+    Path(sku): Path<String>,
+    ApiJson(body): ApiJson<RestockRequest>,
+) -> Result<Response, ApiError> {
+    let sku = parse_sku(&sku)?;
+    if !(1..=MAX_STOCK).contains(&body.quantity) {
+        return Err(ApiError::validation(format!(
+            "quantity: must be between 1 and {MAX_STOCK}, got {}",
+            body.quantity
+        )));
+    }
+    let outcome: Option<bool> = sqlx::query_scalar(
+        "WITH cur AS (SELECT available FROM products WHERE sku = $1 FOR UPDATE),
+              up AS (
+                  UPDATE products SET available = available + $2, version = version + 1, updated_at = now()
+                  WHERE sku = $1 AND available + $2 <= $3
+                  RETURNING sku),
+              booked AS (
+                  INSERT INTO stock_ledger (sku, delta, reason)
+                  SELECT sku, $2, 'restock' FROM up)
+         SELECT EXISTS (SELECT 1 FROM up) FROM cur",
+    )
+    .bind(sku.as_str())
+    .bind(body.quantity)
+    .bind(MAX_STOCK)
+    .fetch_optional(&pool)
+    .await?;
+    match outcome {
+        None => return Err(ApiError::not_found(format!("product {sku} does not exist"))),
+        Some(false) => {
+            return Err(ApiError::validation(format!(
+                "quantity: the product would hold more than {MAX_STOCK} units"
+            )))
+        }
+        Some(true) => {}
+    }
+    let row = find(&pool, &sku)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))?;
+    tracing::info!(sku = %sku, added = body.quantity, available = row.available, "product restocked");
+    Ok(with_etag(StatusCode::OK, &row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn if_match(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::IF_MATCH, HeaderValue::from_str(v).expect("header"));
+        h
+    }
+
+    #[test]
+    fn the_expected_version_comes_from_if_match_or_the_body() {
+        assert_eq!(expected_version(&HeaderMap::new(), None).ok(), Some(None));
+        assert_eq!(
+            expected_version(&HeaderMap::new(), Some(4)).ok(),
+            Some(Some(4))
+        );
+        for tag in ["\"7\"", "7", "W/\"7\""] {
+            assert_eq!(
+                expected_version(&if_match(tag), None).ok(),
+                Some(Some(7)),
+                "{tag}"
+            );
+        }
+        assert_eq!(
+            expected_version(&if_match("\"7\""), Some(7)).ok(),
+            Some(Some(7))
+        );
+        assert!(expected_version(&if_match("\"7\""), Some(8)).is_err());
+        assert!(expected_version(&if_match("*"), None).is_err());
+    }
 }

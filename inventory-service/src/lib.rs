@@ -2,6 +2,7 @@
 //! order or none, and never oversells.
 
 mod catalog;
+mod reservations;
 mod reserve;
 
 use saga_runtime::config::{self, ConfigError};
@@ -41,6 +42,7 @@ pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<
     if settings.seed_demo_catalog {
         catalog::seed_if_empty(&infra.pool).await?;
     }
-    let router = catalog::router(infra.pool.clone());
+    let router =
+        catalog::router(infra.pool.clone()).merge(reservations::router(infra.pool.clone()));
     App::new(infra, router, Some((SUBSCRIBES, Reserver))).await
 }

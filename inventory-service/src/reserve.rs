@@ -119,7 +119,8 @@ impl Handler for Reserver {
         let (taken_skus, taken_qtys): (Vec<&str>, Vec<i64>) = decided.taken.into_iter().unzip();
         sqlx::query(
             "WITH taken AS (
-                 UPDATE products p SET available = p.available - w.qty, reserved = p.reserved + w.qty, updated_at = now()
+                 UPDATE products p SET available = p.available - w.qty, reserved = p.reserved + w.qty,
+                     version = p.version + 1, updated_at = now()
                  FROM unnest($5::text[], $6::bigint[]) AS w(sku, qty)
                  WHERE p.sku = w.sku)
              INSERT INTO reservations (order_id, status, items, correlation_id)

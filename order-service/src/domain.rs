@@ -175,3 +175,42 @@ mod tests {
         assert_eq!(a.fingerprint(), a2.fingerprint());
     }
 }
+
+/// Where an order's saga stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderStatus {
+    Pending,
+    Confirmed,
+    Failed,
+}
+
+impl OrderStatus {
+    pub const ALL: [OrderStatus; 3] = [Self::Pending, Self::Confirmed, Self::Failed];
+
+    /// As stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Confirmed => "CONFIRMED",
+            Self::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::OrderStatus;
+
+    #[test]
+    fn statuses_round_trip_and_nothing_else_parses() {
+        for st in OrderStatus::ALL {
+            assert_eq!(OrderStatus::parse(st.as_str()), Some(st));
+        }
+        assert_eq!(OrderStatus::parse("pending"), None);
+        assert_eq!(OrderStatus::parse("CANCELLED"), None);
+    }
+}

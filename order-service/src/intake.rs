@@ -86,7 +86,7 @@ async fn run(pool: PgPool, outbox: Outbox, mut rx: mpsc::Receiver<Queued>) {
                     let _ = reply.send(Ok(inserted.contains(&p.row.id)));
                 }
             }
-            Err(e) if batch.len() > 1 && !saga_runtime::db::is_connectivity_error(&e) => {
+            Err(e) if batch.len() > 1 && !saga_runtime::db::is_transient(&e) => {
                 tracing::warn!(error = %e, orders = batch.len(), "group commit failed; writing its orders one by one");
                 for (p, reply) in batch.drain(..) {
                     let one = write(&pool, &outbox, &[&p]).await;

@@ -1,4 +1,4 @@
-//! HTTP API: `POST /orders`, `GET /orders/{id}`.
+//! HTTP API: `POST /orders`, `GET /orders`, `GET /orders/{id}`.
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -6,13 +6,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use events::{CorrelationId, Envelope, Event, Money, OrderCreated, OrderId};
+use saga_runtime::listing::{self, ListQuery};
 use saga_runtime::telemetry;
 use saga_runtime::{ApiError, ApiJson};
 use serde_json::json;
 use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::domain::{CreateOrderRequest, NewOrder};
+use crate::domain::{CreateOrderRequest, NewOrder, OrderStatus};
 use crate::intake::{Intake, Pending};
 use crate::store::{self, OrderRow};
 
@@ -29,7 +30,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/orders", post(create_order))
+        .route("/orders", post(create_order).get(list_orders))
         .route("/orders/{id}", get(get_order))
         .with_state(state)
 }
@@ -189,7 +190,61 @@ async fn get_order(
     let span = tracing::Span::current();
     span.record("order_id", tracing::field::display(order_id));
     span.record("correlation_id", order.correlation_id.as_str());
-    let body = json!({
+    let mut body = order_json(&order);
+    body["history"] = history
+        .iter()
+        .map(|h| {
+            json!({
+                "event_type": h.event_type,
+                "event_id": h.event_id,
+                "occurred_at": h.occurred_at,
+                "recorded_at": h.recorded_at,
+                "data": h.data,
+            })
+        })
+        .collect();
+    let mut response = Json(body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&order.correlation_id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(CORRELATION_HEADER), v);
+    }
+    Ok(response)
+}
+
+/// `GET /orders`: newest first, filtered by `status`, `customer_id`,
+/// `created_before` and `created_after`, paginated (see
+/// [`saga_runtime::listing`]).
+async fn list_orders(
+    State(state): State<AppState>,
+    query: ListQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let page = query.page(&["status", "customer_id", "created_before", "created_after"])?;
+    let status = query
+        .get("status")
+        .map(|s| {
+            OrderStatus::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "status must be one of {}, got {s:?}",
+                    OrderStatus::ALL.map(OrderStatus::as_str).join(", ")
+                ))
+            })
+        })
+        .transpose()?;
+    let filter = store::Filter {
+        status: status.map(|s| s.as_str().to_owned()),
+        customer_id: query.get("customer_id").map(str::to_owned),
+        created_before: query.time("created_before")?,
+        created_after: query.time("created_after")?,
+    };
+    let rows = store::list(&state.pool, &filter, page.after, page.limit).await?;
+    let rows = rows.iter().map(|o| (o.order_id, order_json(o))).collect();
+    Ok(Json(listing::page_body("orders", page, rows)))
+}
+
+/// An order as the API shows it (without its history).
+fn order_json(order: &OrderRow) -> serde_json::Value {
+    json!({
         "order_id": order.order_id,
         "status": order.status,
         "failure_reason": order.failure_reason,
@@ -201,19 +256,5 @@ async fn get_order(
         "trace_id": order.trace_id,
         "created_at": order.created_at,
         "updated_at": order.updated_at,
-        "history": history.iter().map(|h| json!({
-            "event_type": h.event_type,
-            "event_id": h.event_id,
-            "occurred_at": h.occurred_at,
-            "recorded_at": h.recorded_at,
-            "data": h.data,
-        })).collect::<Vec<_>>(),
-    });
-    let mut response = Json(body).into_response();
-    if let Ok(v) = HeaderValue::from_str(&order.correlation_id) {
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static(CORRELATION_HEADER), v);
-    }
-    Ok(response)
+    })
 }

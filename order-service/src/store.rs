@@ -171,6 +171,41 @@ pub async fn find<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<OrderR
     .await
 }
 
+/// What `GET /orders` filters on.
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub status: Option<String>,
+    pub customer_id: Option<String>,
+    pub created_before: Option<DateTime<Utc>>,
+    pub created_after: Option<DateTime<Utc>>,
+}
+
+/// One page of orders, newest (highest UUIDv7) first, below `after`.
+pub async fn list<'e>(
+    db: impl PgExecutor<'e>,
+    filter: &Filter,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders
+         WHERE ($1::uuid IS NULL OR order_id < $1)
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::text IS NULL OR customer_id = $3)
+           AND ($4::timestamptz IS NULL OR created_at < $4)
+           AND ($5::timestamptz IS NULL OR created_at > $5)
+         ORDER BY order_id DESC LIMIT $6"
+    ))
+    .bind(after)
+    .bind(filter.status.as_deref())
+    .bind(filter.customer_id.as_deref())
+    .bind(filter.created_before)
+    .bind(filter.created_after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
 pub async fn find_by_idempotency_key<'e>(
     db: impl PgExecutor<'e>,
     key: &str,

@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use events::{Envelope, Event, Money, OrderId, PaymentFailed, PaymentRefunded, PaymentSucceeded};
 use saga_runtime::config::{self, ConfigError};
+use saga_runtime::listing::{self, ListQuery};
 use saga_runtime::{ApiError, App, Handler, Infra, ServiceConfig, Step};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
@@ -63,6 +64,7 @@ impl Settings {
 pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<App> {
     let infra = Infra::connect(config, sqlx::migrate!("./migrations")).await?;
     let router = Router::new()
+        .route("/payments", get(list_payments))
         .route("/payments/{order_id}", get(get_payment))
         .with_state(infra.pool.clone());
     App::new(infra, router, Some((SUBSCRIBES, Gateway { settings }))).await
@@ -95,7 +97,31 @@ async fn get_payment(
     .fetch_optional(&pool)
     .await?;
     let p = row.ok_or_else(|| ApiError::not_found(format!("no payment for order {order_id}")))?;
-    Ok(Json(json!({
+    Ok(Json(payment_json(&p)))
+}
+
+/// `GET /payments`: newest order first, paginated (see
+/// [`saga_runtime::listing`]).
+async fn list_payments(
+    State(pool): State<PgPool>,
+    query: ListQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let page = query.page(&[])?;
+    let rows: Vec<PaymentRow> = sqlx::query_as(
+        "SELECT order_id, payment_id, amount_minor, status, decline_reason, correlation_id, created_at, updated_at
+         FROM payments WHERE ($1::uuid IS NULL OR order_id < $1)
+         ORDER BY order_id DESC LIMIT $2",
+    )
+    .bind(page.after)
+    .bind(page.limit)
+    .fetch_all(&pool)
+    .await?;
+    let rows = rows.iter().map(|p| (p.order_id, payment_json(p))).collect();
+    Ok(Json(listing::page_body("payments", page, rows)))
+}
+
+fn payment_json(p: &PaymentRow) -> serde_json::Value {
+    json!({
         "order_id": p.order_id,
         "payment_id": p.payment_id,
         "status": p.status,
@@ -104,7 +130,7 @@ async fn get_payment(
         "correlation_id": p.correlation_id,
         "created_at": p.created_at,
         "updated_at": p.updated_at,
-    })))
+    })
 }
 
 /// The simulated payment gateway, as a saga participant.

@@ -6,11 +6,12 @@ use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use futures::future::BoxFuture;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, ServiceConfig};
 use crate::consumer::{self, ConsumerOptions, EventLoop, Handler};
+use crate::health::Health;
 use crate::http::{self, Probes};
 use crate::kafka;
 use crate::outbox::{Outbox, Relay};
@@ -35,6 +37,8 @@ pub struct Infra {
     pub background: PgPool,
     pub producer: FutureProducer,
     pub outbox: Outbox,
+    /// What background work reports to `/ready`.
+    pub health: Health,
 }
 
 impl Infra {
@@ -63,9 +67,13 @@ impl Infra {
             background,
             producer,
             outbox,
+            health: Health::default(),
         })
     }
 }
+
+/// The share of the shutdown grace period kept for flushing spans.
+const TELEMETRY_FLUSH: Duration = Duration::from_secs(1);
 
 type Worker = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
 
@@ -95,6 +103,7 @@ impl App {
             .merge(http::probe_routes(Probes {
                 pool: infra.pool.clone(),
                 producer: infra.producer.clone(),
+                health: infra.health.clone(),
             }))
             .fallback(http::not_found)
             .method_not_allowed_fallback(http::method_not_allowed)
@@ -106,12 +115,18 @@ impl App {
                 let topics: Vec<String> = topics.iter().map(|t| cfg.kafka.topic(t)).collect();
                 let event_loop = EventLoop {
                     service: cfg.service_name,
-                    consumer: consumer::subscribe(&cfg.kafka, cfg.service_name, &topics)?,
+                    consumer: consumer::subscribe(
+                        &cfg.kafka,
+                        cfg.service_name,
+                        cfg.group_instance_id.as_deref(),
+                        &topics,
+                    )?,
                     pool: infra.background.clone(),
                     outbox: infra.outbox.clone(),
                     producer: infra.producer.clone(),
                     handler: Arc::new(handler),
                     options: ConsumerOptions::default(),
+                    health: infra.health.clone(),
                 };
                 let worker: Worker = Box::new(move |token| Box::pin(event_loop.run(token)));
                 Some(worker)
@@ -129,6 +144,11 @@ impl App {
         self.listener
             .local_addr()
             .context("reading the bound address")
+    }
+
+    /// The producer of the outbox relay and the dead-letter path.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.infra.producer
     }
 
     pub fn port(&self) -> u16 {
@@ -184,7 +204,13 @@ impl App {
             }
             Some(_) = consumer_task.join_next() => (!shutdown.is_cancelled()).then(|| anyhow::anyhow!("consumer loop stopped unexpectedly")),
             Some(_) = workers.join_next() => Some(anyhow::anyhow!("outbox relay or retention task stopped unexpectedly")),
+            fatal = producer_fatal(&infra.producer) => Some(anyhow::anyhow!("fatal Kafka producer error: {fatal}")),
+            _ = shutdown.cancelled() => None,
         };
+        // Everything below must end within the grace period, whatever the
+        // database and the broker do meanwhile (a supervisor's stop sends
+        // SIGKILL after its own grace period).
+        let deadline = tokio::time::Instant::now() + grace.saturating_sub(TELEMETRY_FLUSH);
         shutdown.cancel();
         tracing::info!(service, "shutting down");
         let drain = async {
@@ -195,19 +221,51 @@ impl App {
             relay_token.cancel();
             while workers.join_next().await.is_some() {}
         };
-        if tokio::time::timeout(grace, drain).await.is_err() {
-            tracing::warn!(service, "shutdown grace period elapsed; stopping anyway");
+        // The last quarter of the grace period is kept for closing the pools.
+        let drain_until = deadline - grace / 4;
+        if tokio::time::timeout_at(drain_until, drain).await.is_err() {
+            tracing::warn!(service, "shutdown grace period elapsing; abandoning unfinished work (it is redone after restart)");
+            relay_token.cancel();
+            consumer_task.abort_all();
+            workers.abort_all();
         }
-        infra.pool.close().await;
-        infra.background.close().await;
+        // Closing waits for every connection to come back; one stuck in a
+        // statement (a lock wait, a database that stopped answering) would
+        // hold it up for good, so the wait is bounded too.
+        let close = async {
+            infra.pool.close().await;
+            infra.background.close().await;
+        };
+        if tokio::time::timeout_at(deadline, close).await.is_err() {
+            tracing::warn!(
+                service,
+                "database connections still busy at the end of the grace period; leaving them"
+            );
+        }
         tracing::info!(service, "stopped");
         failure.map_or(Ok(()), Err)
     }
 }
 
+/// Resolves with the producer's fatal error once librdkafka raises one
+/// (e.g. a fenced idempotent producer): the producer can never deliver
+/// again, so the service must stop and be restarted.
+async fn producer_fatal(producer: &FutureProducer) -> String {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        if let Some(fatal) = kafka::fatal_error(producer.client()) {
+            return fatal;
+        }
+    }
+}
+
 /// The whole `main` of a service: read the configuration, set up telemetry,
-/// build with `build`, run until SIGTERM or Ctrl-C. Configuration errors are
-/// one line on stderr and exit code 2; other start-up failures exit 1.
+/// build with `build`, run until SIGTERM or Ctrl-C, then exit the process:
+/// 0 after a requested stop (always within `SHUTDOWN_GRACE_SECS`), 1 when
+/// the service stopped on its own (a fatal Kafka error, a task that died).
+/// Configuration errors are one line on stderr and exit code 2; other
+/// start-up failures exit 1.
 pub async fn run_service<F, Fut>(service: &'static str, default_port: u16, build: F) -> ExitCode
 where
     F: FnOnce(ServiceConfig) -> Fut,
@@ -220,7 +278,7 @@ where
             return ExitCode::from(2);
         }
     };
-    let _telemetry = match telemetry::init(service) {
+    let telemetry_guard = match telemetry::init(service) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("{service}: configuration error: {e}");
@@ -244,13 +302,23 @@ where
         wait_for_signal().await;
         on_signal.cancel();
     });
-    match app.run(shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match app.run(shutdown).await {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("{service}: {e:#}");
-            ExitCode::FAILURE
+            1
         }
+    };
+    // Exit here rather than by returning: returning would drop the runtime,
+    // which waits for blocking work that a broker or database that stopped
+    // answering can hold up well past the grace period (librdkafka's
+    // consumer close, a synchronous commit). Spans still go out, within a
+    // bound of their own.
+    let flush = tokio::task::spawn_blocking(move || drop(telemetry_guard));
+    if tokio::time::timeout(TELEMETRY_FLUSH, flush).await.is_err() {
+        eprintln!("{service}: flushing telemetry timed out");
     }
+    std::process::exit(code)
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -29,8 +29,10 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
+use crate::health::Health;
 use crate::kafka::{self, headers};
 use crate::outbox::Outbox;
+use crate::retry::Backoff;
 use crate::{db, metrics, telemetry};
 
 /// One fresh event of a batch, and what the handler made of it.
@@ -146,12 +148,20 @@ impl Default for ConsumerOptions {
 }
 
 /// Builds the Kafka consumer of `service`, subscribed to `topics`.
+///
+/// With `instance_id`, the consumer is a static group member (KIP-345):
+/// restarted under the same ID, it takes its partitions back at once.
 pub fn subscribe(
     cfg: &KafkaConfig,
     service: &str,
+    instance_id: Option<&str>,
     topics: &[String],
 ) -> anyhow::Result<StreamConsumer> {
-    let consumer: StreamConsumer = kafka::client_config(cfg, service)
+    let mut config = kafka::client_config(cfg, service);
+    if let Some(id) = instance_id {
+        config.set("group.instance.id", id);
+    }
+    let consumer: StreamConsumer = config
         .set("group.id", cfg.group_id(service))
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")
@@ -180,6 +190,7 @@ pub struct EventLoop<H> {
     pub producer: FutureProducer,
     pub handler: Arc<H>,
     pub options: ConsumerOptions,
+    pub health: Health,
 }
 
 /// One polled message, decoded or not.
@@ -190,6 +201,9 @@ struct Item<'m> {
 
 /// Raised when shutdown interrupts a retry: the batch is left unacknowledged.
 struct Interrupted;
+
+/// The consumer's name in [`Health`].
+const HEALTH_COMPONENT: &str = "consumer";
 
 impl<H: Handler> EventLoop<H> {
     pub async fn run(self, shutdown: CancellationToken) {
@@ -209,6 +223,13 @@ impl<H: Handler> EventLoop<H> {
                         .consumer_errors
                         .get_or_create(&metrics::Metrics::service(self.service))
                         .inc();
+                    if let Some(fatal) = kafka::fatal_error(self.consumer.client()) {
+                        // E.g. fenced by another member with this
+                        // group.instance.id: this consumer can never work
+                        // again. Returning ends the service (exit 1).
+                        tracing::error!(service = self.service, error = %fatal, "fatal Kafka consumer error; stopping");
+                        return;
+                    }
                     tracing::warn!(service = self.service, error = %e, "Kafka poll failed");
                     tokio::time::sleep(poll_backoff).await;
                     poll_backoff = (poll_backoff * 2).min(Duration::from_secs(5));
@@ -284,8 +305,15 @@ impl<H: Handler> EventLoop<H> {
         Ok(())
     }
 
-    /// Applies `work` in one transaction, retrying on failure. A batch that
-    /// keeps failing is split so one bad message cannot hold back the others.
+    /// Applies `work` in one transaction, retrying on failure.
+    ///
+    /// A transient failure (the database away, read-only, overloaded, or a
+    /// lost race: [`db::is_transient`]) is waited out for as long as it
+    /// lasts, with capped exponential backoff, and reported to `/ready`
+    /// meanwhile: it says nothing about the events, so it never dead-letters
+    /// one. Any other failure is retried `max_attempts` times; a batch that
+    /// keeps failing is then split so one bad message cannot hold back the
+    /// others, and a single message that still fails is dead-lettered.
     async fn apply_with_retries(
         &self,
         items: &[Item<'_>],
@@ -293,42 +321,61 @@ impl<H: Handler> EventLoop<H> {
         shutdown: &CancellationToken,
     ) -> Result<Vec<(usize, String)>, Interrupted> {
         let mut attempt = 0u32;
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
             match self.apply(items, work).await {
-                Ok(dead) => return Ok(dead),
+                Ok(dead) => {
+                    self.health.recover(HEALTH_COMPONENT);
+                    return Ok(dead);
+                }
                 Err(e) => {
-                    attempt += 1;
                     metrics::global()
                         .consumer_retries
                         .get_or_create(&metrics::Metrics::service(self.service))
                         .inc();
-                    let outage = db::is_connectivity_error(&e);
-                    tracing::warn!(service = self.service, attempt, error = %e, batch = work.len(), "handling failed; retrying");
-                    if !outage && attempt >= self.options.max_attempts {
-                        if work.len() > 1 {
-                            let mut dead = Vec::new();
-                            for i in work {
-                                dead.extend(
-                                    Box::pin(self.apply_with_retries(items, &[*i], shutdown))
-                                        .await?,
-                                );
-                            }
-                            return Ok(dead);
+                    if db::is_transient(&e) {
+                        self.health
+                            .degrade(HEALTH_COMPONENT, format!("waiting for the database: {e}"));
+                        tracing::warn!(service = self.service, error = %e, batch = work.len(), "database unavailable; waiting it out");
+                    } else {
+                        attempt += 1;
+                        tracing::warn!(service = self.service, attempt, error = %e, batch = work.len(), "handling failed; retrying");
+                        if attempt >= self.options.max_attempts {
+                            return self
+                                .split_or_give_up(items, work, attempt, &e, shutdown)
+                                .await;
                         }
-                        return Ok(vec![(
-                            work[0],
-                            format!("handler failed after {attempt} attempts: {e}"),
-                        )]);
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = shutdown.cancelled() => return Err(Interrupted),
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
+    }
+
+    /// After `attempts` failures of `work` that were not transient: retry
+    /// each message alone, or dead-letter the one message left.
+    async fn split_or_give_up(
+        &self,
+        items: &[Item<'_>],
+        work: &[usize],
+        attempts: u32,
+        e: &sqlx::Error,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<(usize, String)>, Interrupted> {
+        if let [one] = work {
+            return Ok(vec![(
+                *one,
+                format!("handler failed after {attempts} attempts: {e}"),
+            )]);
+        }
+        let mut dead = Vec::new();
+        for i in work {
+            dead.extend(Box::pin(self.apply_with_retries(items, &[*i], shutdown)).await?);
+        }
+        Ok(dead)
     }
 
     /// One transaction over `work`; returns the messages to dead-letter.
@@ -468,12 +515,16 @@ impl<H: Handler> EventLoop<H> {
         Ok(dead)
     }
 
-    /// Copies `msg` to `<topic>.dlq` with headers saying who gave up and why.
-    /// Retries until the broker takes it (or shutdown): the offset is not
-    /// stored before. A copy that can never be published (too large for
-    /// the producer, topic refused) is logged with the message's position
-    /// and counted instead, so it cannot hold up its partition for good;
-    /// the original stays in its topic at that offset.
+    /// Copies `msg` to `<topic>.dlq` with headers saying who gave up and why,
+    /// and returns once the broker has acknowledged the copy: only then may
+    /// the offset be stored. Every failure is retried with capped backoff
+    /// (or until shutdown), logged and counted: a broker that is away, and
+    /// a broker that refuses for now (wrong ACLs, topic missing) alike, so
+    /// nothing is skipped without its copy in the DLQ. The one refusal that
+    /// retrying cannot cure, a message too large for the producer, gets a
+    /// copy without its value (headers `dlq.truncated` and
+    /// `dlq.original.size` say so; the original stays in its topic at its
+    /// offset), so it cannot hold up its partition for good.
     async fn dead_letter(
         &self,
         msg: &BorrowedMessage<'_>,
@@ -481,80 +532,115 @@ impl<H: Handler> EventLoop<H> {
         shutdown: &CancellationToken,
     ) -> Result<(), Interrupted> {
         let topic = events::topics::dlq(msg.topic());
-        let partition = msg.partition().to_string();
-        let offset = msg.offset().to_string();
-        let failed_at = chrono::Utc::now().to_rfc3339();
+        let position = DeadLetter {
+            service: self.service,
+            reason,
+            partition: msg.partition().to_string(),
+            offset: msg.offset().to_string(),
+            failed_at: chrono::Utc::now().to_rfc3339(),
+        };
         let labels = metrics::TopicLabels {
             service: self.service.to_owned(),
             topic: msg.topic().to_owned(),
         };
-        tracing::warn!(
+        let span = tracing::warn_span!(
+            "dead_letter",
             service = self.service,
             topic = msg.topic(),
             partition = msg.partition(),
             offset = msg.offset(),
-            reason,
-            "dead-lettering message"
+            dlq = %topic,
         );
-        let mut delay = Duration::from_millis(100);
+        let _entered = span.enter();
+        tracing::warn!(reason, "dead-lettering message");
+        let mut truncated = false;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            let copied = msg
-                .headers()
-                .map(|original| {
-                    original
-                        .iter()
-                        .fold(OwnedHeaders::new(), |hdrs, h| hdrs.insert(h))
-                })
-                .unwrap_or_default();
-            let hdrs = kafka::with_headers(
-                copied,
-                [
-                    (headers::DLQ_CONSUMER, self.service),
-                    (headers::DLQ_REASON, reason),
-                    (headers::DLQ_TOPIC, msg.topic()),
-                    (headers::DLQ_PARTITION, partition.as_str()),
-                    (headers::DLQ_OFFSET, offset.as_str()),
-                    (headers::DLQ_FAILED_AT, failed_at.as_str()),
-                ],
-            );
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hdrs);
-            if let Some(k) = msg.key() {
-                record = record.key(k);
-            }
-            if let Some(p) = msg.payload() {
-                record = record.payload(p);
-            }
+            let record = position.record(msg, &topic, truncated);
             match self.producer.send(record, Duration::from_secs(5)).await {
                 Ok(_) => {
                     metrics::global().dead_lettered.get_or_create(&labels).inc();
                     return Ok(());
                 }
-                Err((e, _)) if kafka::is_permanent(&e) => {
-                    tracing::error!(
-                        service = self.service,
-                        topic = msg.topic(),
-                        partition = msg.partition(),
-                        offset = msg.offset(),
-                        reason,
-                        dlq = %topic,
-                        error = %e,
-                        "the dead-letter topic can never take this message; skipping it"
-                    );
+                Err((e, _)) if !truncated && kafka::is_too_large(&e) => {
+                    tracing::error!(error = %e, size = msg.payload_len(), "the dead-letter topic cannot take this message whole; sending a copy without its value");
+                    truncated = true;
+                    continue;
+                }
+                Err((e, _)) => {
                     metrics::global()
                         .dead_letter_failed
                         .get_or_create(&labels)
                         .inc();
-                    return Ok(());
-                }
-                Err((e, _)) => {
-                    tracing::warn!(error = %e, topic = %topic, "dead-letter publish failed; retrying");
+                    if kafka::is_permanent(&e) {
+                        tracing::error!(error = %e, "the broker refuses the dead-letter copy; retrying until it takes it (check the topic and its ACLs)");
+                    } else {
+                        tracing::warn!(error = %e, "dead-letter publish failed; retrying");
+                    }
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = shutdown.cancelled() => return Err(Interrupted),
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// Where a dead letter came from and why, as its headers say.
+struct DeadLetter<'a> {
+    service: &'a str,
+    reason: &'a str,
+    partition: String,
+    offset: String,
+    failed_at: String,
+}
+
+impl DeadLetter<'_> {
+    /// The copy of `msg` for `dlq`: its key, its value (unless `truncated`),
+    /// its headers and the `dlq.*` headers.
+    fn record<'m>(
+        &'m self,
+        msg: &'m BorrowedMessage<'_>,
+        dlq: &'m str,
+        truncated: bool,
+    ) -> FutureRecord<'m, [u8], [u8]> {
+        let copied = msg
+            .headers()
+            .map(|original| {
+                original
+                    .iter()
+                    .fold(OwnedHeaders::new(), |hdrs, h| hdrs.insert(h))
+            })
+            .unwrap_or_default();
+        let mut hdrs = kafka::with_headers(
+            copied,
+            [
+                (headers::DLQ_CONSUMER, self.service),
+                (headers::DLQ_REASON, self.reason),
+                (headers::DLQ_TOPIC, msg.topic()),
+                (headers::DLQ_PARTITION, self.partition.as_str()),
+                (headers::DLQ_OFFSET, self.offset.as_str()),
+                (headers::DLQ_FAILED_AT, self.failed_at.as_str()),
+            ],
+        );
+        if truncated {
+            let size = msg.payload_len().to_string();
+            hdrs = kafka::with_headers(
+                hdrs,
+                [
+                    (headers::DLQ_TRUNCATED, "true"),
+                    (headers::DLQ_ORIGINAL_SIZE, size.as_str()),
+                ],
+            );
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq).headers(hdrs);
+        if let Some(k) = msg.key() {
+            record = record.key(k);
+        }
+        match msg.payload() {
+            Some(p) if !truncated => record.payload(p),
+            _ => record,
         }
     }
 }

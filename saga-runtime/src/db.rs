@@ -120,5 +120,59 @@ pub fn is_connectivity_error(e: &sqlx::Error) -> bool {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
-    ) || matches!(e, sqlx::Error::Database(db) if db.code().as_deref().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    ) || sqlstate(e).is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+}
+
+/// Errors that go away by waiting: the database is away, read-only (a
+/// failover's window), out of a resource, or the statement lost a race
+/// with another transaction. Retrying the same work later is correct for
+/// all of them; none of them says anything about the data being handled,
+/// so none may ever dead-letter an event.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    is_connectivity_error(e)
+        || matches!(e, sqlx::Error::WorkerCrashed)
+        || sqlstate(e).is_some_and(|c| is_transient_sqlstate(&c))
+}
+
+/// The SQLSTATE classes and codes [`is_transient`] waits out.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        // read_only_sql_transaction: a standby, or a primary being demoted.
+        "25006"
+        // serialization_failure, deadlock_detected.
+        | "40001" | "40P01"
+        // lock_not_available, object_in_use.
+        | "55P03" | "55006"
+        // query_canceled (statement_timeout, pg_cancel_backend).
+        | "57014"
+    ) || code.starts_with("53") // insufficient resources: too many connections, disk full, out of memory
+        || code.starts_with("57P") // operator intervention: shutdown, crash shutdown, cannot connect now
+        || code.starts_with("08") // connection exceptions
+        || code.starts_with("58") // system errors (I/O)
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    match e {
+        sqlx::Error::Database(db) => db.code(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient_sqlstate;
+
+    #[test]
+    fn outages_and_lost_races_are_transient_data_errors_are_not() {
+        for code in [
+            "25006", "40001", "40P01", "55P03", "57014", "53300", "53100", "57P01", "57P03",
+            "08006", "58030",
+        ] {
+            assert!(is_transient_sqlstate(code), "{code} should be retried");
+        }
+        for code in ["23505", "22P02", "42P01", "42703", "23514", "P0001"] {
+            assert!(!is_transient_sqlstate(code), "{code} is not transient");
+        }
+    }
 }

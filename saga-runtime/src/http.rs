@@ -69,14 +69,15 @@ impl IntoResponse for ApiError {
 
 impl ApiError {
     /// What a client is told about database error `e`: 503 when the
-    /// database is out of reach (retrying helps), 500 otherwise. Does not
-    /// log it; `From<sqlx::Error>` does.
+    /// database is away, read-only or overloaded (retrying helps, see
+    /// [`crate::db::is_transient`]), 500 otherwise. Does not log it;
+    /// `From<sqlx::Error>` does.
     pub fn from_db(e: &sqlx::Error) -> Self {
-        if crate::db::is_connectivity_error(e) {
+        if crate::db::is_transient(e) {
             Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                "the database is not reachable; try again",
+                "the database is unavailable; try again",
             )
         } else {
             Self::new(
@@ -147,6 +148,7 @@ fn json_rejection(r: JsonRejection) -> ApiError {
 pub struct Probes {
     pub pool: PgPool,
     pub producer: FutureProducer,
+    pub health: crate::health::Health,
 }
 
 /// `/health` (the process answers) and `/ready` (database and broker reachable).
@@ -169,12 +171,22 @@ async fn metrics() -> Response {
         .into_response()
 }
 
+/// Ready when the database takes writes, the broker answers, and no
+/// background work is waiting out an outage (see [`crate::health`]).
 async fn ready(State(p): State<Probes>) -> Response {
-    let db = sqlx::query("SELECT 1")
-        .execute(&p.pool)
+    // A read-only database (a standby, or a primary mid-failover) answers
+    // `SELECT 1` but takes no work.
+    let db = sqlx::query_scalar::<_, String>("SELECT current_setting('transaction_read_only')")
+        .fetch_one(&p.pool)
         .await
-        .map(|_| ())
-        .map_err(|e| e.to_string());
+        .map_err(|e| e.to_string())
+        .and_then(|ro| {
+            if ro == "on" {
+                Err("the database is read-only".to_owned())
+            } else {
+                Ok(())
+            }
+        });
     let producer = p.producer.clone();
     let kafka = tokio::task::spawn_blocking(move || {
         producer
@@ -185,7 +197,8 @@ async fn ready(State(p): State<Probes>) -> Response {
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
-    let status = if db.is_ok() && kafka.is_ok() {
+    let degraded = p.health.degraded();
+    let status = if db.is_ok() && kafka.is_ok() && degraded.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -194,9 +207,13 @@ async fn ready(State(p): State<Probes>) -> Response {
         Ok(()) => json!("ok"),
         Err(e) => json!(e),
     };
+    let mut checks = json!({ "database": show(&db), "kafka": show(&kafka) });
+    for (component, why) in degraded {
+        checks[component] = json!(why);
+    }
     let body = json!({
         "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-        "checks": { "database": show(&db), "kafka": show(&kafka) },
+        "checks": checks,
     });
     (status, Json(body)).into_response()
 }

@@ -80,19 +80,43 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> anyhow::Resu
     }
 }
 
-/// Producer failures that will not go away by retrying the same message.
+/// Producer failures that retrying the same message does not cure by
+/// itself: someone has to change the broker (ACLs, the topic) or the
+/// message. The relay and the dead-letter path still retry them, with
+/// backoff, since an operator may fix the broker; they only log them louder.
 pub fn is_permanent(e: &KafkaError) -> bool {
+    is_too_large(e)
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::InvalidMessage
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::InvalidRecord
+                    | RDKafkaErrorCode::InvalidTopic
+                    | RDKafkaErrorCode::UnknownTopic
+                    | RDKafkaErrorCode::UnknownTopicOrPartition
+            )
+        )
+}
+
+/// The message is larger than the producer or the broker takes.
+pub fn is_too_large(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::InvalidTopic
-        )
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
     )
+}
+
+/// The error that makes a librdkafka client unusable for good (a fenced
+/// idempotent producer, a fenced static group member), if one was raised:
+/// the process must exit so that its supervisor starts a fresh one.
+pub fn fatal_error<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+) -> Option<String> {
+    client
+        .fatal_error()
+        .map(|(code, reason)| format!("{code}: {reason}"))
 }
 
 /// `hdrs` with each `(name, value)` pair of `pairs` appended.
@@ -133,4 +157,7 @@ pub mod headers {
     pub const DLQ_PARTITION: &str = "dlq.original.partition";
     pub const DLQ_OFFSET: &str = "dlq.original.offset";
     pub const DLQ_FAILED_AT: &str = "dlq.failed_at";
+    /// Set to `true` on a copy sent without its value (too large).
+    pub const DLQ_TRUNCATED: &str = "dlq.truncated";
+    pub const DLQ_ORIGINAL_SIZE: &str = "dlq.original.size";
 }

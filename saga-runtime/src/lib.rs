@@ -4,7 +4,9 @@
 //! - [`db`]: create-if-missing, connect, migrate (shared + service tables);
 //! - [`outbox`]: transactional outbox and its relay to Kafka;
 //! - [`consumer`]: the idempotent, batched consumer loop with dead letters;
+//! - [`health`]: what background work reports to `/ready`;
 //! - [`retention`]: purges old inbox ids off the hot path;
+//! - [`listing`]: paginated listings (`limit`, `after`), alike everywhere;
 //! - [`http`]: the JSON error type, JSON extractor, probes;
 //! - [`telemetry`]: logs, tracing and W3C trace-context propagation;
 //! - [`app`]: start-up, run, graceful shutdown.
@@ -17,11 +19,14 @@ pub mod app;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod health;
 pub mod http;
 pub mod kafka;
+pub mod listing;
 pub mod metrics;
 pub mod outbox;
 pub mod retention;
+pub mod retry;
 pub mod telemetry;
 
 pub use app::{run_service, App, Infra};

@@ -30,6 +30,14 @@ pub struct TopicLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub service: String,
+    /// `permanent` (the broker refuses the message: ACLs, topic, size;
+    /// retried until someone fixes it) or `transient`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `CONFIRMED` or `FAILED`.
     pub status: String,
@@ -63,6 +71,7 @@ pub struct Metrics {
     pub outbox_published: Family<ServiceLabels, Counter>,
     pub outbox_publish_seconds: Histograms<ServiceLabels>,
     pub outbox_backlog: Family<ServiceLabels, Gauge>,
+    pub outbox_publish_failures: Family<FailureLabels, Counter>,
     pub orders_finished: Family<OutcomeLabels, Counter>,
     pub saga_seconds: Histograms<OutcomeLabels>,
 }
@@ -82,6 +91,7 @@ impl Metrics {
             outbox_published: Family::default(),
             outbox_publish_seconds: Family::new_with_constructor(latency_histogram),
             outbox_backlog: Family::default(),
+            outbox_publish_failures: Family::default(),
             orders_finished: Family::default(),
             saga_seconds: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
@@ -112,9 +122,14 @@ impl Metrics {
             m.dead_lettered.clone(),
         );
         registry.register(
-            "dead_letter_failed_messages",
-            "Messages a dead-letter topic can never take (logged with their position, then skipped)",
+            "dead_letter_publish_failures",
+            "Failed attempts to publish a dead-letter copy (each is retried until the broker takes it; the message's offset waits)",
             m.dead_letter_failed.clone(),
+        );
+        registry.register(
+            "outbox_publish_failures",
+            "Outbox rows whose publication failed, by kind (the rows stay in the outbox and are retried with backoff)",
+            m.outbox_publish_failures.clone(),
         );
         registry.register(
             "consumer_batch_size",

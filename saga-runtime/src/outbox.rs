@@ -7,18 +7,30 @@
 //! statement per batch that does not wait for the disk: a crash before the
 //! delete only republishes, and consumers deduplicate by `event_id`.
 //!
-//! Rows no live relay holds in memory (a crashed process's, or a writer
-//! that never handed them over) are swept once a second once they are a few
-//! seconds old, under `FOR UPDATE SKIP LOCKED` so replicas share the work.
-//! A replica more than that behind may see another one publish its rows as
-//! well; consumers absorb the duplicate.
+//! Rows no live relay holds in memory (a crashed process's, rows past the
+//! in-memory cap, rows whose delete failed, or a writer that never handed
+//! them over) are swept once a second, whatever the load, once they are a
+//! few seconds old. A sweep claims its rows for a minute in a short
+//! statement (`claimed_until`, under `FOR UPDATE SKIP LOCKED` so replicas
+//! share the work), then sends them holding no lock: a crashed sweeper's
+//! claim simply runs out. Rows a sweep took are never published again by
+//! the same process's in-memory relay, even when their writer hands them
+//! over late. A replica whose hand-over lags more than the sweep's age
+//! threshold may see another replica publish its rows as well; consumers
+//! absorb the duplicate.
+//!
+//! Nothing is ever set aside: a row the broker refuses (wrong ACLs, topic
+//! missing) stays in the outbox and is retried with backoff, logged and
+//! counted in `saga_outbox_publish_failures_total`, until someone fixes
+//! the broker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use events::Envelope;
 use futures::future::join_all;
+use futures::FutureExt;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::{PgConnection, PgPool};
@@ -27,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::kafka::{self, headers};
+use crate::retry::Backoff;
 use crate::{metrics, telemetry};
 
 /// Rows published per round trip.
@@ -36,6 +49,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How old an unpublished row must be before a sweep takes it: younger ones
 /// are normally on their way through the relay that wrote them.
 const ORPHAN_AFTER: &str = "5 seconds";
+/// How long a sweep's claim on its rows lasts: longer than a send can take
+/// (`message.timeout.ms`, 30 s) plus the delete.
+const CLAIM_FOR: &str = "60 seconds";
+/// How long a process remembers the rows its sweep took, so that a writer
+/// handing them over late does not publish them again.
+const REMEMBER_SWEPT: Duration = Duration::from_secs(120);
 /// Most rows held in memory for the relay (about 1 KiB each); the rest wait
 /// in the table for a sweep.
 const MAX_HELD: usize = 10_000;
@@ -50,8 +69,18 @@ pub struct Outbox {
 /// Committed rows on their way to the relay.
 #[derive(Debug, Default)]
 struct Handoff {
-    queue: Mutex<Vec<Row>>,
+    state: Mutex<Held>,
     wake: Notify,
+}
+
+/// What the relay of this process holds.
+#[derive(Debug, Default)]
+struct Held {
+    /// Rows to publish, in commit order.
+    queue: Vec<Row>,
+    /// Rows a sweep of this process took, and when: a hand-over that comes
+    /// after the sweep drops them instead of publishing them again.
+    swept: HashMap<i64, Instant>,
 }
 
 /// Rows a transaction wrote to the outbox. Give them to
@@ -187,33 +216,55 @@ impl Outbox {
         if staged.0.is_empty() {
             return;
         }
-        let mut q = self.queue();
+        let mut held = self.held();
+        let Held { queue, swept } = &mut *held;
         // While the broker is away the queue would only grow; rows beyond
         // the cap stay in the table, where the sweep finds them.
-        let room = MAX_HELD.saturating_sub(q.len());
-        q.extend(staged.0.into_iter().take(room));
-        drop(q);
+        let room = MAX_HELD.saturating_sub(queue.len());
+        let fresh = staged
+            .0
+            .into_iter()
+            .filter(|row| swept.is_empty() || swept.remove(&row.id).is_none());
+        queue.extend(fresh.take(room));
+        drop(held);
         self.handoff.wake.notify_one();
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Row>> {
-        // A panic while holding the lock cannot leave the Vec half-written.
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        // A panic while holding the lock cannot leave the state half-written.
         self.handoff
-            .queue
+            .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn take(&self) -> Vec<Row> {
-        std::mem::take(&mut *self.queue())
+        std::mem::take(&mut self.held().queue)
     }
 
-    /// Puts rows back at the head of the queue (a retriable failure).
+    /// Puts rows back at the head of the queue (a failed publication).
     fn requeue(&self, mut rows: Vec<Row>) {
-        let mut q = self.queue();
-        rows.append(&mut q);
+        let mut held = self.held();
+        rows.append(&mut held.queue);
         rows.truncate(MAX_HELD);
-        *q = rows;
+        held.queue = rows;
+    }
+
+    /// The IDs of the rows held in memory.
+    fn held_ids(&self) -> Vec<i64> {
+        self.held().queue.iter().map(|r| r.id).collect()
+    }
+
+    /// Records that a sweep took `ids`: they leave the queue if they got
+    /// there meanwhile, and a later hand-over of them is dropped.
+    fn swept(&self, ids: &[i64]) {
+        let now = Instant::now();
+        let mut held = self.held();
+        held.swept
+            .retain(|_, at| now.duration_since(*at) < REMEMBER_SWEPT);
+        let taken: HashSet<i64> = ids.iter().copied().collect();
+        held.queue.retain(|r| !taken.contains(&r.id));
+        held.swept.extend(ids.iter().map(|id| (*id, now)));
     }
 }
 
@@ -256,35 +307,38 @@ impl Relay {
     /// Runs until `shutdown`, then publishes what is left and flushes.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        let mut backoff = Duration::from_millis(50);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let backlog = metrics::global()
             .outbox_backlog
             .get_or_create(&metrics::Metrics::service(self.service))
             .clone();
         loop {
+            // The sweep keeps its schedule whatever the load: under a steady
+            // stream of hand-overs the queue is never empty, and the rows
+            // only the sweep can find (a crashed replica's, those past the
+            // in-memory cap) would wait until the load drops.
+            if sweep.tick().now_or_never().is_some() {
+                self.sweep_and_log().await;
+            }
             let rows = self.outbox.take();
             backlog.set(rows.len() as i64);
             if !rows.is_empty() {
                 match self.publish(rows).await {
-                    Ok(()) => backoff = Duration::from_millis(50),
+                    Ok(()) => backoff.reset(),
                     Err(e) => {
                         tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox publish failed; will retry");
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
                             _ = shutdown.cancelled() => break,
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
                 continue;
             }
             tokio::select! {
                 _ = self.outbox.handoff.wake.notified() => {}
-                _ = sweep.tick() => {
-                    if let Err(e) = self.sweep().await {
-                        tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox sweep failed; will retry");
-                    }
-                }
+                _ = sweep.tick() => self.sweep_and_log().await,
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -304,16 +358,22 @@ impl Relay {
         }
     }
 
+    async fn sweep_and_log(&self) {
+        if let Err(e) = self.sweep().await {
+            tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox sweep failed; will retry");
+        }
+    }
+
     /// Publishes rows handed over in memory and deletes those the broker
     /// acknowledged. Rows to retry go back to the head of the queue.
     async fn publish(&self, rows: Vec<Row>) -> anyhow::Result<()> {
         let mut outcome = self.send(rows).await;
-        let finished = async {
+        let deleted = async {
             let mut conn = self.pool.acquire().await?;
-            outcome.settle(&mut conn).await
+            outcome.delete_sent(&mut conn).await
         }
         .await;
-        if let Err(e) = finished {
+        if let Err(e) = deleted {
             // Published but not deleted: a sweep publishes them again later,
             // and consumers drop the duplicates.
             tracing::warn!(service = self.service, error = %e, "could not delete published outbox rows");
@@ -325,36 +385,41 @@ impl Relay {
         outcome.error.map_or(Ok(()), Err)
     }
 
-    /// Publishes rows nobody holds in memory (see the module docs), in a
-    /// transaction that keeps them locked from other replicas meanwhile.
+    /// Publishes rows nobody holds in memory (see the module docs): claims
+    /// them in one short statement, sends them holding no lock, deletes
+    /// those the broker took and releases the others for the next sweep.
     async fn sweep(&self) -> anyhow::Result<()> {
-        let held: Vec<i64> = self.outbox.queue().iter().map(|r| r.id).collect();
-        let mut tx = self.pool.begin().await?;
-        let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT id, topic, message_key, event_type, event_id, correlation_id, traceparent, payload, created_at
-             FROM outbox
-             WHERE published_at IS NULL AND parked_at IS NULL
-               AND created_at < now() - interval '{ORPHAN_AFTER}' AND id <> ALL($2)
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        let held = self.outbox.held_ids();
+        let mut rows: Vec<Row> = sqlx::query_as(&format!(
+            "UPDATE outbox o SET claimed_until = now() + interval '{CLAIM_FOR}'
+             FROM (SELECT id FROM outbox
+                   WHERE (claimed_until IS NULL OR claimed_until < now())
+                     AND created_at < now() - interval '{ORPHAN_AFTER}' AND id <> ALL($2)
+                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c
+             WHERE o.id = c.id
+             RETURNING o.id, o.topic, o.message_key, o.event_type, o.event_id, o.correlation_id,
+                       o.traceparent, o.payload, o.created_at"
         ))
         .bind(BATCH_SIZE)
         .bind(&held)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
         if rows.is_empty() {
-            tx.commit().await?;
             return Ok(());
         }
+        // Commit order, as far as the table knows it.
+        rows.sort_unstable_by_key(|r| r.id);
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        self.outbox.swept(&ids);
         tracing::info!(
             service = self.service,
             rows = rows.len(),
             "publishing outbox rows no relay announced"
         );
-        let mut outcome = self.send(rows).await;
-        // Rows to retry stay in the table for the next sweep.
-        outcome.retry.clear();
-        outcome.settle(&mut tx).await?;
-        tx.commit().await?;
+        let outcome = self.send(rows).await;
+        let mut conn = self.pool.acquire().await?;
+        outcome.delete_sent(&mut conn).await?;
+        outcome.release_retries(&mut conn).await?;
         self.record(&outcome);
         outcome.error.map_or(Ok(()), Err)
     }
@@ -411,6 +476,7 @@ impl Relay {
                 Err((e, _)) => {
                     // Queue full or similar: publish what is enqueued, retry the rest.
                     telemetry::mark_error(&span, &e.to_string());
+                    outcome.failed(kafka::is_permanent(&e));
                     outcome.error = Some(anyhow::Error::new(e).context("enqueueing outbox row"));
                     outcome.retry.push(row);
                     break;
@@ -431,13 +497,16 @@ impl Relay {
                     span.record("messaging.kafka.message.offset", delivery.offset);
                     outcome.sent.push((row.id, row.created_at));
                 }
-                Ok(Err((e, _))) if kafka::is_permanent(&e) => {
-                    telemetry::mark_error(&span, &e.to_string());
-                    tracing::error!(outbox_id = row.id, error = %e, "outbox row can never be published; parking it");
-                    outcome.parked.push((row.id, e.to_string()));
-                }
                 Ok(Err((e, _))) => {
                     telemetry::mark_error(&span, &e.to_string());
+                    let permanent = kafka::is_permanent(&e);
+                    if permanent {
+                        // Wrong ACLs, a missing topic: nothing a retry
+                        // cures by itself, but an operator can. The row
+                        // stays and is retried with backoff meanwhile.
+                        tracing::error!(service = self.service, outbox_id = row.id, topic = %row.topic, error = %e, "the broker refuses this outbox row; keeping it and retrying (check the topic and its ACLs)");
+                    }
+                    outcome.failed(permanent);
                     outcome.error.get_or_insert_with(|| {
                         anyhow::Error::new(e).context("publishing outbox row")
                     });
@@ -445,6 +514,7 @@ impl Relay {
                 }
                 Err(_canceled) => {
                     telemetry::mark_error(&span, "delivery canceled");
+                    outcome.failed(false);
                     outcome
                         .error
                         .get_or_insert_with(|| anyhow::anyhow!("producer dropped a delivery"));
@@ -460,6 +530,19 @@ impl Relay {
 
     fn record(&self, outcome: &Outcome) {
         let m = metrics::global();
+        for (kind, n) in [
+            ("permanent", outcome.permanent_failures),
+            ("transient", outcome.transient_failures),
+        ] {
+            if n > 0 {
+                m.outbox_publish_failures
+                    .get_or_create(&metrics::FailureLabels {
+                        service: self.service.to_owned(),
+                        kind: kind.to_owned(),
+                    })
+                    .inc_by(n);
+            }
+        }
         let labels = metrics::Metrics::service(self.service);
         m.outbox_published
             .get_or_create(&labels)
@@ -477,19 +560,28 @@ impl Relay {
 struct Outcome {
     /// Acknowledged by the broker: `(id, written at)`.
     sent: Vec<(i64, chrono::DateTime<chrono::Utc>)>,
-    /// Refused for good: `(id, why)`.
-    parked: Vec<(i64, String)>,
-    /// To try again.
+    /// To try again, in their original order.
     retry: Vec<Row>,
+    /// Failures the broker will repeat until someone fixes it, and others.
+    permanent_failures: u64,
+    transient_failures: u64,
     error: Option<anyhow::Error>,
 }
 
 impl Outcome {
-    /// Deletes the published rows and parks the refused ones. The delete
-    /// need not wait for the disk (`synchronous_commit` off for its own
-    /// transaction, set in the same statement): if it is lost, the rows are
-    /// published again and consumers drop the duplicates.
-    async fn settle(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    fn failed(&mut self, permanent: bool) {
+        if permanent {
+            self.permanent_failures += 1;
+        } else {
+            self.transient_failures += 1;
+        }
+    }
+
+    /// Deletes the published rows. The delete need not wait for the disk
+    /// (`synchronous_commit` off for its own transaction, set in the same
+    /// statement): if it is lost, the rows are published again and
+    /// consumers drop the duplicates.
+    async fn delete_sent(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         if !self.sent.is_empty() {
             let ids: Vec<i64> = self.sent.iter().map(|(id, _)| *id).collect();
             sqlx::query(
@@ -500,15 +592,25 @@ impl Outcome {
             .execute(&mut *conn)
             .await?;
         }
-        for (id, why) in &self.parked {
-            // Parked rows stop blocking the relay and keep their payload for
-            // an operator to inspect and replay.
-            sqlx::query("UPDATE outbox SET parked_at = now(), last_error = $2 WHERE id = $1")
-                .bind(id)
-                .bind(why)
-                .execute(&mut *conn)
-                .await?;
+        Ok(())
+    }
+
+    /// Ends a sweep's claim on the rows to retry, with the error, so the
+    /// next sweep (of any replica) takes them again.
+    async fn release_retries(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.retry.is_empty() {
+            return Ok(());
         }
+        let ids: Vec<i64> = self.retry.iter().map(|r| r.id).collect();
+        let why = self.error.as_ref().map(|e| format!("{e:#}"));
+        sqlx::query(
+            "UPDATE outbox SET claimed_until = NULL, last_error = COALESCE($2, last_error)
+             WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .bind(why)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 }

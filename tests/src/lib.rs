@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod otlp;
+pub mod procs;
 
 pub use payment_service::Settings as PaymentSettings;
 
@@ -176,6 +177,17 @@ impl System {
     /// A direct connection to a service's database, for assertions.
     pub fn db(&self, w: Which) -> &PgPool {
         &self.pools[idx(w)]
+    }
+
+    /// The configuration `w` runs with (its database, topics, a free port).
+    pub fn service_config(&self, w: Which) -> anyhow::Result<ServiceConfig> {
+        service_config(&self.prefix, &self.kafka, w)
+    }
+
+    /// The URL of database `name` on the test server (created on first use
+    /// by a service).
+    pub fn database_url(&self, name: &str) -> anyhow::Result<String> {
+        database_url(name)
     }
 
     /// The broker settings the services run with (topic prefix included).
@@ -483,6 +495,7 @@ fn service_config(prefix: &str, kafka: &KafkaConfig, w: Which) -> anyhow::Result
         max_connections: 5,
         kafka: kafka.clone(),
         shutdown_grace: Duration::from_secs(10),
+        group_instance_id: None,
     })
 }
 

@@ -1,7 +1,9 @@
 //! The outbox relay: rows handed over in quick succession are published once
 //! each, in order per order, and deleted; and its safety net: rows committed
 //! but never handed to a relay in memory (the writer died right after its
-//! commit) are found by the periodic sweep, published once, and deleted.
+//! commit) are found by the periodic sweep, published once, and deleted,
+//! whatever the load, without holding locks across the send, and never
+//! twice by one process; rows the broker refuses are kept and retried.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -97,6 +99,235 @@ async fn rows_handed_over_in_quick_succession_are_published_once_in_order_per_or
     );
     stop.cancel();
     relay.await?;
+    sys.restart(Which::Order).await?;
+    sys.shutdown().await
+}
+
+/// A relay of the test's own on the order-service's database (the service
+/// is stopped, so nobody else's relay or sweep runs beside it).
+async fn own_relay(
+    sys: &mut System,
+    producer: rdkafka::producer::FutureProducer,
+) -> anyhow::Result<(
+    PgPool,
+    Outbox,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+)> {
+    sys.stop(Which::Order).await?;
+    let db = sys.db(Which::Order).clone();
+    let outbox = Outbox::new(sys.kafka());
+    let relay = Relay::new(db.clone(), producer, outbox.clone(), "relay-test");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay.run(stop.clone()));
+    Ok((db, outbox, stop, task))
+}
+
+/// Commits `event` to the outbox as if its transaction had begun long ago
+/// (`created_at` a minute back, so a sweep may take it at once), without
+/// handing it over; returns what the writer would hand over.
+async fn commit_old(
+    db: &PgPool,
+    outbox: &Outbox,
+    event: &Envelope,
+) -> anyhow::Result<saga_runtime::outbox::Staged> {
+    let mut tx = db.begin().await?;
+    let staged = outbox.enqueue_traced(&mut tx, &[(event, None)]).await?;
+    sqlx::query("UPDATE outbox SET created_at = now() - interval '1 minute' WHERE event_id = $1")
+        .bind(event.event_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(staged)
+}
+
+/// A row the broker refuses (here: a topic name it rejects) is neither
+/// set aside nor dropped: it stays in the outbox, failures are counted,
+/// and once the cause is fixed it is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_the_broker_refuses_stays_until_fixed_then_is_published() -> anyhow::Result<()> {
+    let mut sys = System::start().await?;
+    let producer = saga_runtime::kafka::producer(sys.kafka(), "relay-test")?;
+    let (db, outbox, stop, relay) = own_relay(&mut sys, producer).await?;
+    let event = confirmed(OrderId::new());
+    drop(commit_old(&db, &outbox, &event).await?);
+    sqlx::query("UPDATE outbox SET topic = 'no such topic!' WHERE event_id = $1")
+        .bind(event.event_id)
+        .execute(&db)
+        .await?;
+    // Refused, and retried: the failure is counted and recorded on the row.
+    poll(
+        Duration::from_millis(100),
+        || async {
+            let err: Option<Option<String>> =
+                sqlx::query_scalar("SELECT last_error FROM outbox WHERE event_id = $1")
+                    .bind(event.event_id)
+                    .fetch_optional(&db)
+                    .await?;
+            Ok(match err {
+                Some(Some(e)) => Ok(e),
+                other => Err(other),
+            })
+        },
+        |row| anyhow::anyhow!("the refused row was not retried with its error recorded: {row:?}"),
+    )
+    .await?;
+    let metrics = saga_runtime::metrics::global().render();
+    assert!(
+        metrics.contains("saga_outbox_publish_failures_total{service=\"relay-test\""),
+        "failures not counted:\n{metrics}"
+    );
+    // The operator fixes the cause; the row goes out on the next sweep.
+    sqlx::query("UPDATE outbox SET topic = $2 WHERE event_id = $1")
+        .bind(event.event_id)
+        .bind(sys.topic("order-events"))
+        .execute(&db)
+        .await?;
+    let ours = HashSet::from([event.event_id.to_string()]);
+    assert_eq!(wait_published(&sys, &ours).await?.len(), 1);
+    wait_deleted(&db, &ours).await?;
+    stop.cancel();
+    relay.await?;
+    sys.restart(Which::Order).await?;
+    sys.shutdown().await
+}
+
+/// Rows only a sweep can find are published while the relay is kept busy
+/// without a pause: the sweep keeps its schedule whatever the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_keeps_its_schedule_under_a_steady_stream_of_rows() -> anyhow::Result<()> {
+    let mut sys = System::start().await?;
+    let producer = saga_runtime::kafka::producer(sys.kafka(), "relay-test")?;
+    let (db, outbox, stop, relay) = own_relay(&mut sys, producer).await?;
+    // A steady stream of hand-overs, faster than the relay's round trips.
+    let busy = CancellationToken::new();
+    let writer = {
+        let (db, outbox, busy) = (db.clone(), outbox.clone(), busy.clone());
+        tokio::spawn(async move {
+            let order = OrderId::new();
+            while !busy.is_cancelled() {
+                let events: Vec<Envelope> = (0..20).map(|_| confirmed(order)).collect();
+                let traced: Vec<(&Envelope, Option<&str>)> =
+                    events.iter().map(|e| (e, None)).collect();
+                let mut tx = db.begin().await?;
+                let staged = outbox.enqueue_traced(&mut tx, &traced).await?;
+                tx.commit().await?;
+                outbox.committed(staged);
+            }
+            anyhow::Ok(())
+        })
+    };
+    // A row nobody handed over (its writer died after the commit).
+    let orphan = confirmed(OrderId::new());
+    drop(commit_old(&db, &outbox, &orphan).await?);
+    let ours = HashSet::from([orphan.event_id.to_string()]);
+    let published = wait_published(&sys, &ours).await;
+    let still_busy = !writer.is_finished();
+    busy.cancel();
+    writer.await??;
+    published?;
+    assert!(
+        still_busy,
+        "the load stopped before the orphan was published"
+    );
+    stop.cancel();
+    relay.await?;
+    sys.restart(Which::Order).await?;
+    sys.shutdown().await
+}
+
+/// A row whose transaction began long before its commit looks orphaned to
+/// the sweep the moment it commits. If the sweep publishes it before its
+/// writer hands it over, the hand-over must not publish it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_the_sweep_took_is_not_published_again_when_handed_over_late() -> anyhow::Result<()> {
+    let mut sys = System::start().await?;
+    let producer = saga_runtime::kafka::producer(sys.kafka(), "relay-test")?;
+    let (db, outbox, stop, relay) = own_relay(&mut sys, producer).await?;
+    let late = confirmed(OrderId::new());
+    let staged = commit_old(&db, &outbox, &late).await?;
+    let late_id = HashSet::from([late.event_id.to_string()]);
+    wait_published(&sys, &late_id).await?;
+    wait_deleted(&db, &late_id).await?;
+    // The writer hands it over only now; then a marker row, handed over
+    // after it: once the marker is out, the late row had its chance.
+    outbox.committed(staged);
+    let marker = confirmed(OrderId::new());
+    let mut tx = db.begin().await?;
+    let marker_staged = outbox.enqueue_traced(&mut tx, &[(&marker, None)]).await?;
+    tx.commit().await?;
+    outbox.committed(marker_staged);
+    wait_published(&sys, &HashSet::from([marker.event_id.to_string()])).await?;
+    assert_eq!(
+        published_now(&sys, &late_id).await?.len(),
+        1,
+        "the late hand-over published the swept row again"
+    );
+    stop.cancel();
+    relay.await?;
+    sys.restart(Which::Order).await?;
+    sys.shutdown().await
+}
+
+/// A sweep sends without holding row locks: while its send hangs (a broker
+/// that accepts connections and never answers), the rows can be locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_holds_no_row_lock_while_its_send_hangs() -> anyhow::Result<()> {
+    // A broker that stalls: it accepts connections and answers nothing.
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let stalled_addr = stalled.local_addr()?;
+    let accepting = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = stalled.accept().await {
+            held.push(conn);
+        }
+    });
+    let mut sys = System::start().await?;
+    let mut cfg = sys.kafka().clone();
+    cfg.brokers = stalled_addr.to_string();
+    let producer = saga_runtime::kafka::producer(&cfg, "relay-test")?;
+    let (db, outbox, stop, relay) = own_relay(&mut sys, producer).await?;
+    let event = confirmed(OrderId::new());
+    drop(commit_old(&db, &outbox, &event).await?);
+    // The sweep claims the row and starts its send, which cannot finish.
+    poll(
+        Duration::from_millis(50),
+        || async {
+            let claimed: Option<bool> = sqlx::query_scalar(
+                "SELECT claimed_until IS NOT NULL FROM outbox WHERE event_id = $1",
+            )
+            .bind(event.event_id)
+            .fetch_optional(&db)
+            .await?;
+            Ok(if claimed == Some(true) {
+                Ok(())
+            } else {
+                Err(claimed)
+            })
+        },
+        |c| anyhow::anyhow!("the sweep never claimed the row: {c:?}"),
+    )
+    .await?;
+    let mut tx = db.begin().await?;
+    let locked = sqlx::query("SELECT 1 FROM outbox WHERE event_id = $1 FOR UPDATE NOWAIT")
+        .bind(event.event_id)
+        .execute(&mut *tx)
+        .await;
+    tx.rollback().await?;
+    assert!(
+        locked.is_ok(),
+        "the row is locked while the sweep sends it: {locked:?}"
+    );
+    stop.cancel();
+    relay.abort();
+    let _ = relay.await;
+    accepting.abort();
+    // The row stays for a sweep that can reach a broker.
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_id = $1")
+        .bind(event.event_id)
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(left, 1);
     sys.restart(Which::Order).await?;
     sys.shutdown().await
 }

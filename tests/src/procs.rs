@@ -1,0 +1,673 @@
+//! Real processes for fault tests: a PostgreSQL server and a tansu broker of
+//! the test's own (so they can be stopped, frozen and made read-only
+//! without touching other tests), and the three service binaries started
+//! as child processes, so a crash is a real `kill -9` and a freeze a real
+//! `SIGSTOP`.
+//!
+//! The binaries are the ones `cargo build --workspace` put next to the test
+//! executable (`scripts/test.sh` builds them first). PostgreSQL is started
+//! through `scripts/infra.sh`, like every other script of the project.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+use crate::Which;
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// The directory holding the workspace's binaries (`target/<profile>`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    // target/<profile>/deps/<test>-<hash>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test executable has no target directory")?
+        .to_path_buf();
+    for name in [
+        "order-service",
+        "payment-service",
+        "inventory-service",
+        "saga-admin",
+    ] {
+        if !dir.join(name).is_file() {
+            bail!(
+                "{} is missing: build the workspace first (cargo build --workspace, as scripts/test.sh does)",
+                dir.join(name).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn signal(pid: u32, sig: Signal) -> anyhow::Result<()> {
+    let pid = i32::try_from(pid).context("pid out of range")?;
+    kill(Pid::from_raw(pid), sig).with_context(|| format!("sending {sig} to {pid}"))
+}
+
+/// Runs `source scripts/infra.sh; <script>` in bash.
+fn infra_sh(script: &str) -> anyhow::Result<()> {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -e; source scripts/infra.sh; {script}"))
+        .current_dir(repo_root())
+        .output()
+        .context("running bash")?;
+    if !out.status.success() {
+        bail!(
+            "`{script}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A PostgreSQL cluster of the test's own.
+pub struct Postgres {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let pg = Self {
+            dir: dir.join("pg"),
+            port: free_port()?,
+        };
+        pg.up()?;
+        Ok(pg)
+    }
+
+    /// Starts the (stopped) server again on the same port and data.
+    pub fn up(&self) -> anyhow::Result<()> {
+        infra_sh(&format!(
+            "start_postgres '{}' {}",
+            self.dir.display(),
+            self.port
+        ))
+    }
+
+    /// `pg_ctl stop -m fast`: every session is ended, the server is gone.
+    pub fn down(&self) -> anyhow::Result<()> {
+        infra_sh(&format!("stop_postgres '{}'", self.dir.display()))
+    }
+
+    /// The URL of database `db` on this server.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Makes every new transaction read-only and ends the sessions there
+    /// are, as a failover's window does; `false` undoes it.
+    pub async fn read_only(&self, on: bool) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&self.url("postgres")).await?;
+        sqlx::query("SET default_transaction_read_only = off")
+            .execute(&mut c)
+            .await?;
+        let value = if on { "on" } else { "off" };
+        sqlx::query(&format!(
+            "ALTER SYSTEM SET default_transaction_read_only = {value}"
+        ))
+        .execute(&mut c)
+        .await?;
+        sqlx::query("SELECT pg_reload_conf()")
+            .execute(&mut c)
+            .await?;
+        if on {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            )
+            .execute(&mut c)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.down();
+    }
+}
+
+/// A tansu broker of the test's own, in memory.
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let bin = tansu_bin()?;
+        let log = std::fs::File::create(dir.join("tansu.log"))?;
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let broker = Self { child, port };
+        wait_port(port, Duration::from_secs(30))?;
+        Ok(broker)
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `SIGSTOP`: the broker holds every connection open and answers nothing.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        signal(self.child.id(), Signal::SIGSTOP)
+    }
+
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        signal(self.child.id(), Signal::SIGCONT)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.thaw();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tansu binary: on `PATH` or in cargo's bin directory
+/// (`scripts/test.sh` installs it when missing).
+pub fn tansu_bin() -> anyhow::Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
+        .unwrap_or_default();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let Some(home) = cargo_home {
+        candidates.push(home.join("bin").join("tansu"));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("tansu not found: run the tests with ./scripts/test.sh, which installs it")
+}
+
+fn wait_port(port: u16, limit: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > limit {
+            bail!("nothing listening on 127.0.0.1:{port} after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// One service replica running as a child process.
+pub struct ServiceProcess {
+    pub which: Which,
+    pub replica: usize,
+    pub port: u16,
+    env: HashMap<String, String>,
+    log: PathBuf,
+    child: Option<Child>,
+    bin: PathBuf,
+}
+
+impl ServiceProcess {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.bin)
+            .envs(&self.env)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9`, and reaps the process.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("not running")?;
+        child.kill().context("kill -9")?;
+        child.wait()?;
+        Ok(())
+    }
+
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        signal(self.pid().context("not running")?, Signal::SIGSTOP)
+    }
+
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        signal(self.pid().context("not running")?, Signal::SIGCONT)
+    }
+
+    /// `SIGTERM`, then waits up to `limit` for the exit.
+    pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<(ExitStatus, Duration)> {
+        let mut child = self.child.take().context("not running")?;
+        signal(child.id(), Signal::SIGTERM)?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, started.elapsed()));
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{} did not exit within {limit:?} of SIGTERM; log:\n{}",
+                    self.which.name(),
+                    tail(&self.log(), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process's exit status if it has exited on its own.
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
+    /// Starts the (killed or stopped) replica again with the same
+    /// configuration: same port, same database, same group instance.
+    pub async fn restart(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.wait_up(http).await
+    }
+
+    /// Waits until `/health` answers.
+    pub async fn wait_up(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.exited()? {
+                bail!(
+                    "{} exited at start-up ({status}); log:\n{}",
+                    self.which.name(),
+                    tail(&self.log(), 30)
+                );
+            }
+            if let Ok(r) = http.get(self.url("/health")).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > Duration::from_secs(90) {
+                bail!(
+                    "{} not up after 90 s; log:\n{}",
+                    self.which.name(),
+                    tail(&self.log(), 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = signal(c.id(), Signal::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A whole system of processes: its own PostgreSQL and broker, and
+/// `replicas` processes of each service (same database, same group).
+/// Shared between a test and its load (hence the locks).
+pub struct Cluster {
+    pub pg: Postgres,
+    pub broker: Broker,
+    pub prefix: String,
+    pub http: reqwest::Client,
+    replicas: Vec<Replica>,
+    // Last: removed after the processes and servers using it are gone.
+    pub dir: tempfile::TempDir,
+}
+
+struct Replica {
+    which: Which,
+    replica: usize,
+    port: u16,
+    process: Arc<tokio::sync::Mutex<ServiceProcess>>,
+}
+
+/// Options of a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub replicas: usize,
+    /// Extra environment for every service process.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            env: Vec::new(),
+        }
+    }
+}
+
+impl Cluster {
+    pub async fn start(opts: ClusterOptions) -> anyhow::Result<Self> {
+        let bins = bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("saga-chaos-")
+            .tempdir()
+            .context("creating the test directory")?;
+        // PostgreSQL refuses to run as root; infra.sh runs it as `postgres`,
+        // which must be able to reach its directory.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
+        let pg = Postgres::start(dir.path())?;
+        let broker = Broker::start(dir.path())?;
+        let prefix = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut services = Vec::new();
+        for which in [Which::Order, Which::Payment, Which::Inventory] {
+            for replica in 0..opts.replicas {
+                let port = free_port()?;
+                let db = format!("{prefix}_{}", which.name().replace('-', "_"));
+                let mut env: HashMap<String, String> = [
+                    ("DATABASE_URL", pg.url(&db)),
+                    ("DATABASE_MAX_CONNECTIONS", "5".into()),
+                    ("KAFKA_BROKERS", broker.address()),
+                    ("KAFKA_TOPIC_PREFIX", format!("{prefix}-")),
+                    (
+                        "KAFKA_GROUP_INSTANCE_ID",
+                        format!("{}-{replica}", which.name()),
+                    ),
+                    ("PORT", port.to_string()),
+                    ("HOST", "127.0.0.1".into()),
+                    ("RUST_LOG", "info,sqlx=warn".into()),
+                    ("SHUTDOWN_GRACE_SECS", "5".into()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+                env.extend(opts.env.iter().cloned());
+                let mut p = ServiceProcess {
+                    which,
+                    replica,
+                    port,
+                    env,
+                    log: dir.path().join(format!("{}-{replica}.log", which.name())),
+                    child: None,
+                    bin: bins.join(which.name()),
+                };
+                p.spawn()?;
+                services.push(p);
+            }
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        for s in &mut services {
+            s.wait_up(&http).await?;
+        }
+        let replicas = services
+            .into_iter()
+            .map(|s| Replica {
+                which: s.which,
+                replica: s.replica,
+                port: s.port,
+                process: Arc::new(tokio::sync::Mutex::new(s)),
+            })
+            .collect();
+        Ok(Self {
+            pg,
+            broker,
+            prefix,
+            http,
+            replicas,
+            dir,
+        })
+    }
+
+    /// Replica `replica` of `which`, to kill, freeze or restart.
+    pub fn process(&self, which: Which, replica: usize) -> Arc<tokio::sync::Mutex<ServiceProcess>> {
+        self.replicas
+            .iter()
+            .find(|r| r.which == which && r.replica == replica)
+            .map(|r| r.process.clone())
+            .unwrap_or_else(|| panic!("no replica {replica} of {}", which.name()))
+    }
+
+    /// The first replica's URL of `which`.
+    pub fn url(&self, which: Which, path: &str) -> String {
+        self.replicas
+            .iter()
+            .find(|r| r.which == which)
+            .map(|r| format!("http://127.0.0.1:{}{path}", r.port))
+            .unwrap_or_default()
+    }
+
+    /// Fails if any service process exited on its own.
+    pub async fn check_none_exited(&self) -> anyhow::Result<()> {
+        for r in &self.replicas {
+            let mut p = r.process.lock().await;
+            if let Some(status) = p.exited()? {
+                bail!(
+                    "{} replica {} exited on its own ({status}); log:\n{}",
+                    r.which.name(),
+                    r.replica,
+                    tail(&p.log(), 40)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Stocks `sku` with `units` through the catalog API.
+    pub async fn stock(&self, sku: &str, units: i64) -> anyhow::Result<()> {
+        let r = self
+            .http
+            .put(self.url(Which::Inventory, &format!("/products/{sku}")))
+            .json(&json!({"name": format!("Chaos {sku}"), "available": units}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("PUT /products/{sku}: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Places an order under `key`, retrying (same key) through outages
+    /// until order-service accepts it. Returns its ID.
+    pub async fn place(&self, key: &str, body: &Value) -> anyhow::Result<String> {
+        let started = Instant::now();
+        let mut last = String::new();
+        while started.elapsed() < Duration::from_secs(120) {
+            let r = self
+                .http
+                .post(self.url(Which::Order, "/orders"))
+                .header("Idempotency-Key", key)
+                .json(body)
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status().is_success() => {
+                    let v: Value = resp.json().await?;
+                    return v["order_id"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .context("no order_id in the answer");
+                }
+                Ok(resp) if resp.status().is_server_error() => {
+                    last = format!("{}", resp.status());
+                }
+                Ok(resp) => {
+                    bail!(
+                        "POST /orders answered {}: {}",
+                        resp.status(),
+                        resp.text().await?
+                    )
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("POST /orders (key {key}) not accepted in 120 s: {last}")
+    }
+
+    /// Waits until every order in `ids` is CONFIRMED or FAILED.
+    pub async fn wait_all_terminal(&self, ids: &[String], limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut pending: Vec<&String> = ids.iter().collect();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for id in pending {
+                let done = match self
+                    .http
+                    .get(self.url(Which::Order, &format!("/orders/{id}")))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => {
+                        let v: Value = r.json().await?;
+                        v["status"] == "CONFIRMED" || v["status"] == "FAILED"
+                    }
+                    _ => false,
+                };
+                if !done {
+                    still.push(id);
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                break;
+            }
+            if started.elapsed() > limit {
+                bail!(
+                    "{} of {} orders not terminal after {limit:?}, e.g. {}",
+                    pending.len(),
+                    ids.len(),
+                    pending[0]
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(())
+    }
+
+    /// Runs `saga-admin audit` against the first replicas; returns its exit
+    /// code and output.
+    pub fn audit(&self) -> anyhow::Result<(i32, String)> {
+        let out = Command::new(bin_dir()?.join("saga-admin"))
+            .args([
+                "audit",
+                "--order-url",
+                &self.url(Which::Order, ""),
+                "--payment-url",
+                &self.url(Which::Payment, ""),
+                "--inventory-url",
+                &self.url(Which::Inventory, ""),
+                "--pending-older-than",
+                "120s",
+            ])
+            .output()
+            .context("running saga-admin audit")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.code().unwrap_or(-1), text))
+    }
+
+    /// Every (order, event type) pair on the three saga topics appears
+    /// under one `event_id` at most (a duplicate delivery of the same event
+    /// is fine; a second event for the same step is not).
+    pub async fn check_no_double_events(&self) -> anyhow::Result<usize> {
+        let mut seen: HashMap<(String, String), String> = HashMap::new();
+        let mut total = 0;
+        for t in events::topics::ALL {
+            let topic = format!("{}-{t}", self.prefix);
+            let brokers = self.broker.address();
+            let messages =
+                tokio::task::spawn_blocking(move || crate::read_all(&brokers, &topic)).await??;
+            for m in messages {
+                let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+                    bail!("unparseable message on {t}: {:?}", m.key);
+                };
+                let key = (
+                    v["order_id"].as_str().unwrap_or_default().to_owned(),
+                    v["event_type"].as_str().unwrap_or_default().to_owned(),
+                );
+                let id = v["event_id"].as_str().unwrap_or_default().to_owned();
+                total += 1;
+                if let Some(other) = seen.insert(key.clone(), id.clone()) {
+                    if other != id {
+                        bail!("order {} has two {} events: {other} and {id}", key.0, key.1);
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,324 @@
+//! The chaos suite: the three services as real processes, each test with a
+//! PostgreSQL server and a broker of its own, under a steady stream of
+//! orders (placed with `Idempotency-Key` retries, as a careful client
+//! would), and one real fault per test. Every test ends the same way:
+//! every order terminal, `saga-admin audit` reporting no violation, no
+//! (order, event type) published under two event IDs, and no service that
+//! exited on its own.
+//!
+//! Runs one test at a time (`.config/nextest.toml`: each starts about
+//! eight processes). `CHAOS_ORDERS_PER_SEC` and `CHAOS_SECONDS` scale the
+//! load (defaults 20/s for 12 s of load around each fault).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use saga_tests::procs::{Cluster, ClusterOptions};
+use saga_tests::Which;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+/// How long every order gets to end once the fault is over.
+const SETTLE: Duration = Duration::from_secs(120);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The kinds of order the load mixes: most confirm, some are declined
+/// (over the payment limit), some run out of stock (a SKU with little).
+fn order_body(n: usize) -> Value {
+    let item = match n % 10 {
+        0 => json!({"sku": "CHAOS-RARE", "quantity": 1, "unit_price": "5.00"}),
+        1 => json!({"sku": "CHAOS-1", "quantity": 1, "unit_price": "2000.00"}),
+        _ => json!({"sku": "CHAOS-1", "quantity": 1, "unit_price": "5.00"}),
+    };
+    json!({"customer_id": format!("chaos-{}", n % 7), "items": [item]})
+}
+
+/// Places orders at a steady rate until stopped; returns their IDs.
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<anyhow::Result<Vec<String>>>,
+}
+
+impl Load {
+    fn start(cluster: &Arc<Cluster>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rate: f64 = env_or("CHAOS_ORDERS_PER_SEC", 20.0);
+        let every = Duration::from_secs_f64(1.0 / rate.max(0.1));
+        let (c, s) = (cluster.clone(), stop.clone());
+        let run = format!("{}", uuid::Uuid::new_v4().simple());
+        let task = tokio::spawn(async move {
+            let mut placing = Vec::new();
+            let mut tick = tokio::time::interval(every);
+            let mut n = 0usize;
+            while !s.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let c = c.clone();
+                let key = format!("{run}-{n}");
+                let body = order_body(n);
+                // Each order retries on its own (same key) through the
+                // fault, so one slow order does not slow the load.
+                placing.push(tokio::spawn(async move { c.place(&key, &body).await }));
+                n += 1;
+            }
+            let mut ids = Vec::with_capacity(placing.len());
+            for p in placing {
+                ids.push(p.await??);
+            }
+            Ok(ids)
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(self) -> anyhow::Result<Vec<String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
+}
+
+async fn start(replicas: usize) -> anyhow::Result<Arc<Cluster>> {
+    let cluster = Cluster::start(ClusterOptions {
+        replicas,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    cluster.stock("CHAOS-1", 1_000_000).await?;
+    cluster.stock("CHAOS-RARE", 20).await?;
+    Ok(Arc::new(cluster))
+}
+
+/// Load for `seconds` before the fault (`before`), runs `fault`, then
+/// load for as long again; then the checks every chaos test ends with.
+async fn under_load<F, Fut>(cluster: Arc<Cluster>, fault: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<Cluster>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Arc<Cluster>>>,
+{
+    let phase = Duration::from_secs(env_or("CHAOS_SECONDS", 12u64) / 2);
+    let load = Load::start(&cluster);
+    tokio::time::sleep(phase).await; // load before the fault, not a wait for state
+    let cluster = fault(cluster).await?;
+    tokio::time::sleep(phase).await; // load after the fault
+    let ids = load.finish().await?;
+    verify(cluster, &ids).await
+}
+
+/// Every order terminal, the books clean, no event twice, no service gone.
+async fn verify(cluster: Arc<Cluster>, ids: &[String]) -> anyhow::Result<()> {
+    cluster
+        .wait_all_terminal(ids, SETTLE)
+        .await
+        .context("orders did not all end")?;
+    // Compensations (refunds) may still be on their way: poll the audit
+    // until it is clean, and show what it found if it never is.
+    let started = Instant::now();
+    let (code, out) = loop {
+        let (code, out) = cluster.audit()?;
+        if code == 0 || started.elapsed() > Duration::from_secs(60) {
+            break (code, out);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let last = out.lines().last().unwrap_or_default().to_owned();
+    if code != 0 {
+        bail!("saga-admin audit exited {code}:\n{out}");
+    }
+    anyhow::ensure!(
+        last == format!("{} orders audited, 0 violations", ids.len()),
+        "audit's last line: {last:?} ({} orders placed)",
+        ids.len()
+    );
+    let events = cluster.check_no_double_events().await?;
+    cluster.check_none_exited().await?;
+    println!(
+        "chaos: {} orders, {events} events, audit: {last}",
+        ids.len()
+    );
+    Ok(())
+}
+
+/// A real `kill -9` of each service in turn, each restarted at once (as a
+/// supervisor does): it must take its partitions back and go on, although
+/// the broker still counts its dead self as a group member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_each_service_in_turn_under_load() -> anyhow::Result<()> {
+    let cluster = start(1).await?;
+    under_load(cluster, |cluster| async move {
+        for which in [Which::Payment, Which::Inventory, Which::Order] {
+            kill_and_restart(&cluster, which).await?;
+        }
+        Ok(cluster)
+    })
+    .await
+}
+
+/// `kill -9` of replica 0 of `which`, restarted at once.
+async fn kill_and_restart(cluster: &Arc<Cluster>, which: Which) -> anyhow::Result<()> {
+    let p = cluster.process(which, 0);
+    let mut p = p.lock().await;
+    p.kill9()?;
+    p.restart(&cluster.http).await?;
+    // Orders placed from now on need the restarted replica.
+    let order = cluster
+        .place(&uuid::Uuid::new_v4().to_string(), &order_body(2))
+        .await?;
+    cluster
+        .wait_all_terminal(&[order], Duration::from_secs(60))
+        .await
+        .with_context(|| {
+            format!(
+                "no order completes after {} was killed and restarted",
+                which.name()
+            )
+        })
+}
+
+/// Two replicas of every service on one database and one consumer group:
+/// one payment replica killed, one inventory replica frozen for longer than
+/// the session timeout and then woken (a zombie whose partitions moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_survive_a_killed_and_a_frozen_peer() -> anyhow::Result<()> {
+    let cluster = start(2).await?;
+    under_load(cluster, |cluster| async move {
+        cluster.process(Which::Payment, 1).lock().await.kill9()?;
+        let inventory = cluster.process(Which::Inventory, 1);
+        inventory.lock().await.freeze()?;
+        tokio::time::sleep(Duration::from_secs(15)).await; // the fault: frozen past the 10 s session timeout
+        inventory.lock().await.thaw()?;
+        cluster
+            .process(Which::Payment, 1)
+            .lock()
+            .await
+            .restart(&cluster.http)
+            .await?;
+        Ok(cluster)
+    })
+    .await
+}
+
+/// PostgreSQL stopped (`pg_ctl -m fast`) under load, down for 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_stopped_for_ten_seconds_under_load() -> anyhow::Result<()> {
+    let cluster = start(1).await?;
+    under_load(cluster, |cluster| async move {
+        cluster.pg.down()?;
+        tokio::time::sleep(Duration::from_secs(10)).await; // the fault: the database is away
+        cluster.pg.up()?;
+        Ok(cluster)
+    })
+    .await
+}
+
+/// The database read-only for 10 s, with every session ended, as during a
+/// failover: nothing may be dead-lettered, and `/ready` must say why the
+/// services cannot work meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_read_only_for_ten_seconds_under_load() -> anyhow::Result<()> {
+    let cluster = start(1).await?;
+    under_load(cluster, |cluster| async move {
+        cluster.pg.read_only(true).await?;
+        let read_only_since = Instant::now();
+        // /ready turns 503 while the database takes no writes.
+        let mut saw_not_ready = false;
+        while read_only_since.elapsed() < Duration::from_secs(10) {
+            let r = cluster
+                .http
+                .get(cluster.url(Which::Payment, "/ready"))
+                .send()
+                .await?;
+            if r.status().as_u16() == 503 {
+                saw_not_ready = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await; // probing during the fault
+        }
+        cluster.pg.read_only(false).await?;
+        anyhow::ensure!(
+            saw_not_ready,
+            "/ready stayed 200 while the database was read-only"
+        );
+        Ok(cluster)
+    })
+    .await?;
+    Ok(())
+}
+
+/// The broker frozen (`SIGSTOP`) for longer than the session timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_frozen_past_the_session_timeout_under_load() -> anyhow::Result<()> {
+    let cluster = start(1).await?;
+    under_load(cluster, |cluster| async move {
+        cluster.broker.freeze()?;
+        tokio::time::sleep(Duration::from_secs(12)).await; // the fault: the broker answers nothing
+        cluster.broker.thaw()?;
+        Ok(cluster)
+    })
+    .await
+}
+
+/// A service down for longer than any session timeout while orders keep
+/// coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_down_past_the_session_timeout_while_orders_come() -> anyhow::Result<()> {
+    let cluster = start(1).await?;
+    under_load(cluster, |cluster| async move {
+        let inventory = cluster.process(Which::Inventory, 0);
+        inventory.lock().await.kill9()?;
+        tokio::time::sleep(Duration::from_secs(20)).await; // the fault: inventory is gone
+        inventory.lock().await.restart(&cluster.http).await?;
+        Ok(cluster)
+    })
+    .await
+}
+
+/// Shutdown ends within `SHUTDOWN_GRACE_SECS` with exit 0 even when work
+/// is stuck: here inventory's consumer waits for a row lock the test
+/// holds, so its batch can neither finish nor free its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_exits_zero_within_the_grace_period_with_work_stuck() -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let cluster = start(1).await?;
+    let db = cluster
+        .pg
+        .url(&format!("{}_inventory_service", cluster.prefix));
+    let mut blocker = sqlx::PgConnection::connect(&db).await?;
+    let mut tx = blocker.begin().await?;
+    sqlx::query("SELECT 1 FROM products WHERE sku = 'CHAOS-1' FOR UPDATE")
+        .execute(&mut *tx)
+        .await?;
+    cluster.place("stuck-behind-a-lock", &order_body(2)).await?;
+    // Wait until inventory's consumer is blocked on the lock.
+    let mut watcher = sqlx::PgConnection::connect(&db).await?;
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&mut watcher)
+        .await?;
+        if waiting > 0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "inventory never reached the locked row"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let process = cluster.process(Which::Inventory, 0);
+    let (status, took) = process.lock().await.terminate(Duration::from_secs(8))?;
+    tx.rollback().await?;
+    // SHUTDOWN_GRACE_SECS is 5 in the cluster.
+    anyhow::ensure!(
+        took <= Duration::from_millis(5_500),
+        "shutdown took {took:?}, over the 5 s grace period"
+    );
+    anyhow::ensure!(status.success(), "exit status {status} after SIGTERM");
+    Ok(())
+}
