@@ -112,15 +112,16 @@ impl App {
         let consumer = match subscription {
             None => None,
             Some((topics, handler)) => {
-                let topics: Vec<String> = topics.iter().map(|t| cfg.kafka.topic(t)).collect();
+                let subscription = consumer::Subscription {
+                    kafka: cfg.kafka.clone(),
+                    service: cfg.service_name,
+                    instance_id: cfg.group_instance_id.clone(),
+                    topics: topics.iter().map(|t| cfg.kafka.topic(t)).collect(),
+                };
                 let event_loop = EventLoop {
                     service: cfg.service_name,
-                    consumer: consumer::subscribe(
-                        &cfg.kafka,
-                        cfg.service_name,
-                        cfg.group_instance_id.as_deref(),
-                        &topics,
-                    )?,
+                    consumer: subscription.connect(false)?,
+                    subscription,
                     pool: infra.background.clone(),
                     outbox: infra.outbox.clone(),
                     producer: infra.producer.clone(),

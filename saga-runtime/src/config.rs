@@ -156,15 +156,13 @@ pub struct ServiceConfig {
     pub kafka: KafkaConfig,
     /// `SHUTDOWN_GRACE_SECS`: how long in-flight work may take after SIGTERM (default 10).
     pub shutdown_grace: Duration,
-    /// The consumer's `group.instance.id` (static group membership, KIP-345):
-    /// `KAFKA_GROUP_INSTANCE_ID`, or by default `<hostname>-<PORT>`, which
-    /// stays the same when a supervisor restarts the replica and differs
-    /// between replicas (on one host they need different ports anyway).
-    /// A replica restarted after a crash takes its partitions back at once
-    /// under that identity, instead of joining as a new member beside its
-    /// own dead one (which leaves some brokers' groups stuck until the dead
-    /// member expires). `KAFKA_STATIC_MEMBERSHIP=false` turns it off; so
-    /// does `PORT=0`. Two live replicas must never share one.
+    /// `KAFKA_GROUP_INSTANCE_ID`: the consumer's `group.instance.id`
+    /// (static group membership, KIP-345), unset by default. On Apache
+    /// Kafka, a stable ID per replica (a StatefulSet pod name, say) lets a
+    /// replica restarted after a crash take its partitions back at once
+    /// instead of waiting for a rebalance. Two live replicas must never
+    /// share one. Leave it unset on tansu 0.6, which never expires a static
+    /// member that died: its partitions would stay with the dead member.
     pub group_instance_id: Option<String>,
 }
 
@@ -204,34 +202,21 @@ impl ServiceConfig {
                     Err("must be between 1 and 3600".into())
                 }
             })?),
-            group_instance_id: group_instance_id(parsed("PORT", default_port)?)?,
+            group_instance_id: group_instance_id()?,
         })
     }
 }
 
 /// See [`ServiceConfig::group_instance_id`].
-fn group_instance_id(port: u16) -> Result<Option<String>, ConfigError> {
-    if !parsed("KAFKA_STATIC_MEMBERSHIP", true)? {
-        return Ok(None);
-    }
-    if let Some(id) = var("KAFKA_GROUP_INSTANCE_ID") {
-        if id.len() > 200 || !id.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(ConfigError::Invalid {
+fn group_instance_id() -> Result<Option<String>, ConfigError> {
+    match var("KAFKA_GROUP_INSTANCE_ID") {
+        Some(id) if id.len() > 200 || !id.chars().all(|c| c.is_ascii_graphic()) => {
+            Err(ConfigError::Invalid {
                 var: "KAFKA_GROUP_INSTANCE_ID".into(),
                 value: id,
                 reason: "must be 1 to 200 printable ASCII characters without spaces".into(),
-            });
+            })
         }
-        return Ok(Some(id));
+        id => Ok(id),
     }
-    if port == 0 {
-        return Ok(None);
-    }
-    let host = var("HOSTNAME").or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-    });
-    Ok(host.map(|h| format!("{h}-{port}")))
 }

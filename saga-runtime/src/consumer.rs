@@ -29,6 +29,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
+use crate::group::{GroupContext, REJOIN_AFTER, REPORT_AFTER};
 use crate::health::Health;
 use crate::kafka::{self, headers};
 use crate::outbox::Outbox;
@@ -147,44 +148,66 @@ impl Default for ConsumerOptions {
     }
 }
 
-/// Builds the Kafka consumer of `service`, subscribed to `topics`.
-///
-/// With `instance_id`, the consumer is a static group member (KIP-345):
-/// restarted under the same ID, it takes its partitions back at once.
-pub fn subscribe(
-    cfg: &KafkaConfig,
-    service: &str,
-    instance_id: Option<&str>,
-    topics: &[String],
-) -> anyhow::Result<StreamConsumer> {
-    let mut config = kafka::client_config(cfg, service);
-    if let Some(id) = instance_id {
-        config.set("group.instance.id", id);
+/// What a service consumes, kept so that the loop can build a fresh
+/// consumer when its group membership is stuck (see [`crate::group`]).
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub kafka: KafkaConfig,
+    pub service: &'static str,
+    /// `group.instance.id`: with one, the consumer is a static group member
+    /// (KIP-345) and, restarted under the same ID, takes its partitions
+    /// back at once.
+    pub instance_id: Option<String>,
+    /// Real (prefixed) topic names.
+    pub topics: Vec<String>,
+}
+
+/// The consumer the loop runs.
+pub type SagaConsumer = StreamConsumer<GroupContext>;
+
+impl Subscription {
+    /// A new consumer in the service's group, subscribed to the topics; a
+    /// static member when the subscription has an instance ID and `fresh`
+    /// is false.
+    pub fn connect(&self, fresh: bool) -> anyhow::Result<SagaConsumer> {
+        let cfg = &self.kafka;
+        let mut config = kafka::client_config(cfg, self.service);
+        match &self.instance_id {
+            Some(id) if !fresh => {
+                config.set("group.instance.id", id);
+            }
+            _ => {}
+        }
+        let consumer: SagaConsumer = config
+            .set("group.id", cfg.group_id(self.service))
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "500")
+            // Offsets are stored by hand, after the database commit.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", cfg.fetch_wait_ms.to_string())
+            .set("fetch.min.bytes", "1")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set(
+                "statistics.interval.ms",
+                crate::group::STATS_EVERY.as_millis().to_string(),
+            )
+            .create_with_context(GroupContext::default())
+            .context("creating the Kafka consumer")?;
+        let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .with_context(|| format!("subscribing to {}", names.join(", ")))?;
+        Ok(consumer)
     }
-    let consumer: StreamConsumer = config
-        .set("group.id", cfg.group_id(service))
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
-        // Offsets are stored by hand, after the database commit.
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", cfg.fetch_wait_ms.to_string())
-        .set("fetch.min.bytes", "1")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .create()
-        .context("creating the Kafka consumer")?;
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&names)
-        .with_context(|| format!("subscribing to {}", names.join(", ")))?;
-    Ok(consumer)
 }
 
 /// The loop: owns the consumer and applies `H` to every message.
 pub struct EventLoop<H> {
     pub service: &'static str,
-    pub consumer: StreamConsumer,
+    pub subscription: Subscription,
+    pub consumer: SagaConsumer,
     pub pool: PgPool,
     pub outbox: Outbox,
     pub producer: FutureProducer,
@@ -206,11 +229,16 @@ struct Interrupted;
 const HEALTH_COMPONENT: &str = "consumer";
 
 impl<H: Handler> EventLoop<H> {
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut poll_backoff = Duration::from_millis(100);
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         loop {
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
+                _ = watchdog.tick() => {
+                    self.watch_group();
+                    continue;
+                }
                 _ = shutdown.cancelled() => break,
             };
             let first = match first {
@@ -272,6 +300,53 @@ impl<H: Handler> EventLoop<H> {
             tracing::debug!(service = self.service, error = %e, "final offset commit");
         }
         self.consumer.unsubscribe();
+    }
+
+    /// Reports a group join that has not settled to `/ready`, and rebuilds
+    /// the consumer once it has been stuck for [`REJOIN_AFTER`].
+    fn watch_group(&mut self) {
+        const COMPONENT: &str = "consumer_group";
+        let Some((age, state)) = self.consumer.context().stuck_for() else {
+            self.health.recover(COMPONENT);
+            return;
+        };
+        if age < REPORT_AFTER {
+            return;
+        }
+        self.health.degrade(
+            COMPONENT,
+            format!(
+                "not a settled member of its group for {} s ({state})",
+                age.as_secs()
+            ),
+        );
+        if age < REJOIN_AFTER {
+            return;
+        }
+        tracing::error!(service = self.service, join_state = %state, stuck_s = age.as_secs(), "consumer group join stuck; rebuilding the consumer as a new member");
+        // As a new, dynamic member even if the service is configured
+        // static: a broker may keep a stale static member under our
+        // instance ID (tansu 0.6 expires members only on joins without
+        // one), and a dynamic join lets it expire them.
+        match self.subscription.connect(true) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut self.consumer, fresh);
+                metrics::global()
+                    .consumer_rebuilds
+                    .get_or_create(&metrics::Metrics::service(self.service))
+                    .inc();
+                // Leave the group first: dropping a consumer waits until
+                // its close completes, which a hung coordinator can delay
+                // for good, and meanwhile it would still be a member that
+                // holds partitions nobody reads. Closing may wait on the
+                // broker; not on this task.
+                old.unsubscribe();
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => {
+                tracing::error!(service = self.service, error = %format!("{e:#}"), "could not rebuild the consumer; will retry");
+            }
+        }
     }
 
     /// Handles a polled batch to completion, then acknowledges it.

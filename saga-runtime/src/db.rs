@@ -86,8 +86,11 @@ pub fn background_pool(main: &PgPool) -> PgPool {
         .connect_lazy_with(options)
 }
 
+/// Another instance created the database first: `duplicate_database`, or,
+/// when both `CREATE DATABASE`s ran at once, the unique violation on the
+/// catalog that the slower one hits.
 fn is_duplicate_database(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04"))
+    matches!(sqlstate(e).as_deref(), Some("42P04" | "23505"))
 }
 
 /// Retries `op` while it fails with a connection-level error, up to a deadline,

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: environment variables, one clear line per mistake;
 //! - [`db`]: create-if-missing, connect, migrate (shared + service tables);
+//! - [`group`]: a consumer's group membership, and when to rebuild it;
 //! - [`outbox`]: transactional outbox and its relay to Kafka;
 //! - [`consumer`]: the idempotent, batched consumer loop with dead letters;
 //! - [`health`]: what background work reports to `/ready`;
@@ -19,6 +20,7 @@ pub mod app;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod group;
 pub mod health;
 pub mod http;
 pub mod kafka;

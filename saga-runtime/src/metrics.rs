@@ -64,6 +64,7 @@ pub struct Metrics {
     pub handler_seconds: Histograms<HandlerLabels>,
     pub consumer_errors: Family<ServiceLabels, Counter>,
     pub consumer_retries: Family<ServiceLabels, Counter>,
+    pub consumer_rebuilds: Family<ServiceLabels, Counter>,
     pub dead_lettered: Family<TopicLabels, Counter>,
     pub dead_letter_failed: Family<TopicLabels, Counter>,
     pub consumer_batch_size: Family<ServiceLabels, Histogram, fn() -> Histogram>,
@@ -84,6 +85,7 @@ impl Metrics {
             handler_seconds: Family::new_with_constructor(latency_histogram),
             consumer_errors: Family::default(),
             consumer_retries: Family::default(),
+            consumer_rebuilds: Family::default(),
             dead_lettered: Family::default(),
             dead_letter_failed: Family::default(),
             consumer_batch_size: Family::new_with_constructor(batch_size_histogram),
@@ -115,6 +117,11 @@ impl Metrics {
             "consumer_retries",
             "Batch transactions retried after a failure",
             m.consumer_retries.clone(),
+        );
+        registry.register(
+            "consumer_rebuilds",
+            "Kafka consumers rebuilt because their group join stayed unsettled",
+            m.consumer_rebuilds.clone(),
         );
         registry.register(
             "dead_lettered_messages",

@@ -444,7 +444,7 @@ impl Cluster {
                     ),
                     ("PORT", port.to_string()),
                     ("HOST", "127.0.0.1".into()),
-                    ("RUST_LOG", "info,sqlx=warn".into()),
+                    ("RUST_LOG", "warn".into()),
                     ("SHUTDOWN_GRACE_SECS", "5".into()),
                 ]
                 .into_iter()
@@ -505,6 +505,59 @@ impl Cluster {
             .find(|r| r.which == which)
             .map(|r| format!("http://127.0.0.1:{}{path}", r.port))
             .unwrap_or_default()
+    }
+
+    /// The last `lines` lines of every replica's log, for a failure message.
+    pub async fn logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for r in &self.replicas {
+            let p = r.process.lock().await;
+            out.push_str(&format!(
+                "--- {} replica {} ---\n{}\n",
+                r.which.name(),
+                r.replica,
+                tail(&p.log(), lines)
+            ));
+        }
+        out
+    }
+
+    /// Each replica's `/ready` answer and its saga metrics, for a failure
+    /// message.
+    pub async fn probes(&self) -> String {
+        let mut out = String::new();
+        for r in &self.replicas {
+            let get = |path: &str| {
+                let url = format!("http://127.0.0.1:{}{path}", r.port);
+                let http = self.http.clone();
+                async move {
+                    match http.get(url).send().await {
+                        Ok(resp) => resp.text().await.unwrap_or_default(),
+                        Err(e) => e.to_string(),
+                    }
+                }
+            };
+            let ready = get("/ready").await;
+            let metrics = get("/metrics").await;
+            let interesting: Vec<&str> = metrics
+                .lines()
+                .filter(|l| {
+                    !l.starts_with('#')
+                        && (l.contains("events_handled_total")
+                            || l.contains("outbox_published_total")
+                            || l.contains("consumer_rebuilds")
+                            || l.contains("consumer_errors")
+                            || l.contains("outbox_publish_failures"))
+                })
+                .collect();
+            out.push_str(&format!(
+                "--- {} replica {} /ready: {ready}\n{}\n",
+                r.which.name(),
+                r.replica,
+                interesting.join("\n")
+            ));
+        }
+        out
     }
 
     /// Fails if any service process exited on its own.
