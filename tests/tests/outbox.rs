@@ -131,30 +131,43 @@ async fn commit_old(
     outbox: &Outbox,
     event: &Envelope,
 ) -> anyhow::Result<saga_runtime::outbox::Staged> {
+    commit_old_with(db, outbox, event, None).await
+}
+
+/// [`commit_old`], with the row's value replaced by `payload` in the same
+/// transaction.
+async fn commit_old_with(
+    db: &PgPool,
+    outbox: &Outbox,
+    event: &Envelope,
+    payload: Option<Vec<u8>>,
+) -> anyhow::Result<saga_runtime::outbox::Staged> {
     let mut tx = db.begin().await?;
     let staged = outbox.enqueue_traced(&mut tx, &[(event, None)]).await?;
-    sqlx::query("UPDATE outbox SET created_at = now() - interval '1 minute' WHERE event_id = $1")
-        .bind(event.event_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE outbox SET created_at = now() - interval '1 minute', payload = COALESCE($2, payload)
+         WHERE event_id = $1",
+    )
+    .bind(event.event_id)
+    .bind(payload)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(staged)
 }
 
-/// A row the broker refuses (here: a topic name it rejects) is neither
-/// set aside nor dropped: it stays in the outbox, failures are counted,
-/// and once the cause is fixed it is published.
+/// A row the producer refuses for good (here: larger than its
+/// `message.max.bytes`; wrong ACLs or a missing topic are handled alike) is
+/// neither set aside nor dropped: it stays in the outbox, failures are
+/// counted and recorded on the row, and once the cause is fixed it is
+/// published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_the_broker_refuses_stays_until_fixed_then_is_published() -> anyhow::Result<()> {
     let mut sys = System::start().await?;
     let producer = saga_runtime::kafka::producer(sys.kafka(), "relay-test")?;
     let (db, outbox, stop, relay) = own_relay(&mut sys, producer).await?;
     let event = confirmed(OrderId::new());
-    drop(commit_old(&db, &outbox, &event).await?);
-    sqlx::query("UPDATE outbox SET topic = 'no such topic!' WHERE event_id = $1")
-        .bind(event.event_id)
-        .execute(&db)
-        .await?;
+    drop(commit_old_with(&db, &outbox, &event, Some(vec![b' '; 1_100_000])).await?);
     // Refused, and retried: the failure is counted and recorded on the row.
     poll(
         Duration::from_millis(100),
@@ -174,13 +187,15 @@ async fn a_row_the_broker_refuses_stays_until_fixed_then_is_published() -> anyho
     .await?;
     let metrics = saga_runtime::metrics::global().render();
     assert!(
-        metrics.contains("saga_outbox_publish_failures_total{service=\"relay-test\""),
+        metrics.contains(
+            "saga_outbox_publish_failures_total{service=\"relay-test\",kind=\"permanent\"}"
+        ),
         "failures not counted:\n{metrics}"
     );
-    // The operator fixes the cause; the row goes out on the next sweep.
-    sqlx::query("UPDATE outbox SET topic = $2 WHERE event_id = $1")
+    // The cause is fixed; the row goes out on a later sweep.
+    sqlx::query("UPDATE outbox SET payload = $2 WHERE event_id = $1")
         .bind(event.event_id)
-        .bind(sys.topic("order-events"))
+        .bind(event.to_json()?)
         .execute(&db)
         .await?;
     let ours = HashSet::from([event.event_id.to_string()]);
