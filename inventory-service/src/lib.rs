@@ -8,7 +8,7 @@ mod reserve;
 use saga_runtime::config::{self, ConfigError};
 use saga_runtime::{App, Infra, ServiceConfig};
 
-pub use catalog::DEMO_CATALOG;
+pub use catalog::{seed_if_empty as seed_demo_catalog, DEMO_CATALOG};
 pub use reserve::Reserver;
 
 pub const SERVICE: &str = "inventory-service";

@@ -214,32 +214,37 @@ async fn the_sweep_keeps_its_schedule_under_a_steady_stream_of_rows() -> anyhow:
     let mut sys = System::start().await?;
     let producer = saga_runtime::kafka::producer(sys.kafka(), "relay-test")?;
     let (db, outbox, stop, relay) = own_relay(&mut sys, producer).await?;
-    // A steady stream of hand-overs, faster than the relay's round trips.
+    // A steady stream of hand-overs from several writers at once, so the
+    // relay finds rows waiting every time it comes back for more.
     let busy = CancellationToken::new();
-    let writer = {
-        let (db, outbox, busy) = (db.clone(), outbox.clone(), busy.clone());
-        tokio::spawn(async move {
-            let order = OrderId::new();
-            while !busy.is_cancelled() {
-                let events: Vec<Envelope> = (0..20).map(|_| confirmed(order)).collect();
-                let traced: Vec<(&Envelope, Option<&str>)> =
-                    events.iter().map(|e| (e, None)).collect();
-                let mut tx = db.begin().await?;
-                let staged = outbox.enqueue_traced(&mut tx, &traced).await?;
-                tx.commit().await?;
-                outbox.committed(staged);
-            }
-            anyhow::Ok(())
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            let (db, outbox, busy) = (db.clone(), outbox.clone(), busy.clone());
+            tokio::spawn(async move {
+                let order = OrderId::new();
+                while !busy.is_cancelled() {
+                    let events: Vec<Envelope> = (0..50).map(|_| confirmed(order)).collect();
+                    let traced: Vec<(&Envelope, Option<&str>)> =
+                        events.iter().map(|e| (e, None)).collect();
+                    let mut tx = db.begin().await?;
+                    let staged = outbox.enqueue_traced(&mut tx, &traced).await?;
+                    tx.commit().await?;
+                    outbox.committed(staged);
+                }
+                anyhow::Ok(())
+            })
         })
-    };
+        .collect();
     // A row nobody handed over (its writer died after the commit).
     let orphan = confirmed(OrderId::new());
     drop(commit_old(&db, &outbox, &orphan).await?);
     let ours = HashSet::from([orphan.event_id.to_string()]);
     let published = wait_published(&sys, &ours).await;
-    let still_busy = !writer.is_finished();
+    let still_busy = writers.iter().all(|w| !w.is_finished());
     busy.cancel();
-    writer.await??;
+    for w in writers {
+        w.await??;
+    }
     published?;
     assert!(
         still_busy,
