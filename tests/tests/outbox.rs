@@ -217,13 +217,19 @@ async fn the_sweep_keeps_its_schedule_under_a_steady_stream_of_rows() -> anyhow:
     // A steady stream of hand-overs from several writers at once, so the
     // relay finds rows waiting every time it comes back for more.
     let busy = CancellationToken::new();
-    let writers: Vec<_> = (0..4)
+    // Their own connections: the harness's pool has two, shared with the
+    // relay's deletes.
+    let writing = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(6)
+        .connect(&sys.service_config(Which::Order)?.database_url)
+        .await?;
+    let writers: Vec<_> = (0..6)
         .map(|_| {
-            let (db, outbox, busy) = (db.clone(), outbox.clone(), busy.clone());
+            let (db, outbox, busy) = (writing.clone(), outbox.clone(), busy.clone());
             tokio::spawn(async move {
                 let order = OrderId::new();
                 while !busy.is_cancelled() {
-                    let events: Vec<Envelope> = (0..50).map(|_| confirmed(order)).collect();
+                    let events: Vec<Envelope> = (0..100).map(|_| confirmed(order)).collect();
                     let traced: Vec<(&Envelope, Option<&str>)> =
                         events.iter().map(|e| (e, None)).collect();
                     let mut tx = db.begin().await?;
