@@ -5,7 +5,8 @@
 # Uses an existing database server when TEST_DATABASE_URL (or DATABASE_URL)
 # is set, and an existing broker when KAFKA_BROKERS is set; otherwise starts a
 # throwaway PostgreSQL cluster and an in-memory tansu broker, and removes them
-# afterwards.
+# afterwards. The chaos tests (tests/tests/chaos.rs) always start their own
+# PostgreSQL and tansu, since they stop, freeze and restart them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/infra.sh
@@ -34,6 +35,10 @@ else
   echo "==> using the PostgreSQL server at TEST_DATABASE_URL"
 fi
 export TEST_DATABASE_URL
+
+# The chaos tests start brokers of their own (to freeze and restart them),
+# so tansu must be here even when KAFKA_BROKERS points at another broker.
+tansu_bin >/dev/null
 
 if [ -z "${KAFKA_BROKERS:-}" ]; then
   kafka_port=$(free_port)
