@@ -5,7 +5,6 @@
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use events::OrderId;
 use saga_runtime::listing::{self, ListQuery};
 use saga_runtime::ApiError;
 use serde_json::json;
@@ -82,9 +81,7 @@ async fn show(
     State(pool): State<PgPool>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let order_id: OrderId = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("{id:?} is not an order ID (a UUID)")))?;
+    let order_id = saga_runtime::http::parse_order_id(&id)?;
     let row: Option<ReservationRow> = sqlx::query_as(
         "SELECT order_id, items, correlation_id, created_at FROM reservations
          WHERE order_id = $1 AND status = $2",

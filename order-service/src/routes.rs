@@ -178,9 +178,7 @@ async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let order_id: OrderId = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("{id:?} is not an order ID (a UUID)")))?;
+    let order_id = saga_runtime::http::parse_order_id(&id)?;
     let Some(order) = store::find(&state.pool, order_id.as_uuid()).await? else {
         return Err(ApiError::not_found(format!(
             "order {order_id} does not exist"

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use events::{Envelope, Event, Money, OrderId, PaymentFailed, PaymentRefunded, PaymentSucceeded};
+use events::{Envelope, Event, Money, PaymentFailed, PaymentRefunded, PaymentSucceeded};
 use saga_runtime::config::{self, ConfigError};
 use saga_runtime::listing::{self, ListQuery};
 use saga_runtime::{ApiError, App, Handler, Infra, ServiceConfig, Step};
@@ -86,9 +86,7 @@ async fn get_payment(
     State(pool): State<PgPool>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let order_id: OrderId = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("{id:?} is not an order ID (a UUID)")))?;
+    let order_id = saga_runtime::http::parse_order_id(&id)?;
     let row: Option<PaymentRow> = sqlx::query_as(
         "SELECT order_id, payment_id, amount_minor, status, decline_reason, correlation_id, created_at, updated_at
          FROM payments WHERE order_id = $1",
@@ -379,6 +377,7 @@ struct Columns<'p> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use events::OrderId;
 
     #[test]
     fn limit_declines_only_above_it() {

@@ -218,6 +218,12 @@ async fn ready(State(p): State<Probes>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// An order ID taken from a path, or a JSON 400 that names it.
+pub fn parse_order_id(raw: &str) -> Result<events::OrderId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::bad_request(format!("{raw:?} is not an order ID (a UUID)")))
+}
+
 /// JSON 404 for unknown routes.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route")

@@ -368,6 +368,32 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// Runs the `saga-admin audit` binary against the order, payment and
+/// inventory URLs, with `extra` arguments; returns its exit code and its
+/// output (stdout, then stderr).
+pub fn audit_binary(urls: [String; 3], extra: &[&str]) -> anyhow::Result<(i32, String)> {
+    let [order, payment, inventory] = urls;
+    let out = Command::new(bin_dir()?.join("saga-admin"))
+        .args([
+            "audit",
+            "--order-url",
+            &order,
+            "--payment-url",
+            &payment,
+            "--inventory-url",
+            &inventory,
+        ])
+        .args(extra)
+        .output()
+        .context("running saga-admin audit")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
 /// The last `n` lines of `text`.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -671,26 +697,14 @@ impl Cluster {
     /// Runs `saga-admin audit` against the first replicas; returns its exit
     /// code and output.
     pub fn audit(&self) -> anyhow::Result<(i32, String)> {
-        let out = Command::new(bin_dir()?.join("saga-admin"))
-            .args([
-                "audit",
-                "--order-url",
-                &self.url(Which::Order, ""),
-                "--payment-url",
-                &self.url(Which::Payment, ""),
-                "--inventory-url",
-                &self.url(Which::Inventory, ""),
-                "--pending-older-than",
-                "120s",
-            ])
-            .output()
-            .context("running saga-admin audit")?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok((out.status.code().unwrap_or(-1), text))
+        audit_binary(
+            [
+                self.url(Which::Order, ""),
+                self.url(Which::Payment, ""),
+                self.url(Which::Inventory, ""),
+            ],
+            &["--pending-older-than", "120s"],
+        )
     }
 
     /// Every (order, event type) pair on the three saga topics appears

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use saga_admin::audit::{self, Options, Violation};
+use saga_tests::procs::audit_binary;
 use saga_tests::{poll, System, Which};
 use serde_json::{json, Value};
 
@@ -272,39 +273,18 @@ async fn the_audit_passes_settled_books_and_names_each_broken_order() -> anyhow:
     );
 
     // The binary: its last line and exit status.
-    let out = std::process::Command::new(saga_tests::procs::bin_dir()?.join("saga-admin"))
-        .args([
-            "audit",
-            "--order-url",
-            &sys.url(Which::Order, ""),
-            "--payment-url",
-            &sys.url(Which::Payment, ""),
-            "--inventory-url",
-            &sys.url(Which::Inventory, ""),
-            "--settle",
-            "0s",
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let urls = [Which::Order, Which::Payment, Which::Inventory].map(|w| sys.url(w, ""));
+    let (code, out) = audit_binary(urls, &["--settle", "0s"])?;
+    assert_eq!(code, 1, "{out}");
     assert_eq!(
-        stdout.lines().last(),
+        out.lines().last(),
         Some("7 orders audited, 2 violations"),
-        "{stdout}"
+        "{out}"
     );
     // A service that cannot be reached: exit 2.
-    let out = std::process::Command::new(saga_tests::procs::bin_dir()?.join("saga-admin"))
-        .args([
-            "audit",
-            "--order-url",
-            "http://127.0.0.1:9",
-            "--payment-url",
-            "http://127.0.0.1:9",
-            "--inventory-url",
-            "http://127.0.0.1:9",
-        ])
-        .output()?;
-    assert_eq!(out.status.code(), Some(2));
+    let nowhere = "http://127.0.0.1:9".to_owned();
+    let (code, out) = audit_binary([nowhere.clone(), nowhere.clone(), nowhere], &[])?;
+    assert_eq!(code, 2, "{out}");
     sys.shutdown().await
 }
 
