@@ -618,39 +618,50 @@ impl<H: Handler> EventLoop<H> {
             service: self.service.to_owned(),
             topic: msg.topic().to_owned(),
         };
-        let span = tracing::warn_span!(
-            "dead_letter",
+        tracing::warn!(
             service = self.service,
             topic = msg.topic(),
             partition = msg.partition(),
             offset = msg.offset(),
-            dlq = %topic,
+            reason,
+            "dead-lettering message"
         );
-        let _entered = span.enter();
-        tracing::warn!(reason, "dead-lettering message");
+        self.copy_to_dlq(msg, &topic, &position, &labels, shutdown)
+            .await
+    }
+
+    /// Publishes the copy of `msg` until the broker acknowledges it (see
+    /// [`EventLoop::dead_letter`]).
+    async fn copy_to_dlq(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        topic: &str,
+        position: &DeadLetter<'_>,
+        labels: &metrics::TopicLabels,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Interrupted> {
         let mut truncated = false;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            let record = position.record(msg, &topic, truncated);
+            let record = position.record(msg, topic, truncated);
             match self.producer.send(record, Duration::from_secs(5)).await {
                 Ok(_) => {
-                    metrics::global().dead_lettered.get_or_create(&labels).inc();
+                    metrics::global().dead_lettered.get_or_create(labels).inc();
                     return Ok(());
                 }
                 Err((e, _)) if !truncated && kafka::is_too_large(&e) => {
-                    tracing::error!(error = %e, size = msg.payload_len(), "the dead-letter topic cannot take this message whole; sending a copy without its value");
+                    tracing::error!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), dlq = topic, error = %e, size = msg.payload_len(), "the dead-letter topic cannot take this message whole; sending a copy without its value");
                     truncated = true;
-                    continue;
                 }
                 Err((e, _)) => {
                     metrics::global()
                         .dead_letter_failed
-                        .get_or_create(&labels)
+                        .get_or_create(labels)
                         .inc();
                     if kafka::is_permanent(&e) {
-                        tracing::error!(error = %e, "the broker refuses the dead-letter copy; retrying until it takes it (check the topic and its ACLs)");
+                        tracing::error!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), dlq = topic, error = %e, "the broker refuses the dead-letter copy; retrying until it takes it (check the topic and its ACLs)");
                     } else {
-                        tracing::warn!(error = %e, "dead-letter publish failed; retrying");
+                        tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), dlq = topic, error = %e, "dead-letter publish failed; retrying");
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
