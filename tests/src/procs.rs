@@ -586,6 +586,55 @@ impl Cluster {
         out
     }
 
+    /// What the broker says of each service's consumer group: its state and
+    /// members (ID, client, assignment size), for a failure message.
+    pub async fn groups(&self) -> String {
+        let brokers = self.broker.address();
+        let groups: Vec<String> = [Which::Order, Which::Payment, Which::Inventory]
+            .iter()
+            .map(|w| format!("{}-{}", self.prefix, w.name()))
+            .collect();
+        let described = tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            for g in groups {
+                match consumer.fetch_group_list(Some(&g), Duration::from_secs(5)) {
+                    Ok(list) => {
+                        for group in list.groups() {
+                            out.push_str(&format!(
+                                "group {} state {}:",
+                                group.name(),
+                                group.state()
+                            ));
+                            for m in group.members() {
+                                out.push_str(&format!(
+                                    " [{} client {} host {} assignment {} bytes]",
+                                    m.id(),
+                                    m.client_id(),
+                                    m.client_host(),
+                                    m.assignment().map_or(0, <[u8]>::len)
+                                ));
+                            }
+                            out.push('\n');
+                        }
+                    }
+                    Err(e) => out.push_str(&format!("group {g}: {e}\n")),
+                }
+            }
+            Ok::<String, String>(out)
+        })
+        .await;
+        match described {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => e,
+            Err(e) => e.to_string(),
+        }
+    }
+
     /// Fails if any service process exited on its own.
     pub async fn check_none_exited(&self) -> anyhow::Result<()> {
         for r in &self.replicas {

@@ -120,9 +120,10 @@ where
 async fn verify(cluster: Arc<Cluster>, ids: &[String]) -> anyhow::Result<()> {
     if let Err(e) = cluster.wait_all_terminal(ids, SETTLE).await {
         bail!(
-            "orders did not all end: {e:#}\n{}\n{}",
+            "orders did not all end: {e:#}\n{}\n{}\n{}",
             cluster.logs(25).await,
-            cluster.probes().await
+            cluster.probes().await,
+            cluster.groups().await
         );
     }
     // Compensations (refunds) may still be on their way: poll the audit
@@ -275,12 +276,14 @@ async fn database_read_only_for_ten_seconds_under_load() -> anyhow::Result<()> {
 /// The broker frozen (`SIGSTOP`) for longer than the session timeout.
 ///
 /// Ignored by default: on tansu 0.6 this still leaves orders PENDING. Each
-/// consumer detects its stuck group join, reports it on `/ready` and
-/// rebuilds itself after 20 s, but tansu then keeps some partitions with a
-/// member that never reads them (in 4 runs: 0 to 460 of 482 orders ended).
+/// consumer detects its stuck group join (`wait-join`/`wait-sync` after
+/// `SESSTMOUT`), reports it on `/ready` and rebuilds itself after 20 s;
+/// the groups then show one stable member each, yet some events are never
+/// handled (in 5 runs: 0 to 460 of 482 orders ended). Whether those events
+/// never left a relay or were skipped by a consumer is not known yet; the
+/// failure message lists metrics and group members to start from.
 /// Run it with `cargo nextest run --test chaos --run-ignored all`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "tansu 0.6 keeps partitions with a stale member after a freeze; see the test's docs"]
+#[ignore = "orders stay PENDING after a broker freeze on tansu 0.6; see the test's docs"]
 async fn broker_frozen_past_the_session_timeout_under_load() -> anyhow::Result<()> {
     let cluster = start(1).await?;
     under_load(cluster, |cluster| async move {
