@@ -283,6 +283,7 @@ async fn database_read_only_for_ten_seconds_under_load() -> anyhow::Result<()> {
 /// never left a relay or were skipped by a consumer is not known yet; the
 /// failure message lists metrics and group members to start from.
 /// Run it with `cargo nextest run --test chaos --run-ignored all`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "orders stay PENDING after a broker freeze on tansu 0.6; see the test's docs"]
 async fn broker_frozen_past_the_session_timeout_under_load() -> anyhow::Result<()> {
     let cluster = start(1).await?;
