@@ -225,8 +225,10 @@ struct Item<'m> {
 /// Raised when shutdown interrupts a retry: the batch is left unacknowledged.
 struct Interrupted;
 
-/// The consumer's name in [`Health`].
+/// The consumer's names in [`Health`]: waiting out a database outage, and
+/// not a settled member of its group.
 const HEALTH_COMPONENT: &str = "consumer";
+const HEALTH_GROUP: &str = "consumer_group";
 
 impl<H: Handler> EventLoop<H> {
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -305,16 +307,15 @@ impl<H: Handler> EventLoop<H> {
     /// Reports a group join that has not settled to `/ready`, and rebuilds
     /// the consumer once it has been stuck for [`REJOIN_AFTER`].
     fn watch_group(&mut self) {
-        const COMPONENT: &str = "consumer_group";
         let Some((age, state)) = self.consumer.context().stuck_for() else {
-            self.health.recover(COMPONENT);
+            self.health.recover(HEALTH_GROUP);
             return;
         };
         if age < REPORT_AFTER {
             return;
         }
         self.health.degrade(
-            COMPONENT,
+            HEALTH_GROUP,
             format!(
                 "not a settled member of its group for {} s ({state})",
                 age.as_secs()
@@ -397,10 +398,15 @@ impl<H: Handler> EventLoop<H> {
     ) -> Result<Vec<(usize, String)>, Interrupted> {
         let mut attempt = 0u32;
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        // Only a batch that reported an outage clears it: the health lock
+        // stays off the path of every other batch.
+        let mut reported_outage = false;
         loop {
             match self.apply(items, work).await {
                 Ok(dead) => {
-                    self.health.recover(HEALTH_COMPONENT);
+                    if reported_outage {
+                        self.health.recover(HEALTH_COMPONENT);
+                    }
                     return Ok(dead);
                 }
                 Err(e) => {
@@ -409,10 +415,16 @@ impl<H: Handler> EventLoop<H> {
                         .get_or_create(&metrics::Metrics::service(self.service))
                         .inc();
                     if db::is_transient(&e) {
+                        reported_outage = true;
                         self.health
                             .degrade(HEALTH_COMPONENT, format!("waiting for the database: {e}"));
                         tracing::warn!(service = self.service, error = %e, batch = work.len(), "database unavailable; waiting it out");
                     } else {
+                        // The database answered, so it is back, whatever
+                        // becomes of this batch.
+                        if std::mem::take(&mut reported_outage) {
+                            self.health.recover(HEALTH_COMPONENT);
+                        }
                         attempt += 1;
                         tracing::warn!(service = self.service, attempt, error = %e, batch = work.len(), "handling failed; retrying");
                         if attempt >= self.options.max_attempts {
