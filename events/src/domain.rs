@@ -40,6 +40,8 @@ pub enum DomainError {
     QuantityOutOfRange(i64),
     #[error("{0}")]
     BadAmount(String),
+    #[error("unknown {field} {value:?}")]
+    Unknown { field: &'static str, value: String },
 }
 
 /// Identity of an order, and the Kafka message key of every event about it.
@@ -330,20 +332,72 @@ impl LineItem {
     }
 }
 
-/// Why an order ended FAILED.
+/// Why an order ended FAILED or CANCELLED (its `failure_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureReason {
     PaymentDeclined,
     OutOfStock,
+    /// Still PENDING when its deadline passed (the order is FAILED).
+    DeadlineExceeded,
+    /// The customer cancelled it (the order is CANCELLED).
+    Cancelled,
 }
 
 impl FailureReason {
+    pub const ALL: [FailureReason; 4] = [
+        Self::PaymentDeclined,
+        Self::OutOfStock,
+        Self::DeadlineExceeded,
+        Self::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             FailureReason::PaymentDeclined => "payment_declined",
             FailureReason::OutOfStock => "out_of_stock",
+            FailureReason::DeadlineExceeded => "deadline_exceeded",
+            FailureReason::Cancelled => "cancelled",
         }
+    }
+}
+
+/// Why an `OrderCancelled` was emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    /// `POST /orders/{id}/cancel`.
+    Customer,
+    /// The order was still PENDING when `ORDER_DEADLINE_SECS` passed.
+    Deadline,
+}
+
+impl CancelReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::Customer => "customer",
+            CancelReason::Deadline => "deadline",
+        }
+    }
+}
+
+impl FromStr for CancelReason {
+    type Err = DomainError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Customer, Self::Deadline]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| DomainError::Unknown {
+                field: "cancel reason",
+                value: s.to_owned(),
+            })
+    }
+}
+
+impl fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -357,13 +411,13 @@ impl FromStr for FailureReason {
     type Err = DomainError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "payment_declined" => Ok(Self::PaymentDeclined),
-            "out_of_stock" => Ok(Self::OutOfStock),
-            other => Err(DomainError::BadAmount(format!(
-                "unknown failure reason {other:?}"
-            ))),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| DomainError::Unknown {
+                field: "failure_reason",
+                value: s.to_owned(),
+            })
     }
 }
 
@@ -494,6 +548,10 @@ mod tests {
             "out_of_stock".parse::<FailureReason>(),
             Ok(FailureReason::OutOfStock)
         );
+        for r in FailureReason::ALL {
+            assert_eq!(r.as_str().parse::<FailureReason>(), Ok(r));
+        }
+        assert!("CANCELLED".parse::<FailureReason>().is_err());
         assert_eq!(
             serde_json::to_string(&FailureReason::OutOfStock).unwrap(),
             "\"out_of_stock\""

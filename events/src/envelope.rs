@@ -4,7 +4,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::{CorrelationId, CustomerId, FailureReason, LineItem, Money, OrderId, Sku};
+use crate::domain::{
+    CancelReason, CorrelationId, CustomerId, FailureReason, LineItem, Money, OrderId, Sku,
+};
 use crate::topics;
 
 /// Version of the envelope and event payloads this build writes and reads.
@@ -35,11 +37,13 @@ pub enum Event {
     OrderCreated(OrderCreated),
     OrderConfirmed(OrderConfirmed),
     OrderFailed(OrderFailed),
+    OrderCancelled(OrderCancelled),
     PaymentSucceeded(PaymentSucceeded),
     PaymentFailed(PaymentFailed),
     PaymentRefunded(PaymentRefunded),
     InventoryReserved(InventoryReserved),
     InventoryOutOfStock(InventoryOutOfStock),
+    InventoryReleased(InventoryReleased),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +67,19 @@ pub struct OrderFailed {
     pub detail: String,
     /// When the order was accepted: the saga's start.
     pub order_created_at: DateTime<Utc>,
+}
+
+/// The order will not be fulfilled: the customer cancelled it, or its
+/// deadline passed while it was still PENDING. Whoever did something for it
+/// undoes that (payment refunds, and inventory releases on the refund).
+/// Carries the order so that a participant needs nothing else to react.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    pub reason: CancelReason,
+    /// When the order was accepted: the saga's start.
+    pub order_created_at: DateTime<Utc>,
+    pub items: Vec<LineItem>,
+    pub total: Money,
 }
 
 /// The order was charged. Carries the items so inventory can reserve them
@@ -106,6 +123,13 @@ pub struct InventoryOutOfStock {
     pub shortages: Vec<Shortage>,
 }
 
+/// Stock held for an order went back to `available` (its payment was
+/// refunded after the reservation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReleased {
+    pub items: Vec<ReservedLine>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shortage {
     pub sku: Sku,
@@ -121,24 +145,29 @@ impl Event {
             Event::OrderCreated(_) => "OrderCreated",
             Event::OrderConfirmed(_) => "OrderConfirmed",
             Event::OrderFailed(_) => "OrderFailed",
+            Event::OrderCancelled(_) => "OrderCancelled",
             Event::PaymentSucceeded(_) => "PaymentSucceeded",
             Event::PaymentFailed(_) => "PaymentFailed",
             Event::PaymentRefunded(_) => "PaymentRefunded",
             Event::InventoryReserved(_) => "InventoryReserved",
             Event::InventoryOutOfStock(_) => "InventoryOutOfStock",
+            Event::InventoryReleased(_) => "InventoryReleased",
         }
     }
 
     /// The (unprefixed) topic this event is published on: each service owns one.
     pub fn topic(&self) -> &'static str {
         match self {
-            Event::OrderCreated(_) | Event::OrderConfirmed(_) | Event::OrderFailed(_) => {
-                topics::ORDER_EVENTS
-            }
+            Event::OrderCreated(_)
+            | Event::OrderConfirmed(_)
+            | Event::OrderFailed(_)
+            | Event::OrderCancelled(_) => topics::ORDER_EVENTS,
             Event::PaymentSucceeded(_) | Event::PaymentFailed(_) | Event::PaymentRefunded(_) => {
                 topics::PAYMENT_EVENTS
             }
-            Event::InventoryReserved(_) | Event::InventoryOutOfStock(_) => topics::INVENTORY_EVENTS,
+            Event::InventoryReserved(_)
+            | Event::InventoryOutOfStock(_)
+            | Event::InventoryReleased(_) => topics::INVENTORY_EVENTS,
         }
     }
 }
@@ -228,6 +257,12 @@ mod tests {
                 detail: "SKU-2".into(),
                 order_created_at: Utc::now(),
             }),
+            Event::OrderCancelled(OrderCancelled {
+                reason: CancelReason::Customer,
+                order_created_at: Utc::now(),
+                items: items.clone(),
+                total: Money::from_minor(6498),
+            }),
             Event::PaymentSucceeded(PaymentSucceeded {
                 payment_id: Uuid::new_v4(),
                 amount: Money::from_minor(6498),
@@ -253,6 +288,12 @@ mod tests {
                     sku: Sku::parse("SKU-2").unwrap(),
                     requested: 1,
                     available: 0,
+                }],
+            }),
+            Event::InventoryReleased(InventoryReleased {
+                items: vec![ReservedLine {
+                    sku: Sku::parse("SKU-1").unwrap(),
+                    quantity: 2,
                 }],
             }),
         ]
@@ -288,6 +329,18 @@ mod tests {
     }
 
     #[test]
+    fn order_cancelled_carries_its_reason_and_the_order() {
+        let cancelled = all_events().remove(3);
+        let env = Envelope::new(OrderId::new(), CorrelationId::generate(), cancelled);
+        let v: serde_json::Value = serde_json::from_slice(&env.to_json().unwrap()).unwrap();
+        assert_eq!(v["event_type"], "OrderCancelled");
+        assert_eq!(v["data"]["reason"], "customer");
+        assert_eq!(v["data"]["total"], "64.98");
+        assert_eq!(v["data"]["items"][1]["sku"], "SKU-2");
+        assert!(v["data"]["order_created_at"].is_string());
+    }
+
+    #[test]
     fn caused_by_keeps_order_and_correlation() {
         let cause = Envelope::new(
             OrderId::new(),
@@ -313,11 +366,13 @@ mod tests {
                 ("OrderCreated", "order-events"),
                 ("OrderConfirmed", "order-events"),
                 ("OrderFailed", "order-events"),
+                ("OrderCancelled", "order-events"),
                 ("PaymentSucceeded", "payment-events"),
                 ("PaymentFailed", "payment-events"),
                 ("PaymentRefunded", "payment-events"),
                 ("InventoryReserved", "inventory-events"),
                 ("InventoryOutOfStock", "inventory-events"),
+                ("InventoryReleased", "inventory-events"),
             ]
         );
     }

@@ -22,11 +22,11 @@ mod envelope;
 pub mod topics;
 
 pub use domain::{
-    CorrelationId, CustomerId, DomainError, FailureReason, LineItem, Money, OrderId, Quantity, Sku,
-    MAX_ITEMS_PER_ORDER, MAX_QUANTITY, MAX_UNIT_PRICE_MINOR,
+    CancelReason, CorrelationId, CustomerId, DomainError, FailureReason, LineItem, Money, OrderId,
+    Quantity, Sku, MAX_ITEMS_PER_ORDER, MAX_QUANTITY, MAX_UNIT_PRICE_MINOR,
 };
 pub use envelope::{
-    DecodeError, Envelope, Event, InventoryOutOfStock, InventoryReserved, OrderConfirmed,
-    OrderCreated, OrderFailed, PaymentFailed, PaymentRefunded, PaymentSucceeded, ReservedLine,
-    Shortage, SCHEMA_VERSION,
+    DecodeError, Envelope, Event, InventoryOutOfStock, InventoryReleased, InventoryReserved,
+    OrderCancelled, OrderConfirmed, OrderCreated, OrderFailed, PaymentFailed, PaymentRefunded,
+    PaymentSucceeded, ReservedLine, Shortage, SCHEMA_VERSION,
 };

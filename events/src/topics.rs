@@ -1,11 +1,13 @@
 //! Topic names. Every service can prefix them (`KAFKA_TOPIC_PREFIX`) so that
 //! several isolated systems — or test runs — can share one broker.
 
-/// Events emitted by order-service: `OrderCreated`, `OrderConfirmed`, `OrderFailed`.
+/// Events emitted by order-service: `OrderCreated`, `OrderConfirmed`, `OrderFailed`,
+/// `OrderCancelled`.
 pub const ORDER_EVENTS: &str = "order-events";
 /// Events emitted by payment-service: `PaymentSucceeded`, `PaymentFailed`, `PaymentRefunded`.
 pub const PAYMENT_EVENTS: &str = "payment-events";
-/// Events emitted by inventory-service: `InventoryReserved`, `InventoryOutOfStock`.
+/// Events emitted by inventory-service: `InventoryReserved`, `InventoryOutOfStock`,
+/// `InventoryReleased`.
 pub const INVENTORY_EVENTS: &str = "inventory-events";
 
 /// All saga topics, in the order the saga uses them.

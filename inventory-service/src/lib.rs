@@ -1,15 +1,19 @@
 //! inventory-service: reserves stock on `PaymentSucceeded`, all items of an
-//! order or none, and never oversells.
+//! order or none, never oversells, and releases a reservation when its
+//! payment is refunded (`PaymentRefunded` after a cancellation or deadline).
 
 mod catalog;
+mod domain;
+mod handler;
 mod reservations;
-mod reserve;
+mod store;
 
 use saga_runtime::config::{self, ConfigError};
 use saga_runtime::{App, Infra, ServiceConfig};
 
 pub use catalog::{seed_if_empty as seed_demo_catalog, DEMO_CATALOG};
-pub use reserve::Reserver;
+pub use domain::{ReservationStatus, Stock};
+pub use handler::Reserver;
 
 pub const SERVICE: &str = "inventory-service";
 pub const DEFAULT_PORT: u16 = 3002;

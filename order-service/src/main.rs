@@ -5,7 +5,10 @@ async fn main() -> ExitCode {
     saga_runtime::run_service(
         order_service::SERVICE,
         order_service::DEFAULT_PORT,
-        order_service::build,
+        |config| async move {
+            let settings = order_service::Settings::from_env()?;
+            order_service::build(config, settings).await
+        },
     )
     .await
 }

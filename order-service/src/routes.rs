@@ -1,4 +1,5 @@
-//! HTTP API: `POST /orders`, `GET /orders`, `GET /orders/{id}`.
+//! HTTP API: `POST /orders`, `GET /orders`, `GET /orders/{id}`,
+//! `POST /orders/{id}/cancel`.
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -8,12 +9,13 @@ use axum::{Json, Router};
 use events::{CorrelationId, Envelope, Event, Money, OrderCreated, OrderId};
 use saga_runtime::listing::{self, ListQuery};
 use saga_runtime::telemetry;
-use saga_runtime::{ApiError, ApiJson};
+use saga_runtime::{ApiError, ApiJson, Outbox};
 use serde_json::json;
 use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::domain::{CreateOrderRequest, NewOrder, OrderStatus};
+use crate::domain::{CreateOrderRequest, NewOrder, NotCancellable, OrderStatus};
+use crate::ending::{self, Cancelled};
 use crate::intake::{Intake, Pending};
 use crate::store::{self, OrderRow};
 
@@ -24,6 +26,8 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// Where cancellations write their events.
+    pub outbox: Outbox,
     /// Where new orders are written (group commit).
     pub intake: Intake,
 }
@@ -32,6 +36,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/orders", post(create_order).get(list_orders))
         .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
         .with_state(state)
 }
 
@@ -210,6 +215,45 @@ async fn get_order(
     Ok(response)
 }
 
+/// `POST /orders/{id}/cancel`: 202 with the order, CANCELLED (at once, or
+/// already); 409 `order_not_cancellable` for a FAILED order.
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let order_id = saga_runtime::http::parse_order_id(&id)?;
+    let span = tracing::Span::current();
+    span.record("order_id", tracing::field::display(order_id));
+    span.record("event_type", "OrderCancelled");
+    let traceparent = telemetry::current_traceparent();
+    match ending::cancel(&state.pool, &state.outbox, order_id, traceparent.as_deref()).await? {
+        Cancelled::NotFound => Err(ApiError::not_found(format!(
+            "order {order_id} does not exist"
+        ))),
+        Cancelled::NotCancellable(NotCancellable { status, reason }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "order_not_cancellable",
+            format!(
+                "order {order_id} is {status}{} and can no longer be cancelled",
+                reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            ),
+        )),
+        Cancelled::Done => {
+            let order = store::find(&state.pool, order_id.as_uuid())
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("order {order_id} does not exist")))?;
+            span.record("correlation_id", order.correlation_id.as_str());
+            let mut response = (StatusCode::ACCEPTED, Json(order_json(&order))).into_response();
+            if let Ok(v) = HeaderValue::from_str(&order.correlation_id) {
+                response
+                    .headers_mut()
+                    .insert(HeaderName::from_static(CORRELATION_HEADER), v);
+            }
+            Ok(response)
+        }
+    }
+}
+
 /// `GET /orders`: newest first, filtered by `status`, `customer_id`,
 /// `created_before` and `created_after`, paginated (see
 /// [`saga_runtime::listing`]).
@@ -230,7 +274,7 @@ async fn list_orders(
         })
         .transpose()?;
     let filter = store::Filter {
-        status: status.map(|s| s.as_str().to_owned()),
+        status,
         customer_id: query.get("customer_id").map(str::to_owned),
         created_before: query.time("created_before")?,
         created_after: query.time("created_after")?,
@@ -250,6 +294,7 @@ fn order_json(order: &OrderRow) -> serde_json::Value {
         "items": order.items.0,
         "total": Money::from_minor(order.total_minor),
         "refunded": order.refunded,
+        "stock_released": order.stock_released,
         "correlation_id": order.correlation_id,
         "trace_id": order.trace_id,
         "created_at": order.created_at,

@@ -4,25 +4,27 @@ use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
-use events::{CorrelationId, Envelope, LineItem, OrderId};
+use events::{CorrelationId, Envelope, LineItem, Money, OrderId};
 use saga_runtime::outbox::Prepared;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use crate::domain::NewOrder;
+use crate::domain::{NewOrder, OrderState, OrderStatus};
 
 #[derive(Debug, sqlx::FromRow)]
 pub struct OrderRow {
     pub order_id: Uuid,
     pub customer_id: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: OrderStatus,
     pub failure_reason: Option<String>,
     pub items: Json<Vec<LineItem>>,
     pub total_minor: i64,
     pub correlation_id: String,
     pub trace_id: Option<String>,
     pub refunded: bool,
+    pub stock_released: bool,
     pub request_fingerprint: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -38,7 +40,7 @@ pub struct HistoryRow {
 }
 
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, failure_reason, items, total_minor, \
-     correlation_id, trace_id, refunded, request_fingerprint, created_at, updated_at";
+     correlation_id, trace_id, refunded, stock_released, request_fingerprint, created_at, updated_at";
 
 /// A PENDING order to insert, as stored.
 #[derive(Debug, Clone)]
@@ -174,7 +176,7 @@ pub async fn find<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<OrderR
 /// What `GET /orders` filters on.
 #[derive(Debug, Default)]
 pub struct Filter {
-    pub status: Option<String>,
+    pub status: Option<OrderStatus>,
     pub customer_id: Option<String>,
     pub created_before: Option<DateTime<Utc>>,
     pub created_after: Option<DateTime<Utc>>,
@@ -197,7 +199,7 @@ pub async fn list<'e>(
          ORDER BY order_id DESC LIMIT $6"
     ))
     .bind(after)
-    .bind(filter.status.as_deref())
+    .bind(filter.status.map(OrderStatus::as_str))
     .bind(filter.customer_id.as_deref())
     .bind(filter.created_before)
     .bind(filter.created_after)
@@ -266,18 +268,53 @@ impl History {
     }
 }
 
-/// An order as the saga's consumer sees it: locked for the batch, changed
-/// in memory, written back by [`save`] when `changed`.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct Locked {
-    pub order_id: Uuid,
-    pub status: String,
-    pub failure_reason: Option<String>,
-    pub refunded: bool,
-    pub total_minor: i64,
-    pub created_at: DateTime<Utc>,
-    #[sqlx(default)]
-    pub changed: bool,
+/// Columns [`OrderState`] is read from.
+const STATE_COLUMNS: &str =
+    "order_id, status, failure_reason, refunded, stock_released, items, total_minor, correlation_id, created_at";
+
+/// An [`OrderState`] as stored.
+#[derive(sqlx::FromRow)]
+struct StateRow {
+    order_id: Uuid,
+    status: String,
+    failure_reason: Option<String>,
+    refunded: bool,
+    stock_released: bool,
+    items: Json<Vec<LineItem>>,
+    total_minor: i64,
+    correlation_id: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<StateRow> for OrderState {
+    type Error = sqlx::Error;
+
+    fn try_from(r: StateRow) -> Result<Self, Self::Error> {
+        let decode = |e: events::DomainError| sqlx::Error::Decode(Box::new(e));
+        Ok(Self {
+            order_id: r.order_id,
+            status: OrderStatus::try_from(r.status).map_err(decode)?,
+            failure_reason: r
+                .failure_reason
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(decode)?,
+            refunded: r.refunded,
+            stock_released: r.stock_released,
+            items: r.items.0,
+            total: Money::from_minor(r.total_minor),
+            correlation_id: r.correlation_id,
+            created_at: r.created_at,
+            changed: false,
+        })
+    }
+}
+
+fn states(rows: Vec<StateRow>) -> Result<HashMap<Uuid, OrderState>, sqlx::Error> {
+    rows.into_iter()
+        .map(|r| OrderState::try_from(r).map(|o| (o.order_id, o)))
+        .collect()
 }
 
 /// Locks the orders `ids` (in ID order, so concurrent batches cannot
@@ -285,40 +322,73 @@ pub struct Locked {
 pub async fn lock(
     conn: &mut PgConnection,
     ids: &[Uuid],
-) -> Result<HashMap<Uuid, Locked>, sqlx::Error> {
-    let rows: Vec<Locked> = sqlx::query_as(
-        "SELECT order_id, status, failure_reason, refunded, total_minor, created_at
-         FROM orders WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
-    )
+) -> Result<HashMap<Uuid, OrderState>, sqlx::Error> {
+    let rows: Vec<StateRow> = sqlx::query_as(&format!(
+        "SELECT {STATE_COLUMNS} FROM orders WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE"
+    ))
     .bind(ids)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(|o| (o.order_id, o)).collect())
+    states(rows)
+}
+
+/// Locks PENDING orders created before `cutoff`, oldest first, at most
+/// `limit`, skipping those another transaction holds (a replica expiring
+/// them, a consumer batch ending them): each expires exactly once.
+pub async fn lock_due(
+    conn: &mut PgConnection,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<HashMap<Uuid, OrderState>, sqlx::Error> {
+    let rows: Vec<StateRow> = sqlx::query_as(&format!(
+        "SELECT {STATE_COLUMNS} FROM orders
+         WHERE status = 'PENDING' AND created_at <= $1
+         ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(cutoff)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    states(rows)
+}
+
+/// How many orders are PENDING since before `cutoff`.
+pub async fn count_pending_since<'e>(
+    db: impl PgExecutor<'e>,
+    cutoff: DateTime<Utc>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING' AND created_at < $1")
+        .bind(cutoff)
+        .fetch_one(db)
+        .await
 }
 
 /// Writes back the `changed` orders and appends `history`, in one statement.
 pub async fn save<'o>(
     conn: &mut PgConnection,
-    orders: impl Iterator<Item = &'o Locked>,
+    orders: impl Iterator<Item = &'o OrderState>,
     history: &[&Envelope],
 ) -> Result<(), sqlx::Error> {
-    let (mut ids, mut statuses, mut reasons, mut refunded) = (vec![], vec![], vec![], vec![]);
+    let mut c = Changed::default();
     for o in orders.filter(|o| o.changed) {
-        ids.push(o.order_id);
-        statuses.push(o.status.as_str());
-        reasons.push(o.failure_reason.as_deref());
-        refunded.push(o.refunded);
+        c.ids.push(o.order_id);
+        c.statuses.push(o.status.as_str());
+        c.reasons
+            .push(o.failure_reason.map(events::FailureReason::as_str));
+        c.refunded.push(o.refunded);
+        c.released.push(o.stock_released);
     }
-    if ids.is_empty() && history.is_empty() {
+    if c.ids.is_empty() && history.is_empty() {
         return Ok(());
     }
     let h = History::of(history)?;
     sqlx::query(
         "WITH changed AS (
              UPDATE orders o SET status = c.status, failure_reason = c.failure_reason,
-                                 refunded = c.refunded, updated_at = now()
-             FROM unnest($6::uuid[], $7::text[], $8::text[], $9::bool[])
-                  AS c(order_id, status, failure_reason, refunded)
+                                 refunded = c.refunded, stock_released = c.stock_released,
+                                 updated_at = now()
+             FROM unnest($6::uuid[], $7::text[], $8::text[], $9::bool[], $10::bool[])
+                  AS c(order_id, status, failure_reason, refunded, stock_released)
              WHERE o.order_id = c.order_id)
          INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[])",
@@ -328,11 +398,22 @@ pub async fn save<'o>(
     .bind(&h.types)
     .bind(&h.times)
     .bind(&h.data)
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&refunded)
+    .bind(&c.ids)
+    .bind(&c.statuses)
+    .bind(&c.reasons)
+    .bind(&c.refunded)
+    .bind(&c.released)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Changed orders as the column arrays `unnest` takes.
+#[derive(Default)]
+struct Changed {
+    ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    reasons: Vec<Option<&'static str>>,
+    refunded: Vec<bool>,
+    released: Vec<bool>,
 }

@@ -12,6 +12,9 @@
 //!   reserved;
 //! - `FAILED`/`payment_declined` ⇒ payment `DECLINED`, nothing reserved;
 //! - `FAILED`/`out_of_stock` ⇒ payment `REFUNDED`, nothing reserved;
+//! - `CANCELLED`/`cancelled` or `FAILED`/`deadline_exceeded` ⇒ payment
+//!   `REFUNDED`, `DECLINED` or none, nothing reserved (a reservation made
+//!   before the cancellation is `RELEASED`);
 //! - `PENDING` ⇒ younger than `pending_older_than`;
 //! - no payment or reservation without its order.
 //!
@@ -166,6 +169,12 @@ pub fn judge(
     }
     let mut wrong = Vec::new();
     let paid = payment.map(|p| p.status.as_str());
+    let held = reservation.filter(|r| r.status == "HELD");
+    let nothing_held = |state: &str, wrong: &mut Vec<String>| {
+        if held.is_some() {
+            wrong.push(format!("{state} but stock is held for it"));
+        }
+    };
     match (order.status.as_str(), order.failure_reason.as_deref()) {
         ("CONFIRMED", _) => {
             if paid != Some("CHARGED") {
@@ -174,7 +183,7 @@ pub fn judge(
                     paid.unwrap_or("missing")
                 ));
             }
-            match reservation {
+            match held {
                 None => wrong.push("CONFIRMED but no stock is held for it".to_owned()),
                 Some(r) if units(&r.items) != units(&order.items) => wrong.push(format!(
                     "CONFIRMED but the stock held ({:?}) is not what was ordered ({:?})",
@@ -199,9 +208,7 @@ pub fn judge(
                     paid.unwrap_or("missing")
                 ));
             }
-            if reservation.is_some() {
-                wrong.push("FAILED/payment_declined but stock is held for it".to_owned());
-            }
+            nothing_held("FAILED/payment_declined", &mut wrong);
         }
         ("FAILED", Some("out_of_stock")) => {
             if paid != Some("REFUNDED") {
@@ -210,9 +217,16 @@ pub fn judge(
                     paid.unwrap_or("missing")
                 ));
             }
-            if reservation.is_some() {
-                wrong.push("FAILED/out_of_stock but stock is held for it".to_owned());
+            nothing_held("FAILED/out_of_stock", &mut wrong);
+        }
+        (status @ ("CANCELLED" | "FAILED"), Some(reason @ ("cancelled" | "deadline_exceeded")))
+            if (status == "CANCELLED") == (reason == "cancelled") =>
+        {
+            let state = format!("{status}/{reason}");
+            if let Some(p @ "CHARGED") = paid {
+                wrong.push(format!("{state} but payment is {p} (not refunded)"));
             }
+            nothing_held(&state, &mut wrong);
         }
         (status, reason) => wrong.push(format!(
             "unknown end state {status}/{}",
@@ -220,7 +234,7 @@ pub fn judge(
         )),
     }
     if let Some(r) = reservation {
-        if r.status != "HELD" {
+        if !matches!(r.status.as_str(), "HELD" | "RELEASED") {
             wrong.push(format!("reservation in unknown state {}", r.status));
         }
     }
@@ -622,6 +636,64 @@ mod tests {
             ))
             .len(),
             2
+        );
+    }
+
+    #[test]
+    fn cancelled_and_expired_orders_hold_nothing_and_keep_no_charge() {
+        let now = Utc::now();
+        let o = &options();
+        for (status, reason) in [("CANCELLED", "cancelled"), ("FAILED", "deadline_exceeded")] {
+            let x = order(status, Some(reason), 60);
+            let mut released = held(&x);
+            released.status = "RELEASED".into();
+            for (paid, reservation) in [
+                (Some("REFUNDED"), Some(&released)),
+                (Some("REFUNDED"), None),
+                (Some("DECLINED"), None),
+                (None, None),
+            ] {
+                let p = paid.map(|st| payment(&x, st));
+                assert_eq!(
+                    judge(Some(&x), p.as_ref(), reservation, now, o),
+                    Verdict::Fine,
+                    "{status}/{reason} {paid:?}"
+                );
+            }
+            // Still charged, or stock still held: the compensation is missing.
+            assert_eq!(
+                wrong(judge(Some(&x), Some(&payment(&x, "CHARGED")), None, now, o)).len(),
+                1
+            );
+            assert_eq!(
+                wrong(judge(
+                    Some(&x),
+                    Some(&payment(&x, "REFUNDED")),
+                    Some(&held(&x)),
+                    now,
+                    o
+                ))
+                .len(),
+                1
+            );
+        }
+        // A reason that does not go with the status.
+        let odd = order("CANCELLED", Some("deadline_exceeded"), 60);
+        assert_eq!(wrong(judge(Some(&odd), None, None, now, o)).len(), 1);
+        // A confirmed order whose reservation was released is short.
+        let c = order("CONFIRMED", None, 60);
+        let mut released = held(&c);
+        released.status = "RELEASED".into();
+        assert_eq!(
+            wrong(judge(
+                Some(&c),
+                Some(&payment(&c, "CHARGED")),
+                Some(&released),
+                now,
+                o
+            ))
+            .len(),
+            1
         );
     }
 

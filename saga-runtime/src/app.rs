@@ -83,6 +83,8 @@ pub struct App {
     listener: TcpListener,
     router: Router,
     consumer: Option<Worker>,
+    /// The service's own background work (see [`App::with_task`]).
+    tasks: Vec<Worker>,
 }
 
 impl App {
@@ -138,7 +140,22 @@ impl App {
             listener,
             router,
             consumer,
+            tasks: Vec::new(),
         })
+    }
+
+    /// Runs `task` beside the server and the consumer. It gets the shutdown
+    /// token and must return once it is cancelled; it is awaited before the
+    /// relay stops, so the events it committed still go out. A task that
+    /// returns before shutdown stops the service (exit 1).
+    pub fn with_task<F, Fut>(mut self, task: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks
+            .push(Box::new(move |token| Box::pin(task(token))));
+        self
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -169,6 +186,7 @@ impl App {
             listener,
             router,
             consumer,
+            tasks,
         } = self;
         let service = infra.config.service_name;
         let grace = infra.config.shutdown_grace;
@@ -187,8 +205,8 @@ impl App {
             relay_token.clone(),
         ));
         let mut consumer_task = JoinSet::new();
-        if let Some(c) = consumer {
-            consumer_task.spawn(c(shutdown.clone()));
+        for task in consumer.into_iter().chain(tasks) {
+            consumer_task.spawn(task(shutdown.clone()));
         }
         tracing::info!(service, addr = %listener.local_addr().context("reading the bound address")?, "service started");
 
@@ -203,7 +221,7 @@ impl App {
                 server_done = true;
                 r.err().map(|e| anyhow::Error::new(e).context("HTTP server failed"))
             }
-            Some(_) = consumer_task.join_next() => (!shutdown.is_cancelled()).then(|| anyhow::anyhow!("consumer loop stopped unexpectedly")),
+            Some(_) = consumer_task.join_next() => (!shutdown.is_cancelled()).then(|| anyhow::anyhow!("consumer loop or a service task stopped unexpectedly")),
             Some(_) = workers.join_next() => Some(anyhow::anyhow!("outbox relay or retention task stopped unexpectedly")),
             fatal = producer_fatal(&infra.producer) => Some(anyhow::anyhow!("fatal Kafka producer error: {fatal}")),
             _ = shutdown.cancelled() => None,

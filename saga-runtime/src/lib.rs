@@ -36,3 +36,4 @@ pub use config::{ConfigError, KafkaConfig, ServiceConfig};
 pub use consumer::{Handler, Step};
 pub use http::{ApiError, ApiJson};
 pub use outbox::Outbox;
+pub use tokio_util::sync::CancellationToken;

@@ -39,9 +39,16 @@ pub struct FailureLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `CONFIRMED` or `FAILED`.
+    /// `CONFIRMED`, `FAILED` or `CANCELLED`.
     pub status: String,
-    /// `payment_declined`, `out_of_stock`, or empty.
+    /// `payment_declined`, `out_of_stock`, `deadline_exceeded`,
+    /// `cancelled`, or empty.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CancelLabels {
+    /// `customer` (`POST /orders/{id}/cancel`) or `deadline` (expired).
     pub reason: String,
 }
 
@@ -75,6 +82,8 @@ pub struct Metrics {
     pub outbox_publish_failures: Family<FailureLabels, Counter>,
     pub orders_finished: Family<OutcomeLabels, Counter>,
     pub saga_seconds: Histograms<OutcomeLabels>,
+    pub orders_cancelled: Family<CancelLabels, Counter>,
+    pub orders_overdue: Family<ServiceLabels, Gauge>,
 }
 
 impl Metrics {
@@ -96,6 +105,8 @@ impl Metrics {
             outbox_publish_failures: Family::default(),
             orders_finished: Family::default(),
             saga_seconds: Family::new_with_constructor(latency_histogram),
+            orders_cancelled: Family::default(),
+            orders_overdue: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -172,6 +183,16 @@ impl Metrics {
             "saga_duration_seconds",
             "Order creation to final status (order-service)",
             m.saga_seconds.clone(),
+        );
+        registry.register(
+            "orders_cancelled",
+            "Orders cancelled by the customer or expired at their deadline, by reason (order-service)",
+            m.orders_cancelled.clone(),
+        );
+        registry.register(
+            "orders_pending_past_half_deadline",
+            "PENDING orders older than half of ORDER_DEADLINE_SECS (order-service)",
+            m.orders_overdue.clone(),
         );
         Self { registry, ..m }
     }

@@ -19,6 +19,19 @@
 //! threshold may see another replica publish its rows as well; consumers
 //! absorb the duplicate.
 //!
+//! Each order's events reach the broker in commit order, whichever path
+//! they take (an order's transactions all lock the order, so for one key
+//! the row IDs follow commit order):
+//! - a batch is sent in waves holding at most one row per key, each wave
+//!   acknowledged before the next; a key whose row failed sends nothing
+//!   more in that batch, so a retry can never land behind a later event;
+//! - before the relay publishes rows handed over in memory it asks the
+//!   table for earlier rows of the same keys that are not in its batch
+//!   (another replica's, a sweep's, rows past the in-memory cap); rows
+//!   behind one wait until it is gone (published and deleted);
+//! - a sweep takes a row only with every earlier row of its key, and
+//!   sweeps of several replicas claim one at a time (an advisory lock).
+//!
 //! Nothing is ever set aside: a row the broker refuses (wrong ACLs, topic
 //! missing) stays in the outbox and is retried with backoff, logged and
 //! counted in `saga_outbox_publish_failures_total`, until someone fixes
@@ -58,6 +71,13 @@ const REMEMBER_SWEPT: Duration = Duration::from_secs(120);
 /// Most rows held in memory for the relay (about 1 KiB each); the rest wait
 /// in the table for a sweep.
 const MAX_HELD: usize = 10_000;
+/// How long the relay waits before looking again when every row it holds
+/// waits behind an earlier row of its key that someone else publishes.
+const BLOCKED_RECHECK: Duration = Duration::from_millis(20);
+/// `pg_advisory_xact_lock` key that serialises the sweeps' claims (per
+/// database, so per service): two sweeps claiming at once could split one
+/// key's rows between them and publish them out of order.
+const SWEEP_LOCK: i64 = 0x5a6a_0b0c;
 
 /// Writes events into the outbox and hands them to the relay.
 #[derive(Clone, Debug)]
@@ -325,7 +345,14 @@ impl Relay {
             backlog.set(rows.len() as i64);
             if !rows.is_empty() {
                 match self.publish(rows).await {
-                    Ok(()) => backoff.reset(),
+                    Ok(Progress::Published) => backoff.reset(),
+                    Ok(Progress::Blocked) => {
+                        // Every row waits behind one someone else sends.
+                        tokio::select! {
+                            _ = tokio::time::sleep(BLOCKED_RECHECK) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox publish failed; will retry");
                         tokio::select! {
@@ -365,8 +392,20 @@ impl Relay {
     }
 
     /// Publishes rows handed over in memory and deletes those the broker
-    /// acknowledged. Rows to retry go back to the head of the queue.
-    async fn publish(&self, rows: Vec<Row>) -> anyhow::Result<()> {
+    /// acknowledged. Rows to retry, and rows behind an earlier unpublished
+    /// row of their key, go back to the head of the queue.
+    async fn publish(&self, rows: Vec<Row>) -> anyhow::Result<Progress> {
+        let (rows, blocked) = match self.unblocked(rows).await {
+            Ok(split) => split,
+            Err((e, rows)) => {
+                self.outbox.requeue(rows);
+                return Err(anyhow::Error::new(e).context("looking for earlier outbox rows"));
+            }
+        };
+        if rows.is_empty() {
+            self.outbox.requeue(blocked);
+            return Ok(Progress::Blocked);
+        }
         let mut outcome = self.send(rows).await;
         let deleted = async {
             let mut conn = self.pool.acquire().await?;
@@ -379,31 +418,80 @@ impl Relay {
             tracing::warn!(service = self.service, error = %e, "could not delete published outbox rows");
         }
         self.record(&outcome);
-        if !outcome.retry.is_empty() {
-            self.outbox.requeue(std::mem::take(&mut outcome.retry));
+        let mut again = std::mem::take(&mut outcome.retry);
+        if !blocked.is_empty() {
+            // Both lists are in commit order, and no key is in both.
+            again.extend(blocked);
+            again.sort_by_key(|r| r.id);
         }
-        outcome.error.map_or(Ok(()), Err)
+        if !again.is_empty() {
+            self.outbox.requeue(again);
+        }
+        outcome.error.map_or(Ok(Progress::Published), Err)
+    }
+
+    /// Splits rows into those free to go and those behind an earlier row of
+    /// their key that is still in the table but not among `rows`.
+    async fn unblocked(
+        &self,
+        rows: Vec<Row>,
+    ) -> Result<(Vec<Row>, Vec<Row>), (sqlx::Error, Vec<Row>)> {
+        let mut keys: Vec<&str> = rows.iter().map(|r| r.message_key.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let earliest: Result<Vec<(String, i64)>, sqlx::Error> = sqlx::query_as(
+            "SELECT message_key, min(id) FROM outbox
+             WHERE message_key = ANY($1) AND id <> ALL($2) GROUP BY message_key",
+        )
+        .bind(&keys)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await;
+        match earliest {
+            Ok(earliest) => Ok(split_blocked(rows, &earliest.into_iter().collect())),
+            Err(e) => Err((e, rows)),
+        }
     }
 
     /// Publishes rows nobody holds in memory (see the module docs): claims
     /// them in one short statement, sends them holding no lock, deletes
     /// those the broker took and releases the others for the next sweep.
     async fn sweep(&self) -> anyhow::Result<()> {
+        static CLAIM: LazyLock<String> = LazyLock::new(|| {
+            // A row the sweep may take: unclaimed, old enough, not in memory.
+            let free = |t: &str| {
+                format!(
+                    "({t}.claimed_until IS NULL OR {t}.claimed_until < now())
+                     AND {t}.created_at < now() - interval '{ORPHAN_AFTER}' AND {t}.id <> ALL($2)"
+                )
+            };
+            format!(
+                "UPDATE outbox o SET claimed_until = now() + interval '{CLAIM_FOR}'
+                 FROM (SELECT id FROM outbox c
+                       WHERE {} AND NOT EXISTS (
+                           SELECT 1 FROM outbox e
+                           WHERE e.message_key = c.message_key AND e.id < c.id AND NOT ({}))
+                       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c
+                 WHERE o.id = c.id
+                 RETURNING o.id, o.topic, o.message_key, o.event_type, o.event_id, o.correlation_id,
+                           o.traceparent, o.payload, o.created_at",
+                free("c"),
+                free("e")
+            )
+        });
         let held = self.outbox.held_ids();
-        let mut rows: Vec<Row> = sqlx::query_as(&format!(
-            "UPDATE outbox o SET claimed_until = now() + interval '{CLAIM_FOR}'
-             FROM (SELECT id FROM outbox
-                   WHERE (claimed_until IS NULL OR claimed_until < now())
-                     AND created_at < now() - interval '{ORPHAN_AFTER}' AND id <> ALL($2)
-                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c
-             WHERE o.id = c.id
-             RETURNING o.id, o.topic, o.message_key, o.event_type, o.event_id, o.correlation_id,
-                       o.traceparent, o.payload, o.created_at"
-        ))
-        .bind(BATCH_SIZE)
-        .bind(&held)
-        .fetch_all(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SWEEP_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let mut rows: Vec<Row> = sqlx::query_as(CLAIM.as_str())
+            .bind(BATCH_SIZE)
+            .bind(&held)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
         if rows.is_empty() {
             return Ok(());
         }
@@ -424,37 +512,40 @@ impl Relay {
         outcome.error.map_or(Ok(()), Err)
     }
 
-    /// Sends every row, then awaits the deliveries together (awaiting one by
-    /// one would serialise them behind `linger.ms`), and sorts the results.
+    /// Sends rows in waves of at most one row per key (see the module
+    /// docs); a key whose row failed sends nothing more in this batch.
+    /// Within a wave every row is sent, then the deliveries are awaited
+    /// together (awaiting one by one would serialise them behind
+    /// `linger.ms`).
     async fn send(&self, rows: Vec<Row>) -> Outcome {
         let mut outcome = Outcome::default();
+        let mut failed_keys: HashSet<String> = HashSet::new();
+        let mut retry: Vec<Row> = Vec::new();
+        for wave in waves(rows) {
+            let (go, held_back): (Vec<Row>, Vec<Row>) = wave
+                .into_iter()
+                .partition(|r| !failed_keys.contains(&r.message_key));
+            retry.extend(held_back);
+            for row in self.send_wave(go, &mut outcome).await {
+                failed_keys.insert(row.message_key.clone());
+                retry.push(row);
+            }
+        }
+        // Commit order, as they came.
+        retry.sort_by_key(|r| r.id);
+        outcome.retry = retry;
+        outcome
+    }
+
+    /// Sends one wave (no two rows of one key) and returns the rows that
+    /// did not get through.
+    async fn send_wave(&self, rows: Vec<Row>, outcome: &mut Outcome) -> Vec<Row> {
+        let mut failed = Vec::new();
         let mut pending = Vec::with_capacity(rows.len());
         let mut rows = rows.into_iter();
         for row in rows.by_ref() {
+            let span = self.publish_span(&row);
             let event_id = row.event_id.to_string();
-            // A producer span per message, child of the span that wrote the
-            // row; the consumer's span becomes its child through the header.
-            let span = tracing::info_span!(
-                parent: None,
-                "publish",
-                otel.name = format!("{} publish", row.topic),
-                otel.kind = "producer",
-                otel.status_code = tracing::field::Empty,
-                otel.status_message = tracing::field::Empty,
-                trace_id = tracing::field::Empty,
-                service = self.service,
-                messaging.system = "kafka",
-                messaging.operation = "publish",
-                messaging.destination.name = %row.topic,
-                messaging.kafka.message.key = %row.message_key,
-                messaging.message.id = %event_id,
-                messaging.kafka.destination.partition = tracing::field::Empty,
-                messaging.kafka.message.offset = tracing::field::Empty,
-                event_type = %row.event_type,
-                order_id = %row.message_key,
-                correlation_id = %row.correlation_id,
-            );
-            telemetry::set_remote_parent(&span, row.traceparent.as_deref());
             let traceparent = telemetry::traceparent_of(&span).or_else(|| row.traceparent.clone());
             let hdrs = kafka::with_headers(
                 OwnedHeaders::new_with_capacity(5),
@@ -478,18 +569,17 @@ impl Relay {
                     telemetry::mark_error(&span, &e.to_string());
                     outcome.failed(kafka::is_permanent(&e));
                     outcome.error = Some(anyhow::Error::new(e).context("enqueueing outbox row"));
-                    outcome.retry.push(row);
+                    failed.push(row);
                     break;
                 }
             }
         }
-        outcome.retry.extend(rows);
+        failed.extend(rows);
         let (sent, deliveries): (Vec<_>, Vec<_>) = pending
             .into_iter()
             .map(|(row, span, d)| ((row, span), d))
             .unzip();
         let results = join_all(deliveries).await;
-        let mut retry = Vec::new();
         for ((row, span), result) in sent.into_iter().zip(results) {
             match result {
                 Ok(Ok(delivery)) => {
@@ -510,7 +600,7 @@ impl Relay {
                     outcome.error.get_or_insert_with(|| {
                         anyhow::Error::new(e).context("publishing outbox row")
                     });
-                    retry.push(row);
+                    failed.push(row);
                 }
                 Err(_canceled) => {
                     telemetry::mark_error(&span, "delivery canceled");
@@ -518,14 +608,38 @@ impl Relay {
                     outcome
                         .error
                         .get_or_insert_with(|| anyhow::anyhow!("producer dropped a delivery"));
-                    retry.push(row);
+                    failed.push(row);
                 }
             }
         }
-        // Keep the original order: failed deliveries before the unsent rest.
-        retry.append(&mut outcome.retry);
-        outcome.retry = retry;
-        outcome
+        failed
+    }
+
+    /// A producer span per message, child of the span that wrote the row;
+    /// the consumer's span becomes its child through the header.
+    fn publish_span(&self, row: &Row) -> tracing::Span {
+        let span = tracing::info_span!(
+            parent: None,
+            "publish",
+            otel.name = format!("{} publish", row.topic),
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            service = self.service,
+            messaging.system = "kafka",
+            messaging.operation = "publish",
+            messaging.destination.name = %row.topic,
+            messaging.kafka.message.key = %row.message_key,
+            messaging.message.id = %row.event_id,
+            messaging.kafka.destination.partition = tracing::field::Empty,
+            messaging.kafka.message.offset = tracing::field::Empty,
+            event_type = %row.event_type,
+            order_id = %row.message_key,
+            correlation_id = %row.correlation_id,
+        );
+        telemetry::set_remote_parent(&span, row.traceparent.as_deref());
+        span
     }
 
     fn record(&self, outcome: &Outcome) {
@@ -553,6 +667,45 @@ impl Relay {
             latency.observe((now - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
         }
     }
+}
+
+/// What a round of the in-memory relay achieved.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// Rows went out (or failed and will be retried).
+    Published,
+    /// Every row waits behind an earlier row of its key held elsewhere.
+    Blocked,
+}
+
+/// Splits `rows` into waves: wave `n` holds the `n`-th row of each key,
+/// and keeps the rows' order.
+fn waves(rows: Vec<Row>) -> Vec<Vec<Row>> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut waves: Vec<Vec<Row>> = Vec::new();
+    for row in rows {
+        let n = seen.entry(row.message_key.clone()).or_insert(0);
+        if waves.len() <= *n {
+            waves.push(Vec::new());
+        }
+        waves[*n].push(row);
+        *n += 1;
+    }
+    waves
+}
+
+/// Splits `rows` into those free to go and those (in the same order) that
+/// come after `earliest[key]`, the first row of their key still in the
+/// table outside this batch.
+fn split_blocked(rows: Vec<Row>, earliest: &HashMap<String, i64>) -> (Vec<Row>, Vec<Row>) {
+    if earliest.is_empty() {
+        return (rows, Vec::new());
+    }
+    rows.into_iter().partition(|r| {
+        earliest
+            .get(&r.message_key)
+            .is_none_or(|first| r.id < *first)
+    })
 }
 
 /// What became of a batch of rows.
@@ -612,5 +765,54 @@ impl Outcome {
         .execute(&mut *conn)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, key: &str) -> Row {
+        Row {
+            id,
+            topic: "t".into(),
+            message_key: key.into(),
+            event_type: "E".into(),
+            event_id: uuid::Uuid::now_v7(),
+            correlation_id: "c".into(),
+            traceparent: None,
+            payload: Vec::new(),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    fn ids(rows: &[Row]) -> Vec<i64> {
+        rows.iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn waves_hold_one_row_per_key_in_order() {
+        let rows = vec![
+            row(1, "a"),
+            row(2, "b"),
+            row(3, "a"),
+            row(4, "a"),
+            row(5, "c"),
+        ];
+        let w = waves(rows);
+        let w: Vec<Vec<i64>> = w.iter().map(|w| ids(w)).collect();
+        assert_eq!(w, vec![vec![1, 2, 5], vec![3], vec![4]]);
+        assert!(waves(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn rows_behind_an_earlier_row_elsewhere_wait() {
+        let rows = vec![row(3, "a"), row(4, "b"), row(9, "a"), row(10, "c")];
+        let earliest = HashMap::from([("a".to_owned(), 5), ("c".to_owned(), 7)]);
+        let (go, wait) = split_blocked(rows, &earliest);
+        // a@3 precedes the outside row a@5; a@9 and c@10 follow theirs.
+        assert_eq!((ids(&go), ids(&wait)), (vec![3, 4], vec![9, 10]));
+        let (go, wait) = split_blocked(vec![row(1, "a")], &HashMap::new());
+        assert_eq!((ids(&go), ids(&wait)), (vec![1], vec![]));
     }
 }

@@ -22,7 +22,15 @@ use tokio_util::sync::CancellationToken;
 pub mod otlp;
 pub mod procs;
 
+pub use order_service::Settings as OrderSettings;
 pub use payment_service::Settings as PaymentSettings;
+
+/// How the services of a [`System`] are configured beyond the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub payment: PaymentSettings,
+    pub order: OrderSettings,
+}
 
 /// Telemetry lives as long as the test process (dropping the guard would
 /// shut the tracer down).
@@ -85,6 +93,7 @@ pub struct System {
     pub kafka: KafkaConfig,
     pub http: reqwest::Client,
     pub payment_settings: PaymentSettings,
+    pub options: Options,
     services: [Option<Running>; 3],
     pools: [PgPool; 3],
 }
@@ -124,6 +133,15 @@ impl System {
     }
 
     pub async fn start_with(payment_settings: PaymentSettings) -> anyhow::Result<Self> {
+        Self::start_opts(Options {
+            payment: payment_settings,
+            ..Options::default()
+        })
+        .await
+    }
+
+    pub async fn start_opts(options: Options) -> anyhow::Result<Self> {
+        let payment_settings = options.payment;
         TELEMETRY.get_or_init(|| {
             saga_runtime::telemetry::init("saga-tests").expect("telemetry configuration")
         });
@@ -140,7 +158,7 @@ impl System {
         let mut pools = Vec::new();
         for w in [Which::Order, Which::Payment, Which::Inventory] {
             let config = service_config(&prefix, &kafka, w)?;
-            let running = launch(w, config, payment_settings).await?;
+            let running = launch(w, config, options).await?;
             pools.push(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(2)
@@ -159,6 +177,7 @@ impl System {
                 .timeout(Duration::from_secs(30))
                 .build()?,
             payment_settings,
+            options,
             services,
             pools,
         })
@@ -222,7 +241,7 @@ impl System {
     /// Starts a stopped or crashed service again on the same database and topics.
     pub async fn restart(&mut self, w: Which) -> anyhow::Result<()> {
         let config = service_config(&self.prefix, &self.kafka, w)?;
-        self.services[idx(w)] = Some(launch(w, config, self.payment_settings).await?);
+        self.services[idx(w)] = Some(launch(w, config, self.options).await?);
         Ok(())
     }
 
@@ -314,7 +333,10 @@ impl System {
     /// Polls until the order is CONFIRMED or FAILED.
     pub async fn wait_terminal(&self, id: &str) -> anyhow::Result<Value> {
         self.wait_order(id, |o| {
-            o["status"] == "CONFIRMED" || o["status"] == "FAILED"
+            matches!(
+                o["status"].as_str(),
+                Some("CONFIRMED" | "FAILED" | "CANCELLED")
+            )
         })
         .await
     }
@@ -499,14 +521,10 @@ fn service_config(prefix: &str, kafka: &KafkaConfig, w: Which) -> anyhow::Result
     })
 }
 
-async fn launch(
-    w: Which,
-    config: ServiceConfig,
-    payment: PaymentSettings,
-) -> anyhow::Result<Running> {
+async fn launch(w: Which, config: ServiceConfig, options: Options) -> anyhow::Result<Running> {
     let app: App = match w {
-        Which::Order => order_service::build(config.clone()).await?,
-        Which::Payment => payment_service::build(config.clone(), payment).await?,
+        Which::Order => order_service::build(config.clone(), options.order).await?,
+        Which::Payment => payment_service::build(config.clone(), options.payment).await?,
         Which::Inventory => {
             inventory_service::build(config.clone(), inventory_service::Settings::default()).await?
         }

@@ -718,7 +718,10 @@ impl Cluster {
                 {
                     Ok(r) if r.status().is_success() => {
                         let v: Value = r.json().await?;
-                        v["status"] == "CONFIRMED" || v["status"] == "FAILED"
+                        matches!(
+                            v["status"].as_str(),
+                            Some("CONFIRMED" | "FAILED" | "CANCELLED")
+                        )
                     }
                     _ => false,
                 };
