@@ -442,7 +442,8 @@ impl Relay {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let earliest: Result<Vec<(String, i64)>, sqlx::Error> = sqlx::query_as(
             "SELECT message_key, min(id) FROM outbox
-             WHERE message_key = ANY($1) AND id <> ALL($2) GROUP BY message_key",
+             WHERE message_key = ANY($1) AND id NOT IN (SELECT unnest($2::bigint[]))
+             GROUP BY message_key",
         )
         .bind(&keys)
         .bind(&ids)
@@ -463,7 +464,8 @@ impl Relay {
             let free = |t: &str| {
                 format!(
                     "({t}.claimed_until IS NULL OR {t}.claimed_until < now())
-                     AND {t}.created_at < now() - interval '{ORPHAN_AFTER}' AND {t}.id <> ALL($2)"
+                     AND {t}.created_at < now() - interval '{ORPHAN_AFTER}'
+                     AND {t}.id NOT IN (SELECT unnest($2::bigint[]))"
                 )
             };
             format!(

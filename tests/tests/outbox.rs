@@ -358,6 +358,122 @@ async fn a_sweep_holds_no_row_lock_while_its_send_hangs() -> anyhow::Result<()> 
     sys.shutdown().await
 }
 
+/// A sweep takes a row only together with every earlier row of its order:
+/// while an earlier row is claimed by another replica's sweep (sending it
+/// now), the later one waits, even though it is old enough to be swept.
+/// Once the claim runs out (that sweeper died), both go out, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_publishes_a_row_only_after_every_earlier_row_of_its_order() -> anyhow::Result<()> {
+    let mut sys = System::start().await?;
+    let producer = saga_runtime::kafka::producer(sys.kafka(), "relay-test")?;
+    let (db, outbox, stop, relay) = own_relay(&mut sys, producer).await?;
+    let order = OrderId::new();
+    let (first, second) = (confirmed(order), confirmed(order));
+    // The first row, claimed by another replica's sweep.
+    let mut tx = db.begin().await?;
+    drop(outbox.enqueue_traced(&mut tx, &[(&first, None)]).await?);
+    sqlx::query(
+        "UPDATE outbox SET created_at = now() - interval '1 minute',
+                           claimed_until = now() + interval '1 hour'
+         WHERE event_id = $1",
+    )
+    .bind(first.event_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    // The second row of the same order, and a marker of another order,
+    // both orphans: the next sweep looks at both.
+    drop(commit_old(&db, &outbox, &second).await?);
+    let marker = confirmed(OrderId::new());
+    drop(commit_old(&db, &outbox, &marker).await?);
+    wait_published(&sys, &HashSet::from([marker.event_id.to_string()])).await?;
+    let second_id = HashSet::from([second.event_id.to_string()]);
+    assert!(
+        published_now(&sys, &second_id).await?.is_empty(),
+        "the sweep published an order's second event while its first was still on its way"
+    );
+    // The other sweeper died: its claim runs out.
+    sqlx::query(
+        "UPDATE outbox SET claimed_until = now() - interval '1 second' WHERE event_id = $1",
+    )
+    .bind(first.event_id)
+    .execute(&db)
+    .await?;
+    let both = HashSet::from([first.event_id.to_string(), second.event_id.to_string()]);
+    let mut out = wait_published(&sys, &both).await?;
+    out.sort_by_key(|m| m.offset);
+    let got: Vec<&str> = out.iter().filter_map(|m| m.header("event_id")).collect();
+    assert_eq!(
+        got,
+        vec![first.event_id.to_string(), second.event_id.to_string()]
+    );
+    stop.cancel();
+    relay.await?;
+    sys.restart(Which::Order).await?;
+    sys.shutdown().await
+}
+
+/// A row handed over in memory waits while an earlier row of its order is
+/// still in the table outside its batch (another replica holds it, or the
+/// in-memory cap left it to the sweep), and goes out once that one is
+/// published and deleted; rows of other orders do not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handed_over_row_waits_for_an_earlier_row_of_its_order_held_elsewhere(
+) -> anyhow::Result<()> {
+    let mut sys = System::start().await?;
+    let producer = saga_runtime::kafka::producer(sys.kafka(), "relay-test")?;
+    let (db, outbox, stop, relay) = own_relay(&mut sys, producer).await?;
+    let order = OrderId::new();
+    let (first, second) = (confirmed(order), confirmed(order));
+    // The first row: committed by "another replica", which holds it in
+    // memory (young, so no sweep takes it yet).
+    let mut tx = db.begin().await?;
+    let elsewhere = outbox.enqueue_traced(&mut tx, &[(&first, None)]).await?;
+    tx.commit().await?;
+    drop(elsewhere);
+    // The second row and a marker of another order, handed to our relay.
+    let marker = confirmed(OrderId::new());
+    let mut tx = db.begin().await?;
+    let ours = outbox
+        .enqueue_traced(&mut tx, &[(&second, None), (&marker, None)])
+        .await?;
+    tx.commit().await?;
+    outbox.committed(ours);
+    wait_published(&sys, &HashSet::from([marker.event_id.to_string()])).await?;
+    let second_id = HashSet::from([second.event_id.to_string()]);
+    assert!(
+        published_now(&sys, &second_id).await?.is_empty(),
+        "an order's second event went out while its first was still unpublished"
+    );
+    // The other replica publishes the first row and deletes it.
+    let (partition, offset) = sys
+        .produce_raw(
+            &sys.topic("order-events"),
+            &order.to_string(),
+            &first.to_json()?,
+            rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "event_id",
+                value: Some(first.event_id.to_string().as_str()),
+            }),
+        )
+        .await?;
+    sqlx::query("DELETE FROM outbox WHERE event_id = $1")
+        .bind(first.event_id)
+        .execute(&db)
+        .await?;
+    let out = wait_published(&sys, &second_id).await?;
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].partition, partition);
+    assert!(
+        out[0].offset > offset,
+        "the second event overtook the first"
+    );
+    stop.cancel();
+    relay.await?;
+    sys.restart(Which::Order).await?;
+    sys.shutdown().await
+}
+
 fn confirmed(order: OrderId) -> Envelope {
     Envelope::new(
         order,
