@@ -421,6 +421,34 @@ async fn immediate_cancels_through_another_replica_keep_each_orders_events_in_or
     sys.shutdown().await
 }
 
+/// Cancels racing `InventoryReserved`: each order is cancelled as soon as
+/// its charge shows in its history, while inventory is deciding. Whether
+/// the cancel lands before or after the confirmation, every order ends
+/// CANCELLED, refunded and with its stock back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancels_racing_the_reservation_end_cancelled_and_compensated() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    sys.stock("SKU-RACE2", 100).await?;
+    let ids = futures::future::try_join_all((0..20).map(|_| async {
+        let id = sys.place(items("SKU-RACE2", 2)).await?;
+        sys.wait_order(&id, |o| {
+            history_types(o).iter().any(|t| t == "PaymentSucceeded")
+        })
+        .await?;
+        let (status, body) = cancel(&sys, &id).await?;
+        anyhow::ensure!(status == 202, "cancel answered {status}: {body}");
+        anyhow::Ok(id)
+    }))
+    .await?;
+    for id in &ids {
+        let o = wait_compensated(&sys, id).await?;
+        assert_eq!(o["status"], "CANCELLED", "{o}");
+        assert_eq!(sys.payment(id).await?["status"], "REFUNDED");
+    }
+    assert_eq!(sys.stock_levels("SKU-RACE2").await?, (100, 0));
+    sys.shutdown().await
+}
+
 /// Deadlines live in the database: orders that fall due while no
 /// order-service runs expire once it is back, and with three replicas
 /// looking, each order expires exactly once.
