@@ -332,92 +332,25 @@ impl LineItem {
     }
 }
 
-/// Why an order ended FAILED or CANCELLED (its `failure_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureReason {
-    PaymentDeclined,
-    OutOfStock,
-    /// Still PENDING when its deadline passed (the order is FAILED).
-    DeadlineExceeded,
-    /// The customer cancelled it (the order is CANCELLED).
-    Cancelled,
-}
-
-impl FailureReason {
-    pub const ALL: [FailureReason; 4] = [
-        Self::PaymentDeclined,
-        Self::OutOfStock,
-        Self::DeadlineExceeded,
-        Self::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureReason::PaymentDeclined => "payment_declined",
-            FailureReason::OutOfStock => "out_of_stock",
-            FailureReason::DeadlineExceeded => "deadline_exceeded",
-            FailureReason::Cancelled => "cancelled",
-        }
+crate::named_enum! {
+    /// Why an order ended FAILED or CANCELLED (its `failure_reason`).
+    pub enum FailureReason: "failure_reason" {
+        PaymentDeclined => "payment_declined",
+        OutOfStock => "out_of_stock",
+        /// Still PENDING when its deadline passed (the order is FAILED).
+        DeadlineExceeded => "deadline_exceeded",
+        /// The customer cancelled it (the order is CANCELLED).
+        Cancelled => "cancelled",
     }
 }
 
-/// Why an `OrderCancelled` was emitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CancelReason {
-    /// `POST /orders/{id}/cancel`.
-    Customer,
-    /// The order was still PENDING when `ORDER_DEADLINE_SECS` passed.
-    Deadline,
-}
-
-impl CancelReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CancelReason::Customer => "customer",
-            CancelReason::Deadline => "deadline",
-        }
-    }
-}
-
-impl FromStr for CancelReason {
-    type Err = DomainError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Customer, Self::Deadline]
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| DomainError::Unknown {
-                field: "cancel reason",
-                value: s.to_owned(),
-            })
-    }
-}
-
-impl fmt::Display for CancelReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for FailureReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for FailureReason {
-    type Err = DomainError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| DomainError::Unknown {
-                field: "failure_reason",
-                value: s.to_owned(),
-            })
+crate::named_enum! {
+    /// Why an `OrderCancelled` was emitted.
+    pub enum CancelReason: "cancel reason" {
+        /// `POST /orders/{id}/cancel`.
+        Customer => "customer",
+        /// The order was still PENDING when `ORDER_DEADLINE_SECS` passed.
+        Deadline => "deadline",
     }
 }
 
@@ -548,7 +481,7 @@ mod tests {
             "out_of_stock".parse::<FailureReason>(),
             Ok(FailureReason::OutOfStock)
         );
-        for r in FailureReason::ALL {
+        for &r in FailureReason::ALL {
             assert_eq!(r.as_str().parse::<FailureReason>(), Ok(r));
         }
         assert!("CANCELLED".parse::<FailureReason>().is_err());

@@ -19,6 +19,7 @@
 
 mod domain;
 mod envelope;
+mod named;
 pub mod topics;
 
 pub use domain::{
@@ -30,3 +31,6 @@ pub use envelope::{
     OrderCancelled, OrderConfirmed, OrderCreated, OrderFailed, PaymentFailed, PaymentRefunded,
     PaymentSucceeded, ReservedLine, Shortage, SCHEMA_VERSION,
 };
+
+#[doc(hidden)]
+pub use serde as __serde;

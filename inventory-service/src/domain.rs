@@ -5,38 +5,26 @@
 use std::collections::{BTreeMap, HashMap};
 
 use events::{
-    DomainError, Event, InventoryOutOfStock, InventoryReleased, InventoryReserved, LineItem,
-    ReservedLine, Shortage, Sku,
+    Event, InventoryOutOfStock, InventoryReleased, InventoryReserved, LineItem, ReservedLine,
+    Shortage, Sku,
 };
 use uuid::Uuid;
 
-/// What inventory did for an order, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReservationStatus {
-    /// The units are taken from `available` and counted in `reserved`.
-    Reserved,
-    /// Out of stock: nothing was taken.
-    Rejected,
-    /// Taken, then given back after the payment was refunded.
-    Released,
-    /// The refund came before any reservation: nothing will be taken.
-    Void,
+events::named_enum! {
+    /// What inventory did for an order, as stored.
+    pub enum ReservationStatus: "reservation status" {
+        /// The units are taken from `available` and counted in `reserved`.
+        Reserved => "RESERVED",
+        /// Out of stock: nothing was taken.
+        Rejected => "REJECTED",
+        /// Taken, then given back after the payment was refunded.
+        Released => "RELEASED",
+        /// The refund came before any reservation: nothing will be taken.
+        Void => "VOID",
+    }
 }
 
 impl ReservationStatus {
-    pub const ALL: [ReservationStatus; 4] =
-        [Self::Reserved, Self::Rejected, Self::Released, Self::Void];
-
-    /// As stored in `reservations.status`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Reserved => "RESERVED",
-            Self::Rejected => "REJECTED",
-            Self::Released => "RELEASED",
-            Self::Void => "VOID",
-        }
-    }
-
     /// As `GET /reservations` shows it; `None` for orders inventory never
     /// held stock for.
     pub fn shown(self) -> Option<&'static str> {
@@ -45,20 +33,6 @@ impl ReservationStatus {
             Self::Released => Some("RELEASED"),
             Self::Rejected | Self::Void => None,
         }
-    }
-}
-
-impl TryFrom<String> for ReservationStatus {
-    type Error = DomainError;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or(DomainError::Unknown {
-                field: "reservation status",
-                value: s,
-            })
     }
 }
 
@@ -306,7 +280,7 @@ mod tests {
 
     #[test]
     fn statuses_round_trip_and_show() {
-        for st in ReservationStatus::ALL {
+        for &st in ReservationStatus::ALL {
             assert_eq!(ReservationStatus::try_from(st.as_str().to_owned()), Ok(st));
         }
         assert_eq!(ReservationStatus::Reserved.shown(), Some("HELD"));

@@ -23,7 +23,8 @@ pub fn router(pool: PgPool) -> Router {
 /// The stored statuses the API shows.
 fn shown() -> Vec<&'static str> {
     ReservationStatus::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|s| s.shown().is_some())
         .map(ReservationStatus::as_str)
         .collect()
@@ -61,7 +62,8 @@ async fn list(
     let statuses: Vec<&str> = match query.get("status") {
         None => shown(),
         Some(s) => vec![ReservationStatus::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|st| st.shown() == Some(s))
             .map(ReservationStatus::as_str)
             .ok_or_else(|| {

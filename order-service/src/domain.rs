@@ -184,53 +184,13 @@ mod tests {
     }
 }
 
-/// Where an order's saga stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum OrderStatus {
-    Pending,
-    Confirmed,
-    Failed,
-    Cancelled,
-}
-
-impl OrderStatus {
-    pub const ALL: [OrderStatus; 4] = [
-        Self::Pending,
-        Self::Confirmed,
-        Self::Failed,
-        Self::Cancelled,
-    ];
-
-    /// As stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "PENDING",
-            Self::Confirmed => "CONFIRMED",
-            Self::Failed => "FAILED",
-            Self::Cancelled => "CANCELLED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-}
-
-impl TryFrom<String> for OrderStatus {
-    type Error = DomainError;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s).ok_or(DomainError::Unknown {
-            field: "status",
-            value: s,
-        })
-    }
-}
-
-impl std::fmt::Display for OrderStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+events::named_enum! {
+    /// Where an order's saga stands.
+    pub enum OrderStatus: "status" {
+        Pending => "PENDING",
+        Confirmed => "CONFIRMED",
+        Failed => "FAILED",
+        Cancelled => "CANCELLED",
     }
 }
 
@@ -436,7 +396,7 @@ mod rule_tests {
 
     #[test]
     fn statuses_round_trip_and_nothing_else_parses() {
-        for st in OrderStatus::ALL {
+        for &st in OrderStatus::ALL {
             assert_eq!(OrderStatus::parse(st.as_str()), Some(st));
             assert_eq!(OrderStatus::try_from(st.as_str().to_owned()), Ok(st));
         }

@@ -268,7 +268,7 @@ async fn list_orders(
             OrderStatus::parse(s).ok_or_else(|| {
                 ApiError::bad_request(format!(
                     "status must be one of {}, got {s:?}",
-                    OrderStatus::ALL.map(OrderStatus::as_str).join(", ")
+                    OrderStatus::names()
                 ))
             })
         })

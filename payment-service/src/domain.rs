@@ -6,10 +6,8 @@
 use std::collections::HashMap;
 
 use events::{
-    CancelReason, DomainError, Envelope, Event, Money, PaymentFailed, PaymentRefunded,
-    PaymentSucceeded,
+    CancelReason, Envelope, Event, Money, PaymentFailed, PaymentRefunded, PaymentSucceeded,
 };
-use serde::Serialize;
 use uuid::Uuid;
 
 /// Refund reason when inventory could not serve the order.
@@ -17,38 +15,12 @@ pub const REFUND_OUT_OF_STOCK: &str = "out of stock";
 /// Refund reason when the order was cancelled (by its customer or its deadline).
 pub const REFUND_ORDER_CANCELLED: &str = "order cancelled";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum PaymentStatus {
-    Charged,
-    Declined,
-    Refunded,
-}
-
-impl PaymentStatus {
-    pub const ALL: [PaymentStatus; 3] = [Self::Charged, Self::Declined, Self::Refunded];
-
-    /// As stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Charged => "CHARGED",
-            Self::Declined => "DECLINED",
-            Self::Refunded => "REFUNDED",
-        }
-    }
-}
-
-impl TryFrom<String> for PaymentStatus {
-    type Error = DomainError;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or(DomainError::Unknown {
-                field: "payment status",
-                value: s,
-            })
+events::named_enum! {
+    /// Where a payment stands.
+    pub enum PaymentStatus: "payment status" {
+        Charged => "CHARGED",
+        Declined => "DECLINED",
+        Refunded => "REFUNDED",
     }
 }
 
@@ -312,7 +284,7 @@ mod tests {
 
     #[test]
     fn statuses_round_trip() {
-        for st in PaymentStatus::ALL {
+        for &st in PaymentStatus::ALL {
             assert_eq!(PaymentStatus::try_from(st.as_str().to_owned()), Ok(st));
         }
         assert!(PaymentStatus::try_from("VOID".to_owned()).is_err());
