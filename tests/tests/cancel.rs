@@ -449,6 +449,38 @@ async fn cancels_racing_the_reservation_end_cancelled_and_compensated() -> anyho
     sys.shutdown().await
 }
 
+/// `n` orders that only their deadline can end (payment-service is
+/// stopped), all past it while order-service is stopped too.
+async fn due_while_order_service_is_down(
+    deadline: OrderSettings,
+    n: usize,
+) -> anyhow::Result<(System, Vec<String>)> {
+    let mut sys = System::start_opts(Options {
+        order: deadline,
+        ..Options::default()
+    })
+    .await?;
+    sys.stop(Which::Payment).await?;
+    let ids = futures::future::try_join_all((0..n).map(|_| sys.place(items("SKU-1", 1)))).await?;
+    sys.stop(Which::Order).await?;
+    let newest = chrono::Utc::now();
+    let past =
+        newest + chrono::Duration::from_std(deadline.deadline)? + chrono::Duration::seconds(1);
+    poll(
+        Duration::from_millis(50),
+        || async {
+            Ok(if chrono::Utc::now() > past {
+                Ok(())
+            } else {
+                Err(())
+            })
+        },
+        |_| anyhow::anyhow!("the clock did not pass the deadline"),
+    )
+    .await?;
+    Ok((sys, ids))
+}
+
 /// Deadlines live in the database: orders that fall due while no
 /// order-service runs expire once it is back, and with three replicas
 /// looking, each order expires exactly once.
@@ -457,31 +489,7 @@ async fn deadlines_fire_after_a_restart_and_once_across_replicas() -> anyhow::Re
     let deadline = OrderSettings {
         deadline: Duration::from_secs(1),
     };
-    let mut sys = System::start_opts(Options {
-        order: deadline,
-        ..Options::default()
-    })
-    .await?;
-    // Nothing can end these orders but their deadline.
-    sys.stop(Which::Payment).await?;
-    let ids = futures::future::try_join_all((0..30).map(|_| sys.place(items("SKU-1", 1)))).await?;
-    sys.stop(Which::Order).await?;
-    // Past every deadline while no order-service runs.
-    let newest = chrono::Utc::now();
-    poll(
-        Duration::from_millis(50),
-        || async {
-            Ok(
-                if chrono::Utc::now() > newest + chrono::Duration::seconds(2) {
-                    Ok(())
-                } else {
-                    Err(())
-                },
-            )
-        },
-        |_| anyhow::anyhow!("clock"),
-    )
-    .await?;
+    let (mut sys, ids) = due_while_order_service_is_down(deadline, 30).await?;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
         .fetch_one(sys.db(Which::Order))
         .await?;
@@ -634,14 +642,7 @@ async fn a_replica_skips_orders_another_replica_is_expiring() -> anyhow::Result<
     let deadline = OrderSettings {
         deadline: Duration::from_secs(1),
     };
-    let mut sys = System::start_opts(Options {
-        order: deadline,
-        ..Options::default()
-    })
-    .await?;
-    sys.stop(Which::Payment).await?;
-    let ids = futures::future::try_join_all((0..10).map(|_| sys.place(items("SKU-1", 1)))).await?;
-    sys.stop(Which::Order).await?;
+    let (mut sys, ids) = due_while_order_service_is_down(deadline, 10).await?;
     let uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.parse()).collect::<Result<_, _>>()?;
     let (theirs, ours) = uuids.split_at(5);
     // "Another replica" is expiring the first five: their rows are locked.
