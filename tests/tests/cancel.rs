@@ -690,3 +690,93 @@ async fn a_replica_skips_orders_another_replica_is_expiring() -> anyhow::Result<
     assert!(fired.iter().all(|(_, n)| *n == 1), "fired twice: {fired:?}");
     sys.shutdown().await
 }
+
+/// payment-service hears `OrderCancelled` (order-events) and
+/// `InventoryOutOfStock` (inventory-events) on two topics, so they race:
+/// in either order of arrival the charge is refunded exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_is_refunded_once_whichever_of_cancel_and_out_of_stock_comes_first(
+) -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    for cancel_first in [true, false] {
+        let order = events::OrderId::new();
+        let correlation = events::CorrelationId::generate();
+        let env = |event| events::Envelope::new(order, correlation.clone(), event);
+        let send = |topic: &'static str, e: events::Envelope| {
+            let sys = &sys;
+            async move {
+                sys.produce_raw(
+                    &sys.topic(topic),
+                    &order.to_string(),
+                    &e.to_json()?,
+                    rdkafka::message::OwnedHeaders::new(),
+                )
+                .await
+            }
+        };
+        let line = events::LineItem {
+            sku: events::Sku::parse("SKU-1")?,
+            quantity: events::Quantity::new(1)?,
+            unit_price: events::Money::from_minor(700),
+        };
+        let (p, o) = send(
+            "order-events",
+            env(events::Event::OrderCreated(events::OrderCreated {
+                customer_id: events::CustomerId::parse("c-race")?,
+                items: vec![line.clone()],
+                total: events::Money::from_minor(700),
+            })),
+        )
+        .await?;
+        sys.wait_committed(Which::Payment, &sys.topic("order-events"), p, o)
+            .await?;
+        assert_eq!(sys.payment(&order.to_string()).await?["status"], "CHARGED");
+        let cancelled = env(events::Event::OrderCancelled(events::OrderCancelled {
+            reason: events::CancelReason::Customer,
+            order_created_at: chrono::Utc::now(),
+            items: vec![line],
+            total: events::Money::from_minor(700),
+        }));
+        let short = env(events::Event::InventoryOutOfStock(
+            events::InventoryOutOfStock { shortages: vec![] },
+        ));
+        let (first, second) = if cancel_first {
+            (("order-events", cancelled), ("inventory-events", short))
+        } else {
+            (("inventory-events", short), ("order-events", cancelled))
+        };
+        let (p1, o1) = send(first.0, first.1).await?;
+        sys.wait_committed(Which::Payment, &sys.topic(first.0), p1, o1)
+            .await?;
+        let (p2, o2) = send(second.0, second.1).await?;
+        sys.wait_committed(Which::Payment, &sys.topic(second.0), p2, o2)
+            .await?;
+        // Everything payment-service wrote is published; then count.
+        poll(
+            Duration::from_millis(20),
+            || async {
+                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                    .fetch_one(sys.db(Which::Payment))
+                    .await?;
+                Ok(if left == 0 { Ok(()) } else { Err(left) })
+            },
+            |n| anyhow::anyhow!("{n} payment-service outbox rows unpublished"),
+        )
+        .await?;
+        let refunds = types_on(&sys, "payment-events", &order.to_string())
+            .await?
+            .iter()
+            .filter(|t| *t == "PaymentRefunded")
+            .count();
+        assert_eq!(refunds, 1, "cancel first: {cancel_first}");
+        let payment = sys.payment(&order.to_string()).await?;
+        assert_eq!(payment["status"], "REFUNDED");
+        let want = if cancel_first {
+            "order cancelled"
+        } else {
+            "out of stock"
+        };
+        assert_eq!(payment["refund_reason"], want);
+    }
+    sys.shutdown().await
+}
