@@ -3,13 +3,17 @@
 //! ```text
 //! saga-admin audit --order-url http://localhost:3000 --payment-url http://localhost:3001 \
 //!     --inventory-url http://localhost:3002 [--pending-older-than 120s] [--json]
+//! saga-admin dlq list [--topic T] [--consumer C] [--reason TEXT] [--order ID] [--since TIME] [--json]
+//! saga-admin dlq show <dlq-topic> <offset> [--partition P]
+//! saga-admin dlq redrive [filters | --message <dlq-topic>/<partition>@<offset>] [--dry-run] [--force]
 //! ```
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use saga_admin::audit::{self, Options, Violation};
+use saga_admin::dlq::{self, DeadLetters, Filter, Position};
 
 #[derive(Debug, Parser)]
 #[command(name = "saga-admin", about = "Operator commands for the checkout saga")]
@@ -45,12 +49,103 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Dead letters: list them, show one, redrive them to their original
+    /// topic. The broker comes from --brokers or KAFKA_BROKERS, topic
+    /// names take KAFKA_TOPIC_PREFIX like the services.
+    Dlq {
+        /// Bootstrap servers.
+        #[arg(
+            long,
+            env = "KAFKA_BROKERS",
+            default_value = "localhost:9092",
+            global = true
+        )]
+        brokers: String,
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter: where it is, where it came from, the
+    /// consumer, when and why it failed, its order and event type.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON array instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The headers, key and value of a dead letter.
+    Show {
+        /// The dead-letter topic (`order-events.dlq`, or `order-events`).
+        topic: String,
+        offset: i64,
+        /// Only this partition (else every partition holding that offset).
+        #[arg(long)]
+        partition: Option<i32>,
+    },
+    /// Produces dead letters again to the topic they came from, with their
+    /// key, value and headers, plus dlq.redriven_from and dlq.redriven_at.
+    /// Exit status: 0 all redriven, 1 some skipped or failed, 2 could not run.
+    Redrive {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Only this dead letter: `<dlq-topic>/<partition>@<offset>`.
+        #[arg(long, conflicts_with_all = ["topic", "consumer", "reason", "order", "since"])]
+        message: Option<String>,
+        /// Say what would be redriven; produce nothing, record nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Redrive dead letters that were redriven before, too.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct FilterArgs {
+    /// The original topic (`order-events`, `payment-events`, `inventory-events`).
+    #[arg(long)]
+    topic: Option<String>,
+    /// The service that dead-lettered it (`payment-service`, …).
+    #[arg(long)]
+    consumer: Option<String>,
+    /// A piece of the reason (case-insensitive).
+    #[arg(long)]
+    reason: Option<String>,
+    /// The order ID.
+    #[arg(long)]
+    order: Option<String>,
+    /// Failed at or after: an RFC 3339 time, or a duration back from now (`2h`).
+    #[arg(long, value_parser = dlq::parse_since)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl From<FilterArgs> for Filter {
+    fn from(a: FilterArgs) -> Self {
+        Filter {
+            topic: a.topic,
+            consumer: a.consumer,
+            reason: a.reason,
+            order: a.order,
+            since: a.since,
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Dlq { brokers, command } => match run_dlq(brokers, command).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("saga-admin dlq: could not run: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Audit {
             order_url,
             payment_url,
@@ -113,6 +208,106 @@ async fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+async fn run_dlq(brokers: String, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let mut kafka = saga_runtime::KafkaConfig::from_env()?;
+    kafka.brokers = brokers;
+    let letters = DeadLetters::new(kafka);
+    match command {
+        DlqCommand::List { filter, json } => {
+            let found = letters.list(&filter.into()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                for d in &found {
+                    println!("{}", d.line());
+                }
+                println!("{} dead letters", found.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show {
+            topic,
+            offset,
+            partition,
+        } => {
+            let found = letters.show(&topic, partition, offset).await?;
+            if found.is_empty() {
+                eprintln!(
+                    "no dead letter at offset {offset} of {}",
+                    letters.dlq_topic(&topic)
+                );
+                return Ok(ExitCode::from(1));
+            }
+            for d in &found {
+                println!("{}", d.dump());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Redrive {
+            filter,
+            message,
+            dry_run,
+            force,
+        } => {
+            let selected = match message {
+                Some(m) => {
+                    let at: Position = m.parse().map_err(anyhow::Error::msg)?;
+                    let found = letters
+                        .show(&at.topic, Some(at.partition), at.offset)
+                        .await?;
+                    if found.is_empty() {
+                        eprintln!("no dead letter at {at}");
+                        return Ok(ExitCode::from(1));
+                    }
+                    found
+                }
+                None => letters.list(&filter.into()).await?,
+            };
+            let bar = indicatif::ProgressBar::new(selected.len() as u64);
+            if selected.len() < 2 {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let done = letters
+                .redrive(&selected, force, dry_run, |r| {
+                    bar.suspend(|| match &r.to {
+                        Some(to) => println!("{} -> {to}: {}", r.from, r.outcome),
+                        None => println!("{}: {}", r.from, r.outcome),
+                    });
+                    bar.inc(1);
+                })
+                .await?;
+            bar.finish_and_clear();
+            let redriven = done.iter().filter(|r| r.to.is_some()).count();
+            let all = if dry_run {
+                done.iter().all(|r| r.outcome.starts_with("would"))
+            } else {
+                redriven == done.len()
+            };
+            println!(
+                "{} dead letters selected, {} {}",
+                done.len(),
+                if dry_run {
+                    done.iter()
+                        .filter(|r| r.outcome.starts_with("would"))
+                        .count()
+                } else {
+                    redriven
+                },
+                if dry_run {
+                    "would be redriven (dry run)"
+                } else {
+                    "redriven"
+                }
+            );
+            Ok(if all {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

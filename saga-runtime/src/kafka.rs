@@ -161,3 +161,101 @@ pub mod headers {
     pub const DLQ_TRUNCATED: &str = "dlq.truncated";
     pub const DLQ_ORIGINAL_SIZE: &str = "dlq.original.size";
 }
+
+/// A consumer for reading topics outside any group's offsets (operator
+/// tools, tests): nothing is committed, and it reports reaching the end of
+/// each partition. The end is the high watermark the broker sends with each
+/// fetch answer; tansu 0.6's `ListOffsets` (what `fetch_watermarks` asks)
+/// answers short of the end whenever the last batch holds several records,
+/// so it is not used to decide when to stop reading.
+fn reader(cfg: &KafkaConfig) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    client_config(cfg, "saga-reader")
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .context("creating a Kafka reader")
+}
+
+/// Every message now in `topic`, all partitions from the start, each
+/// partition in offset order. Blocking: call it from `spawn_blocking`.
+/// A topic that does not exist reads as empty.
+pub fn read_to_end(
+    cfg: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    use rdkafka::consumer::Consumer;
+    let consumer = reader(cfg)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let mut unfinished: std::collections::HashSet<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut out = Vec::new();
+    if unfinished.is_empty() {
+        return Ok(out);
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in &unfinished {
+        tpl.add_partition_offset(topic, *p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    while !unfinished.is_empty() {
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "{topic}: partitions {unfinished:?} not read to their end after {timeout:?} ({} messages read)",
+                out.len()
+            );
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                unfinished.remove(&p);
+            }
+            Some(Err(e)) => return Err(anyhow::Error::new(e).context(format!("reading {topic}"))),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The message at `offset` of `topic`/`partition`, if it is still there.
+/// Blocking: call it from `spawn_blocking`.
+pub fn read_one(
+    cfg: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timeout: Duration,
+) -> anyhow::Result<Option<rdkafka::message::OwnedMessage>> {
+    use rdkafka::consumer::Consumer;
+    let consumer = reader(cfg)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.offset() == offset => return Ok(Some(m.detach())),
+            // Gone (retention): the first message left comes after it.
+            Some(Ok(_)) | Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
+                return Ok(None)
+            }
+            Some(Err(e)) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("reading {topic}/{partition}@{offset}"))
+                )
+            }
+            None => {}
+        }
+    }
+    anyhow::bail!("{topic}/{partition}@{offset}: no answer within {timeout:?}")
+}

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -559,76 +558,41 @@ impl TopicMessage {
     }
 }
 
-/// A consumer that reports reaching the end of each partition. The end is
-/// the high watermark the broker sends with each fetch answer; tansu 0.6's
-/// `ListOffsets` (what `fetch_watermarks` asks) answers the last batch's
-/// first offset + 1, short of the end whenever that batch holds several
-/// records, so it is not used to decide when to stop reading.
-fn plain_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .create()?)
-}
-
+/// Every message now in `topic`, read with the runtime's own reader.
 fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
-    let consumer = plain_consumer(brokers)?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut unfinished: std::collections::HashSet<i32> = metadata
-        .topics()
+    let cfg = KafkaConfig {
+        brokers: brokers.to_owned(),
+        topic_prefix: String::new(),
+        fetch_wait_ms: 5,
+        partitions: 1,
+        replication_factor: 1,
+        linger_ms: 1,
+    };
+    let messages = saga_runtime::kafka::read_to_end(&cfg, topic, Duration::from_secs(30))?;
+    Ok(messages
         .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut out = Vec::new();
-    if unfinished.is_empty() {
-        return Ok(out);
-    }
-    let mut tpl = TopicPartitionList::new();
-    for p in &unfinished {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let started = Instant::now();
-    while !unfinished.is_empty() {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "{topic}: partitions {unfinished:?} not read to their end after 30 s ({} messages read)",
-                out.len()
-            );
-        }
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => out.push(TopicMessage {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_owned(),
-                                    h.value
-                                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                                        .unwrap_or_default(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                unfinished.remove(&p);
-            }
-            Some(Err(e)) => bail!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    Ok(out)
+        .map(|m| TopicMessage {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                h.value
+                                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                                    .unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect())
 }
 
 fn committed_offset(

@@ -373,19 +373,27 @@ impl Drop for ServiceProcess {
 /// output (stdout, then stderr).
 pub fn audit_binary(urls: [String; 3], extra: &[&str]) -> anyhow::Result<(i32, String)> {
     let [order, payment, inventory] = urls;
+    let mut args = vec![
+        "audit",
+        "--order-url",
+        &order,
+        "--payment-url",
+        &payment,
+        "--inventory-url",
+        &inventory,
+    ];
+    args.extend_from_slice(extra);
+    admin_binary(&args, &[])
+}
+
+/// Runs the `saga-admin` binary with `args` and `env`; returns its exit
+/// code and its output (stdout, then stderr).
+pub fn admin_binary(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(i32, String)> {
     let out = Command::new(bin_dir()?.join("saga-admin"))
-        .args([
-            "audit",
-            "--order-url",
-            &order,
-            "--payment-url",
-            &payment,
-            "--inventory-url",
-            &inventory,
-        ])
-        .args(extra)
+        .args(args)
+        .envs(env.iter().copied())
         .output()
-        .context("running saga-admin audit")?;
+        .with_context(|| format!("running saga-admin {}", args.join(" ")))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
