@@ -122,7 +122,7 @@ impl App {
                 };
                 let event_loop = EventLoop {
                     service: cfg.service_name,
-                    consumer: subscription.connect(false)?,
+                    consumer: Arc::new(subscription.connect(false)?),
                     subscription,
                     pool: infra.background.clone(),
                     outbox: infra.outbox.clone(),

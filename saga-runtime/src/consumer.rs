@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -193,7 +193,7 @@ impl Subscription {
                 "statistics.interval.ms",
                 crate::group::STATS_EVERY.as_millis().to_string(),
             )
-            .create_with_context(GroupContext::default())
+            .create_with_context(GroupContext::new(self.service))
             .context("creating the Kafka consumer")?;
         let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer
@@ -207,7 +207,8 @@ impl Subscription {
 pub struct EventLoop<H> {
     pub service: &'static str,
     pub subscription: Subscription,
-    pub consumer: SagaConsumer,
+    /// Shared with the lag watcher ([`crate::group::watch_lag`]).
+    pub consumer: Arc<SagaConsumer>,
     pub pool: PgPool,
     pub outbox: Outbox,
     pub producer: FutureProducer,
@@ -234,11 +235,18 @@ impl<H: Handler> EventLoop<H> {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut poll_backoff = Duration::from_millis(100);
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+        // The watcher holds the consumer only while it asks the broker, and
+        // ends with this loop (the set aborts it when dropped, e.g. when the
+        // service's task is aborted): a consumer kept alive by it would stay
+        // a member of the group and hold partitions nobody reads.
+        let (current, watched) = tokio::sync::watch::channel(Arc::downgrade(&self.consumer));
+        let mut lag_watch = tokio::task::JoinSet::new();
+        lag_watch.spawn(crate::group::watch_lag(watched, shutdown.child_token()));
         loop {
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
                 _ = watchdog.tick() => {
-                    self.watch_group();
+                    self.watch_group(&current);
                     continue;
                 }
                 _ = shutdown.cancelled() => break,
@@ -297,6 +305,7 @@ impl<H: Handler> EventLoop<H> {
                 .get_or_create(&labels)
                 .observe(started.elapsed().as_secs_f64());
         }
+        lag_watch.abort_all();
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last commit is the usual reason.
             tracing::debug!(service = self.service, error = %e, "final offset commit");
@@ -306,7 +315,7 @@ impl<H: Handler> EventLoop<H> {
 
     /// Reports a group join that has not settled to `/ready`, and rebuilds
     /// the consumer once it has been stuck for [`REJOIN_AFTER`].
-    fn watch_group(&mut self) {
+    fn watch_group(&mut self, current: &tokio::sync::watch::Sender<Weak<SagaConsumer>>) {
         let Some((age, state)) = self.consumer.context().stuck_for() else {
             self.health.recover(HEALTH_GROUP);
             return;
@@ -331,7 +340,8 @@ impl<H: Handler> EventLoop<H> {
         // one), and a dynamic join lets it expire them.
         match self.subscription.connect(true) {
             Ok(fresh) => {
-                let old = std::mem::replace(&mut self.consumer, fresh);
+                let old = std::mem::replace(&mut self.consumer, Arc::new(fresh));
+                current.send_replace(Arc::downgrade(&self.consumer));
                 metrics::global()
                     .consumer_rebuilds
                     .get_or_create(&metrics::Metrics::service(self.service))

@@ -47,6 +47,13 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LagLabels {
+    pub service: String,
+    pub topic: String,
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CancelLabels {
     /// `customer` (`POST /orders/{id}/cancel`) or `deadline` (expired).
     pub reason: String,
@@ -84,6 +91,7 @@ pub struct Metrics {
     pub saga_seconds: Histograms<OutcomeLabels>,
     pub orders_cancelled: Family<CancelLabels, Counter>,
     pub orders_overdue: Family<ServiceLabels, Gauge>,
+    pub consumer_lag: Family<LagLabels, Gauge>,
 }
 
 impl Metrics {
@@ -107,6 +115,7 @@ impl Metrics {
             saga_seconds: Family::new_with_constructor(latency_histogram),
             orders_cancelled: Family::default(),
             orders_overdue: Family::default(),
+            consumer_lag: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -193,6 +202,11 @@ impl Metrics {
             "orders_pending_past_half_deadline",
             "PENDING orders older than half of ORDER_DEADLINE_SECS (order-service)",
             m.orders_overdue.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Messages in each partition this consumer holds that its group has not committed yet (high watermark minus committed offset)",
+            m.consumer_lag.clone(),
         );
         Self { registry, ..m }
     }
