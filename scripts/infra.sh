@@ -55,6 +55,23 @@ pg_bindir() {
   return 1
 }
 
+# Path of Debian's prometheus (server and promtool come together),
+# installing the package when it is missing. Prints the server's path.
+prometheus_bin() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    command -v prometheus
+    return 0
+  fi
+  echo "Prometheus not found; installing Debian's prometheus package" >&2
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: run as root or install Prometheus (prometheus, promtool) yourself" >&2
+    return 1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >&2 || return 1
+  command -v prometheus
+}
+
 # url_with_db URL DB: URL (postgres://user:pass@host:port[/db][?params]) with
 # its database replaced by DB.
 url_with_db() {

@@ -54,6 +54,24 @@ else
   [ "$fail" -eq 0 ] || exit 1
 fi
 
+echo "==> monitoring: alerting rules, their unit tests, the Prometheus config, the dashboard"
+# shellcheck source=scripts/infra.sh
+source scripts/infra.sh
+prometheus_bin >/dev/null
+promtool check rules monitoring/prometheus/alerts.yml
+(cd monitoring/prometheus && promtool test rules alerts.test.yml)
+promtool check config --syntax-only monitoring/prometheus/prometheus.yml
+python3 - <<'PY'
+import json, sys
+d = json.load(open("monitoring/grafana/dashboards/saga.json"))
+exprs = [t.get("expr", "") for p in d["panels"] for t in p.get("targets", [])]
+bad = [p["title"] for p in d["panels"] if not p.get("targets")]
+if bad or not all(exprs):
+    print(f"    FAIL: panels without an expression: {bad}", file=sys.stderr)
+    sys.exit(1)
+print(f"    ok: dashboard {d['uid']!r}, {len(d['panels'])} panels, {len(exprs)} expressions")
+PY
+
 echo "==> compose file sanity"
 python3 - <<'PY'
 import re, sys

@@ -36,6 +36,10 @@ else
 fi
 export TEST_DATABASE_URL
 
+# The operations test scrapes the services with a real Prometheus.
+PROMETHEUS_BIN=${PROMETHEUS_BIN:-$(prometheus_bin)}
+export PROMETHEUS_BIN
+
 # The chaos tests start brokers of their own (to freeze and restart them),
 # so tansu must be here even when KAFKA_BROKERS points at another broker.
 tansu_bin >/dev/null
