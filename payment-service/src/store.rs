@@ -53,43 +53,65 @@ pub async fn list<'e>(
     .await
 }
 
+/// A row of [`lock`]'s answer: a payment, or a cancellation heard before
+/// any payment (then only `order_id` and `cancel_reason` are set).
+#[derive(sqlx::FromRow)]
+struct Known {
+    order_id: Uuid,
+    payment_id: Option<Uuid>,
+    amount_minor: Option<i64>,
+    status: Option<String>,
+    decline_reason: Option<String>,
+    refund_reason: Option<String>,
+    correlation_id: Option<String>,
+    cancel_reason: Option<String>,
+}
+
 /// Locks the payments of `ids` (in ID order, so concurrent batches cannot
 /// deadlock) and reads which of those orders were cancelled before any
-/// charge, in one round trip.
+/// charge, in one statement.
 pub async fn lock(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Book, sqlx::Error> {
-    let rows: Vec<PaymentRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM payments
-         WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE"
-    ))
+    let rows: Vec<Known> = sqlx::query_as(
+        "WITH p AS (
+             SELECT order_id, payment_id, amount_minor, status, decline_reason, refund_reason,
+                    correlation_id
+             FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE)
+         SELECT p.*, NULL::text AS cancel_reason FROM p
+         UNION ALL
+         SELECT order_id, NULL, NULL, NULL, NULL, NULL, NULL, reason
+         FROM cancellations WHERE order_id = ANY($1)",
+    )
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
-    let cancelled: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT order_id, reason FROM cancellations WHERE order_id = ANY($1)")
-            .bind(ids)
-            .fetch_all(&mut *conn)
-            .await?;
+    let decode = |e: events::DomainError| sqlx::Error::Decode(Box::new(e));
     let mut book = Book::default();
     for r in rows {
+        if let Some(reason) = r.cancel_reason {
+            let reason: CancelReason = reason.parse().map_err(decode)?;
+            book.cancelled.insert(r.order_id, (reason, false));
+            continue;
+        }
+        let (Some(payment_id), Some(amount), Some(status), Some(correlation_id)) =
+            (r.payment_id, r.amount_minor, r.status, r.correlation_id)
+        else {
+            return Err(sqlx::Error::Decode(
+                format!("incomplete payment row for order {}", r.order_id).into(),
+            ));
+        };
         book.payments.insert(
             r.order_id,
             Payment {
-                payment_id: r.payment_id,
-                amount: Money::from_minor(r.amount_minor),
-                status: r.status,
+                payment_id,
+                amount: Money::from_minor(amount),
+                status: PaymentStatus::try_from(status).map_err(decode)?,
                 decline_reason: r.decline_reason,
                 refund_reason: r.refund_reason,
-                correlation_id: r.correlation_id,
+                correlation_id,
                 new: false,
                 changed: false,
             },
         );
-    }
-    for (order_id, reason) in cancelled {
-        let reason: CancelReason = reason
-            .parse()
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-        book.cancelled.insert(order_id, (reason, false));
     }
     Ok(book)
 }
