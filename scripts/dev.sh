@@ -8,6 +8,10 @@
 # Same configuration names as docker-compose.yml. Optional:
 #   DEV_PG_PORT (5432), DEV_KAFKA_PORT (9092): ports for the local PostgreSQL and broker
 #   KAFKA_BROKERS: use this broker instead of starting tansu
+# The local broker keeps its topics and group offsets in .dev/broker/tansu.db
+# and PostgreSQL its data in .dev/pg, so `down` then `up` resumes the orders
+# in flight. It needs tansu built with libsql: one built without it is
+# rebuilt (about 30 minutes, once per machine).
 #   PAYMENT_LIMIT, PAYMENT_FAILURE_RATE, KAFKA_FETCH_WAIT_MS, RUST_LOG, LOG_FORMAT,
 #   OTEL_EXPORTER_OTLP_ENDPOINT: passed to the services
 # State (database files, logs, pids) lives in .dev/.
@@ -54,8 +58,8 @@ up() {
     if [ -f "$state/pids/broker" ] && kill -0 "$(cat "$state/pids/broker")" 2>/dev/null; then
       echo "broker already running"
     else
-      echo "==> tansu broker on $brokers (in memory: restarting it empties the topics)"
-      start_tansu "$kafka_port" "$state/logs/broker.log" "$state/pids/broker"
+      echo "==> tansu broker on $brokers (topics and offsets in .dev/broker/tansu.db)"
+      start_tansu_durable "$kafka_port" "$state/logs/broker.log" "$state/pids/broker" "$state/broker"
     fi
   fi
   echo "==> building release binaries"
@@ -105,7 +109,7 @@ down() {
   done
   stop_pidfile "$state/pids/broker"
   stop_postgres "$state/pg"
-  echo "stopped (database files stay in .dev/pg; rm -rf .dev to start from scratch)"
+  echo "stopped (the database in .dev/pg and the broker's topics in .dev/broker stay; rm -rf .dev to start from scratch)"
 }
 
 status() {

@@ -158,6 +158,73 @@ tansu_bin() {
   echo "$t"
 }
 
+# tansu_keeps_data BIN: whether BIN was built with the libsql feature, so
+# it can keep topics and group offsets in a SQLite file. Without it, tansu
+# refuses a sqlite:// storage engine at once (FeatureNotEnabled).
+tansu_keeps_data() {
+  local bin=$1 dir port pid ok=1
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/tansu-probe.XXXXXX")
+  port=$(free_port)
+  env -u OTEL_EXPORTER_OTLP_ENDPOINT -C "$dir" RUST_LOG=error "$bin" broker \
+    --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine sqlite://probe.db >"$dir/log" 2>&1 &
+  pid=$!
+  if wait_for_port 127.0.0.1 "$port" 20 2>/dev/null && kill -0 "$pid" 2>/dev/null; then
+    ok=0
+  fi
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  rm -rf "$dir"
+  return "$ok"
+}
+
+# Path of a tansu that can keep its data on disk (for scripts/dev.sh). A
+# tansu built without libsql (what tansu_bin builds) is rebuilt with it,
+# never used in memory without saying so: about 30 minutes on 2 cores,
+# once per machine. The rebuilt binary serves the tests too.
+tansu_durable_bin() {
+  local t home=${CARGO_HOME:-$HOME/.cargo}
+  t=$(command -v tansu 2>/dev/null || true)
+  [ -z "$t" ] && [ -x "$home/bin/tansu" ] && t="$home/bin/tansu"
+  if [ -n "$t" ] && tansu_keeps_data "$t"; then
+    echo "$t"
+    return 0
+  fi
+  if [ -n "$t" ]; then
+    echo "tansu at $t was built without the libsql feature, so it cannot keep topics on disk;" >&2
+    echo "rebuilding it with cargo install tansu --locked --features dynostore,libsql (about 30 minutes, once)" >&2
+  else
+    echo "tansu (Kafka-compatible broker) not found; building it once with libsql (about 30 minutes)" >&2
+  fi
+  cargo install tansu --locked --features dynostore,libsql --force >&2 || return 1
+  t="$home/bin/tansu"
+  if ! tansu_keeps_data "$t"; then
+    echo "error: $t still cannot use a sqlite:// storage engine" >&2
+    return 1
+  fi
+  echo "$t"
+}
+
+# start_tansu_durable PORT LOGFILE PIDFILE DIR: a broker on 127.0.0.1:PORT
+# that keeps topics and group offsets in DIR/tansu.db across restarts.
+# (tansu takes the SQLite path relative to its working directory: an
+# absolute path after sqlite:// is mangled.)
+start_tansu_durable() {
+  local port=$1 log=$2 pidfile=$3 dir=$4 bin
+  bin=$(tansu_durable_bin) || return 1
+  mkdir -p "$dir"
+  env -u OTEL_EXPORTER_OTLP_ENDPOINT -C "$dir" RUST_LOG=warn "$bin" broker \
+    --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine sqlite://tansu.db >"$log" 2>&1 &
+  echo $! >"$pidfile"
+  wait_for_port 127.0.0.1 "$port" 30 || {
+    cat "$log" >&2
+    return 1
+  }
+}
+
 # start_tansu PORT LOGFILE PIDFILE: an in-memory broker on 127.0.0.1:PORT.
 start_tansu() {
   local port=$1 log=$2 pidfile=$3 bin
