@@ -14,6 +14,7 @@ use saga_runtime::CancellationToken;
 use saga_runtime::{metrics, Outbox};
 use sqlx::PgPool;
 
+use crate::domain::OrderState;
 use crate::{ending, store};
 
 /// How often due orders are looked for: a deadline fires within this
@@ -46,8 +47,7 @@ pub async fn run(pool: PgPool, outbox: Outbox, deadline: Duration, shutdown: Can
                 }
             }
             _ = gauge.tick() => {
-                let cutoff = chrono::Utc::now()
-                    - chrono::Duration::from_std(deadline / 2).unwrap_or(chrono::Duration::MAX);
+                let cutoff = OrderState::due_cutoff(chrono::Utc::now(), deadline / 2);
                 match store::count_pending_since(&pool, cutoff).await {
                     Ok(n) => {
                         overdue.set(n);

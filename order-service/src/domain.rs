@@ -300,11 +300,22 @@ impl OrderState {
         }
     }
 
+    /// The creation time before which an order is `deadline` old at `now`
+    /// (the earliest time there is, when `deadline` reaches beyond it).
+    pub fn due_cutoff(now: DateTime<Utc>, deadline: Duration) -> DateTime<Utc> {
+        chrono::Duration::from_std(deadline)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
     /// The deadline: an order still PENDING `deadline` after its creation
     /// becomes FAILED with `deadline_exceeded` and `OrderCancelled` goes
     /// out. Any other order, or one not yet due, is left alone.
     pub fn expire(&mut self, now: DateTime<Utc>, deadline: Duration) -> Option<Event> {
-        let due = self.created_at + chrono::Duration::from_std(deadline).ok()?;
+        let due = self
+            .created_at
+            .checked_add_signed(chrono::Duration::from_std(deadline).ok()?)?;
         (self.status == OrderStatus::Pending && now >= due)
             .then(|| self.end(OrderStatus::Failed, CancelReason::Deadline))
     }
@@ -550,5 +561,21 @@ mod rule_tests {
             .is_none());
         // An expired order is FAILED: the customer can no longer cancel it.
         assert!(order.cancel().is_err());
+    }
+
+    #[test]
+    fn a_deadline_beyond_any_date_never_falls_due() {
+        let mut order = pending();
+        let forever = Duration::from_secs(u64::MAX);
+        assert!(order.expire(Utc::now(), forever).is_none());
+        assert_eq!(
+            OrderState::due_cutoff(Utc::now(), forever),
+            DateTime::<Utc>::MIN_UTC
+        );
+        let now = Utc::now();
+        assert_eq!(
+            OrderState::due_cutoff(now, Duration::from_secs(60)),
+            now - chrono::Duration::seconds(60)
+        );
     }
 }

@@ -57,7 +57,7 @@ pub async fn expire_due(
     deadline: Duration,
 ) -> Result<usize, sqlx::Error> {
     let now = chrono::Utc::now();
-    let cutoff = now - chrono::Duration::from_std(deadline).unwrap_or(chrono::Duration::MAX);
+    let cutoff = OrderState::due_cutoff(now, deadline);
     let mut tx = pool.begin().await?;
     let mut orders = store::lock_due(&mut tx, cutoff, EXPIRE_BATCH).await?;
     let mut ended_now = Vec::with_capacity(orders.len());
