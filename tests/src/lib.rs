@@ -340,6 +340,41 @@ impl System {
         .await
     }
 
+    /// Waits until every running service's consumer holds all the
+    /// partitions of its topics (each shows in `saga_consumer_lag`). Call it
+    /// before stopping or crashing a service right after start: tansu 0.6
+    /// keeps a member that leaves in the middle of joining, and the
+    /// partitions it was given then stay unconsumed for good.
+    pub async fn settle(&self) -> anyhow::Result<()> {
+        for (w, topics) in [
+            (Which::Order, order_service::SUBSCRIBES.len()),
+            (Which::Payment, payment_service::SUBSCRIBES.len()),
+            (Which::Inventory, inventory_service::SUBSCRIBES.len()),
+        ] {
+            if self.services[idx(w)].is_none() {
+                continue;
+            }
+            let want = topics * self.kafka.partitions as usize;
+            let series = format!("saga_consumer_lag{{service=\"{}\"", w.name());
+            poll(
+                Duration::from_millis(50),
+                || async {
+                    let metrics = self.metrics(w).await?;
+                    let held = metrics.lines().filter(|l| l.starts_with(&series)).count();
+                    Ok(if held >= want { Ok(()) } else { Err(held) })
+                },
+                |held| {
+                    anyhow::anyhow!(
+                        "{} holds {held} of its {want} partitions after {SAGA_DEADLINE:?}",
+                        w.name()
+                    )
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Places `n` one-unit orders of SKU-1 at once and waits until every one
     /// is CONFIRMED (an error names any that ended otherwise).
     pub async fn confirm_orders(&self, n: usize) -> anyhow::Result<Vec<String>> {

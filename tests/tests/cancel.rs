@@ -94,6 +94,7 @@ async fn assert_fully_compensated(sys: &System, id: &str, sku: &str) -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_while_pending_before_payment_refunds_and_releases() -> anyhow::Result<()> {
     let mut sys = System::start().await?;
+    sys.settle().await?;
     sys.stock("SKU-C1", 10).await?;
     sys.stop(Which::Payment).await?;
     let id = sys.place(items("SKU-C1", 2)).await?;
@@ -135,6 +136,7 @@ async fn cancel_while_pending_before_payment_refunds_and_releases() -> anyhow::R
 async fn cancel_after_payment_and_before_inventory_releases_what_inventory_reserves_later(
 ) -> anyhow::Result<()> {
     let mut sys = System::start().await?;
+    sys.settle().await?;
     sys.stock("SKU-C2", 5).await?;
     sys.stop(Which::Inventory).await?;
     let id = sys.place(items("SKU-C2", 3)).await?;
@@ -289,6 +291,7 @@ fn short_deadline(secs: u64) -> Options {
 async fn a_deadline_passing_while_inventory_is_down_fails_the_order_and_compensates_later(
 ) -> anyhow::Result<()> {
     let mut sys = System::start_opts(short_deadline(2)).await?;
+    sys.settle().await?;
     sys.stock("SKU-D1", 4).await?;
     sys.stop(Which::Inventory).await?;
     let id = sys.place(items("SKU-D1", 1)).await?;
@@ -460,6 +463,7 @@ async fn due_while_order_service_is_down(
         ..Options::default()
     })
     .await?;
+    sys.settle().await?;
     sys.stop(Which::Payment).await?;
     let ids = futures::future::try_join_all((0..n).map(|_| sys.place(items("SKU-1", 1)))).await?;
     sys.stop(Which::Order).await?;
