@@ -11,7 +11,11 @@
 # The local broker keeps its topics and group offsets in .dev/broker/tansu.db
 # and PostgreSQL its data in .dev/pg, so `down` then `up` resumes the orders
 # in flight. It needs tansu built with libsql: one built without it is
-# rebuilt (about 30 minutes, once per machine).
+# rebuilt (about 30 minutes, once per machine). The broker keeps consumer
+# groups across its restarts too, dead members included, so each service
+# joins as a static member (KAFKA_GROUP_INSTANCE_ID=dev-<service>) and takes
+# its old place back: as dynamic members, the restarted services got no
+# partitions at all.
 #   PAYMENT_LIMIT, PAYMENT_FAILURE_RATE, KAFKA_FETCH_WAIT_MS, RUST_LOG, LOG_FORMAT,
 #   OTEL_EXPORTER_OTLP_ENDPOINT: passed to the services
 # State (database files, logs, pids) lives in .dev/.
@@ -72,6 +76,7 @@ up() {
     PORT=$(port_of "$s") \
       DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/$(db_of "$s")" \
       KAFKA_BROKERS=$brokers \
+      KAFKA_GROUP_INSTANCE_ID=${KAFKA_GROUP_INSTANCE_ID_PREFIX:-dev-}$s \
       RUST_LOG=${RUST_LOG:-info} \
       nohup "target/release/$s" >"$state/logs/$s.log" 2>&1 &
     echo $! >"$state/pids/$s"
