@@ -27,6 +27,17 @@ wait_for_port() {
   done
 }
 
+# apt_install WHAT PACKAGE: installs a Debian package (as root), saying why.
+apt_install() {
+  echo "$1 not found; installing Debian's $2 package" >&2
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: run as root or install $1 yourself" >&2
+    return 1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >&2
+}
+
 # Directory holding initdb/pg_ctl/postgres, installing Debian's postgresql
 # package when none is found.
 pg_bindir() {
@@ -38,13 +49,7 @@ pg_bindir() {
       return 0
     fi
   done
-  echo "PostgreSQL server binaries not found; installing Debian's postgresql package" >&2
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "error: run as root or install PostgreSQL (initdb, pg_ctl) yourself" >&2
-    return 1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2 || return 1
+  apt_install "PostgreSQL server binaries (initdb, pg_ctl)" postgresql || return 1
   for d in /usr/lib/postgresql/*/bin; do
     if [ -x "$d/initdb" ]; then
       echo "$d"
@@ -62,13 +67,7 @@ prometheus_bin() {
     command -v prometheus
     return 0
   fi
-  echo "Prometheus not found; installing Debian's prometheus package" >&2
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "error: run as root or install Prometheus (prometheus, promtool) yourself" >&2
-    return 1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >&2 || return 1
+  apt_install "Prometheus (prometheus, promtool)" prometheus || return 1
   command -v prometheus
 }
 

@@ -464,6 +464,19 @@ impl System {
         Ok((delivery.partition, delivery.offset))
     }
 
+    /// Publishes `env` on saga topic `topic` (unprefixed), keyed by its
+    /// order, as a replaying or misbehaving producer would; returns where
+    /// it landed.
+    pub async fn publish(&self, topic: &str, env: &events::Envelope) -> anyhow::Result<(i32, i64)> {
+        self.produce_raw(
+            &self.topic(topic),
+            &env.order_id.to_string(),
+            &env.to_json()?,
+            OwnedHeaders::new(),
+        )
+        .await
+    }
+
     /// Every message currently in `topic` (all partitions, from the start).
     pub async fn read_topic(&self, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
         let brokers = self.kafka.brokers.clone();

@@ -568,15 +568,7 @@ async fn a_compensation_heard_first_prevents_the_charge_and_the_reservation() ->
     let env = |event| events::Envelope::new(order, correlation.clone(), event);
     let send = |topic: &'static str, e: events::Envelope| {
         let sys = &sys;
-        async move {
-            sys.produce_raw(
-                &sys.topic(topic),
-                &order.to_string(),
-                &e.to_json()?,
-                rdkafka::message::OwnedHeaders::new(),
-            )
-            .await
-        }
+        async move { sys.publish(topic, &e).await }
     };
     send(
         "order-events",
@@ -708,15 +700,7 @@ async fn a_charge_is_refunded_once_whichever_of_cancel_and_out_of_stock_comes_fi
         let env = |event| events::Envelope::new(order, correlation.clone(), event);
         let send = |topic: &'static str, e: events::Envelope| {
             let sys = &sys;
-            async move {
-                sys.produce_raw(
-                    &sys.topic(topic),
-                    &order.to_string(),
-                    &e.to_json()?,
-                    rdkafka::message::OwnedHeaders::new(),
-                )
-                .await
-            }
+            async move { sys.publish(topic, &e).await }
         };
         let line = events::LineItem {
             sku: events::Sku::parse("SKU-1")?,

@@ -86,13 +86,7 @@ async fn refused_events_are_redriven_once_the_order_exists_and_the_saga_complete
             total: Money::from_minor(900),
         }),
     );
-    sys.produce_raw(
-        &sys.topic("order-events"),
-        &key,
-        &created.to_json()?,
-        rdkafka::message::OwnedHeaders::new(),
-    )
-    .await?;
+    sys.publish("order-events", &created).await?;
     wait_for(&sys, "payment-events.dlq", &key, 1).await?;
     wait_for(&sys, "inventory-events.dlq", &key, 1).await?;
 
