@@ -96,10 +96,11 @@ static CREATE: LazyLock<String> = LazyLock::new(|| {
              SELECT h.* FROM unnest($9::uuid[], $10::uuid[], $11::text[], $12::timestamptz[], $13::jsonb[])
                   AS h(order_id, event_id, event_type, occurred_at, data)
              WHERE h.order_id IN (SELECT order_id FROM new)),
-         events AS ({} RETURNING id, event_id)
-         SELECT order_id, NULL::bigint, NULL::uuid FROM new
-         UNION ALL SELECT NULL, id, event_id FROM events",
-        Prepared::insert(14, Some("SELECT order_id FROM new"))
+         events AS ({} {})
+         SELECT order_id, NULL::bigint, NULL::uuid, NULL::bool FROM new
+         UNION ALL SELECT NULL, id, event_id, behind FROM events",
+        Prepared::insert(14, Some("SELECT order_id FROM new")),
+        Prepared::RETURNING
     )
 });
 
@@ -110,8 +111,9 @@ pub struct Created {
     /// whose key is taken, even by an earlier row of the same call, is
     /// left out).
     pub orders: HashSet<Uuid>,
-    /// The outbox rows written, `(id, event_id)`: only inserted orders' events.
-    pub events: Vec<(i64, Uuid)>,
+    /// The outbox rows written, `(id, event_id, behind)`: only inserted
+    /// orders' events.
+    pub events: Vec<(i64, Uuid, bool)>,
 }
 
 /// Inserts PENDING orders, their `created` history and their outbox rows in
@@ -149,15 +151,17 @@ pub async fn create<'e>(
         .bind(&h.types)
         .bind(&h.times)
         .bind(&h.data);
-    let written: Vec<(Option<Uuid>, Option<i64>, Option<Uuid>)> =
+    let written: Vec<(Option<Uuid>, Option<i64>, Option<Uuid>, Option<bool>)> =
         events.bind(query).fetch_all(db).await?;
     let mut out = Created::default();
     for row in written {
         match row {
-            (Some(order), _, _) => {
+            (Some(order), _, _, _) => {
                 out.orders.insert(order);
             }
-            (None, Some(id), Some(event)) => out.events.push((id, event)),
+            (None, Some(id), Some(event), behind) => {
+                out.events.push((id, event, behind.unwrap_or(true)))
+            }
             _ => {}
         }
     }

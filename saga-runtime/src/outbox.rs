@@ -113,8 +113,8 @@ pub struct Staged(Vec<Row>);
 /// Outbox rows encoded for one `INSERT`, for a caller that writes them in
 /// the same statement as its own rows (data-modifying `WITH` queries):
 /// build the SQL with [`Prepared::insert`], bind with [`Prepared::bind`],
-/// select the `RETURNING id, event_id` pairs and turn them into [`Staged`]
-/// with [`Prepared::staged`].
+/// select [`Prepared::RETURNING`] and turn those rows into [`Staged`] with
+/// [`Prepared::staged`].
 #[derive(Debug)]
 #[must_use = "insert the rows, then hand them to the relay through Prepared::staged"]
 pub struct Prepared(Vec<Row>);
@@ -122,6 +122,16 @@ pub struct Prepared(Vec<Row>);
 impl Prepared {
     /// Parameters [`Prepared::bind`] adds.
     pub const PARAMS: usize = 7;
+
+    /// What the insert returns for [`Prepared::staged`]: each row's `id`,
+    /// `event_id`, and `behind`: whether an earlier row of its key was still
+    /// unpublished when it was written. Only such rows make the relay look
+    /// for earlier rows before it publishes them; for the others there can
+    /// be none (an order's transactions lock the order, so an earlier row
+    /// committed before this insert's snapshot, and it was published and
+    /// deleted already).
+    pub const RETURNING: &'static str = "RETURNING id, event_id, EXISTS (
+        SELECT 1 FROM outbox p WHERE p.message_key = outbox.message_key AND p.id < outbox.id) AS behind";
 
     /// `INSERT INTO outbox ... SELECT ...` over the arrays bound as
     /// parameters `$first` to `$first + 6`, without a `RETURNING` clause.
@@ -161,15 +171,19 @@ impl Prepared {
             .bind(col(rows, |r| r.payload.as_slice()))
     }
 
-    /// The rows the insert wrote, given its `(id, event_id)` pairs; rows
-    /// the statement left out are dropped.
-    pub fn staged(self, ids: impl IntoIterator<Item = (i64, uuid::Uuid)>) -> Staged {
-        let ids: HashMap<uuid::Uuid, i64> = ids.into_iter().map(|(id, e)| (e, id)).collect();
+    /// The rows the insert wrote, given its `(id, event_id, behind)` rows
+    /// (see [`Prepared::RETURNING`]); rows the statement left out are
+    /// dropped.
+    pub fn staged(self, ids: impl IntoIterator<Item = (i64, uuid::Uuid, bool)>) -> Staged {
+        let ids: HashMap<uuid::Uuid, (i64, bool)> = ids
+            .into_iter()
+            .map(|(id, e, behind)| (e, (id, behind)))
+            .collect();
         Staged(
             self.0
                 .into_iter()
                 .filter_map(|mut row| {
-                    row.id = *ids.get(&row.event_id)?;
+                    (row.id, row.behind) = *ids.get(&row.event_id)?;
                     Some(row)
                 })
                 .collect(),
@@ -197,9 +211,9 @@ impl Outbox {
             return Ok(Staged::default());
         }
         static INSERT: LazyLock<String> =
-            LazyLock::new(|| format!("{} RETURNING id, event_id", Prepared::insert(1, None)));
+            LazyLock::new(|| format!("{} {}", Prepared::insert(1, None), Prepared::RETURNING));
         let rows = self.prepare(events)?;
-        let ids: Vec<(i64, uuid::Uuid)> = rows
+        let ids: Vec<(i64, uuid::Uuid, bool)> = rows
             .bind(sqlx::query_as(INSERT.as_str()))
             .fetch_all(&mut *conn)
             .await?;
@@ -225,6 +239,7 @@ impl Outbox {
                     .to_json()
                     .map_err(|err| sqlx::Error::Encode(Box::new(err)))?,
                 created_at: now,
+                behind: false,
             });
         }
         Ok(Prepared(rows))
@@ -307,6 +322,10 @@ struct Row {
     traceparent: Option<String>,
     payload: Vec<u8>,
     created_at: chrono::DateTime<chrono::Utc>,
+    /// An earlier row of its key was unpublished when it was written (see
+    /// [`Prepared::RETURNING`]); rows read by a sweep leave it false.
+    #[sqlx(default)]
+    behind: bool,
 }
 
 impl Relay {
@@ -436,7 +455,16 @@ impl Relay {
         &self,
         rows: Vec<Row>,
     ) -> Result<(Vec<Row>, Vec<Row>), (sqlx::Error, Vec<Row>)> {
-        let mut keys: Vec<&str> = rows.iter().map(|r| r.message_key.as_str()).collect();
+        // Only rows written behind an earlier row of their key can have
+        // one left (the common case asks the database nothing).
+        let mut keys: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.behind)
+            .map(|r| r.message_key.as_str())
+            .collect();
+        if keys.is_empty() {
+            return Ok((rows, Vec::new()));
+        }
         keys.sort_unstable();
         keys.dedup();
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
@@ -785,6 +813,7 @@ mod tests {
             traceparent: None,
             payload: Vec::new(),
             created_at: chrono::Utc::now(),
+            behind: false,
         }
     }
 
