@@ -104,6 +104,10 @@ static CREATE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// One row of [`create`]'s answer: an inserted order's ID, or an outbox
+/// row's `(id, event_id, behind)`.
+type Written = (Option<Uuid>, Option<i64>, Option<Uuid>, Option<bool>);
+
 /// What [`create`] wrote.
 #[derive(Debug, Default)]
 pub struct Created {
@@ -151,8 +155,7 @@ pub async fn create<'e>(
         .bind(&h.types)
         .bind(&h.times)
         .bind(&h.data);
-    let written: Vec<(Option<Uuid>, Option<i64>, Option<Uuid>, Option<bool>)> =
-        events.bind(query).fetch_all(db).await?;
+    let written: Vec<Written> = events.bind(query).fetch_all(db).await?;
     let mut out = Created::default();
     for row in written {
         match row {
