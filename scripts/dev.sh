@@ -13,7 +13,8 @@
 # in flight. It needs tansu built with libsql: one built without it is
 # rebuilt (about 30 minutes, once per machine). The broker keeps consumer
 # groups across its restarts too, dead members included, so each service
-# joins as a static member (KAFKA_GROUP_INSTANCE_ID=dev-<service>) and takes
+# joins as a static member (KAFKA_GROUP_INSTANCE_ID=dev-<service>; the prefix
+# is KAFKA_GROUP_INSTANCE_ID_PREFIX, for two checkouts on one broker) and takes
 # its old place back: as dynamic members, the restarted services got no
 # partitions at all.
 #   PAYMENT_LIMIT, PAYMENT_FAILURE_RATE, KAFKA_FETCH_WAIT_MS, RUST_LOG, LOG_FORMAT,
