@@ -45,8 +45,21 @@ pub enum DomainError {
 }
 
 /// Identity of an order, and the Kafka message key of every event about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
+#[schema(value_type = String, format = Uuid, example = "019a8f5e-7c1d-7e3a-9b2f-4d5e6f708192")]
 pub struct OrderId(Uuid);
 
 impl OrderId {
@@ -155,6 +168,19 @@ macro_rules! string_newtype {
                 Self::parse(s).map_err(serde::de::Error::custom)
             }
         }
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some(concat!("1 to ", stringify!($max), " characters: ", $allowed, ".")))
+                    .min_length(Some(1))
+                    .max_length(Some($max))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
     };
 }
 
@@ -194,8 +220,9 @@ impl CorrelationId {
 }
 
 /// Units of one SKU on one order line: 1 ..= [`MAX_QUANTITY`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = u32, minimum = 1, maximum = 1000, example = 2)]
 pub struct Quantity(u32);
 
 impl Quantity {
@@ -303,6 +330,22 @@ impl FromStr for Money {
     }
 }
 
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some(
+                "An amount as a decimal string with at most two decimals (answers always \
+                 show two), never a JSON number.",
+            ))
+            .pattern(Some(r"^-?[0-9]+(\.[0-9]{1,2})?$"))
+            .examples(["29.99"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Money {}
+
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -318,7 +361,7 @@ impl<'de> Deserialize<'de> for Money {
 }
 
 /// One line of an order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LineItem {
     pub sku: Sku,
     pub quantity: Quantity,

@@ -34,3 +34,5 @@ pub use envelope::{
 
 #[doc(hidden)]
 pub use serde as __serde;
+#[doc(hidden)]
+pub use utoipa as __utoipa;

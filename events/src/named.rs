@@ -5,7 +5,8 @@
 /// Declares a `Copy` enum whose variants each have one text form, with:
 /// `ALL`, `as_str`, `parse` (exact text, `None` otherwise), `FromStr` and
 /// `TryFrom<String>` (a [`crate::DomainError::Unknown`] naming `field`),
-/// `Display`, and serde as that text.
+/// `Display`, serde as that text, and an OpenAPI schema (a string
+/// restricted to the text forms).
 ///
 /// ```
 /// events::named_enum! {
@@ -96,5 +97,17 @@ macro_rules! named_enum {
                 s.parse().map_err(<D::Error as $crate::__serde::de::Error>::custom)
             }
         }
+
+        impl $crate::__utoipa::PartialSchema for $name {
+            fn schema() -> $crate::__utoipa::openapi::RefOr<$crate::__utoipa::openapi::schema::Schema> {
+                $crate::__utoipa::openapi::ObjectBuilder::new()
+                    .schema_type($crate::__utoipa::openapi::schema::Type::String)
+                    .description(Some(concat!("A ", $field, ".")))
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl $crate::__utoipa::ToSchema for $name {}
     };
 }

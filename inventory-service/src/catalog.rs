@@ -8,13 +8,16 @@ use anyhow::Context;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+use chrono::{DateTime, Utc};
 use events::Sku;
-use saga_runtime::{ApiError, ApiJson};
-use serde::Deserialize;
-use serde_json::json;
+use saga_runtime::http::ErrorBody;
+use saga_runtime::{ApiError, ApiJson, Caller};
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Loaded on first start with an empty catalog: `(sku, name, units)`.
 /// `SKU-RARE` has only 5 units, for trying the out-of-stock path.
@@ -61,12 +64,38 @@ pub async fn seed_if_empty(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn router(pool: PgPool) -> Router {
-    Router::new()
-        .route("/products", get(list))
-        .route("/products/{sku}", get(show).put(upsert))
-        .route("/products/{sku}/restock", post(restock))
+pub fn router(pool: PgPool) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show, upsert))
+        .routes(routes!(restock))
         .with_state(pool)
+}
+
+/// A product and its stock.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Product {
+    #[schema(value_type = Sku)]
+    pub sku: String,
+    #[schema(example = "Mechanical keyboard")]
+    pub name: String,
+    /// Units free to reserve.
+    pub available: i64,
+    /// Units held for orders.
+    pub reserved: i64,
+    /// Units ever put in through the catalog API (the ledger's sum):
+    /// always `available + reserved`.
+    pub stocked: i64,
+    /// Goes up by one with every write; also the `ETag`.
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `GET /products`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProductList {
+    /// By SKU.
+    pub products: Vec<Product>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -85,36 +114,44 @@ const PRODUCT_COLUMNS: &str = "p.sku, p.name, p.available, p.reserved, \
      COALESCE((SELECT sum(delta) FROM stock_ledger l WHERE l.sku = p.sku), 0)::bigint AS stocked, \
      p.version, p.updated_at";
 
-fn to_json(p: &ProductRow) -> serde_json::Value {
-    json!({
-        "sku": p.sku,
-        "name": p.name,
-        "available": p.available,
-        "reserved": p.reserved,
-        "stocked": p.stocked,
-        "version": p.version,
-        "updated_at": p.updated_at,
-    })
+impl From<&ProductRow> for Product {
+    fn from(p: &ProductRow) -> Self {
+        Self {
+            sku: p.sku.clone(),
+            name: p.name.clone(),
+            available: p.available,
+            reserved: p.reserved,
+            stocked: p.stocked,
+            version: p.version,
+            updated_at: p.updated_at,
+        }
+    }
 }
 
 /// The product with its version as `ETag`, for a later `If-Match`.
 fn with_etag(status: StatusCode, p: &ProductRow) -> Response {
-    let mut r = (status, Json(to_json(p))).into_response();
+    let mut r = (status, Json(Product::from(p))).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", p.version)) {
         r.headers_mut().insert(header::ETAG, v);
     }
     r
 }
 
-async fn list(State(pool): State<PgPool>) -> Result<Json<serde_json::Value>, ApiError> {
+/// The catalog.
+#[utoipa::path(get, path = "/products", tag = "catalog",
+    responses(
+        (status = 200, description = "Every product", body = ProductList),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
+async fn list(State(pool): State<PgPool>) -> Result<Json<ProductList>, ApiError> {
     let rows: Vec<ProductRow> = sqlx::query_as(&format!(
         "SELECT {PRODUCT_COLUMNS} FROM products p ORDER BY p.sku"
     ))
     .fetch_all(&pool)
     .await?;
-    Ok(Json(
-        json!({ "products": rows.iter().map(to_json).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(ProductList {
+        products: rows.iter().map(Product::from).collect(),
+    }))
 }
 
 fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
@@ -130,6 +167,16 @@ async fn find(pool: &PgPool, sku: &Sku) -> Result<Option<ProductRow>, sqlx::Erro
     .await
 }
 
+/// A product.
+#[utoipa::path(get, path = "/products/{sku}", tag = "catalog",
+    params(("sku" = Sku, Path, description = "The product's SKU")),
+    responses(
+        (status = 200, description = "The product", body = Product,
+            headers(("ETag" = String, description = "The version, for `If-Match`"))),
+        (status = 400, description = "Not a valid SKU", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn show(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
     let row = find(&pool, &sku).await?;
@@ -137,10 +184,14 @@ async fn show(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Res
         .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))
 }
 
-#[derive(Debug, Deserialize)]
+/// `PUT /products/{sku}`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpsertRequest {
+#[schema(example = json!({"name": "Mechanical keyboard", "available": 1000, "version": 3}))]
+pub struct UpsertRequest {
+    /// 1 to 200 characters.
     name: String,
+    /// Units free to reserve, 0 to 1,000,000,000.
     available: i64,
     /// The version the caller read; a stale one is refused (as `If-Match`).
     #[serde(default)]
@@ -181,15 +232,38 @@ fn stale(sku: &Sku, expected: i64, current: Option<i64>) -> ApiError {
     )
 }
 
+/// Create or set a product (operators).
+///
 /// Creates the product, or sets its name and available units. With a
 /// version (`If-Match` or `version`), only if the product is still at it,
-/// so a read-modify-write cannot overwrite reservations made in between.
+/// so a read-modify-write cannot overwrite reservations made in between;
+/// to add units, prefer `POST /products/{sku}/restock`.
+#[utoipa::path(put, path = "/products/{sku}", tag = "catalog",
+    request_body = UpsertRequest,
+    params(
+        ("sku" = Sku, Path, description = "The product's SKU"),
+        ("If-Match" = Option<String>, Header, description = "The version read (its `ETag`): the write happens only if the product is still at it"),
+    ),
+    responses(
+        (status = 200, description = "Updated", body = Product,
+            headers(("ETag" = String, description = "The new version"))),
+        (status = 201, description = "Created", body = Product,
+            headers(("ETag" = String, description = "The new version"))),
+        (status = 400, description = "Malformed JSON, SKU or `If-Match`", body = ErrorBody),
+        (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
+        (status = 409, description = "`version_conflict`: the product changed since the given version", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn upsert(
     State(pool): State<PgPool>,
+    caller: Caller,
     Path(sku): Path<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<UpsertRequest>,
 ) -> Result<Response, ApiError> {
+    caller.require_admin("writing the catalog")?;
     let sku = parse_sku(&sku)?;
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
@@ -244,18 +318,38 @@ async fn upsert(
     Ok(with_etag(status, &row))
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /products/{sku}/restock`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RestockRequest {
+pub struct RestockRequest {
+    /// Units to add, at least 1.
+    #[schema(example = 50)]
     quantity: i64,
 }
 
-/// Adds units to a product atomically (whatever was reserved meanwhile).
+/// Add units to a product (operators).
+///
+/// Adds atomically, whatever was reserved meanwhile.
+#[utoipa::path(post, path = "/products/{sku}/restock", tag = "catalog",
+    request_body = RestockRequest,
+    params(("sku" = Sku, Path, description = "The product's SKU")),
+    responses(
+        (status = 200, description = "The product after the restock", body = Product,
+            headers(("ETag" = String, description = "The new version"))),
+        (status = 400, description = "Malformed JSON or SKU", body = ErrorBody),
+        (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "`quantity` out of range", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn restock(
     State(pool): State<PgPool>,
+    caller: Caller,
     Path(sku): Path<String>,
     ApiJson(body): ApiJson<RestockRequest>,
 ) -> Result<Response, ApiError> {
+    caller.require_admin("restocking")?;
     let sku = parse_sku(&sku)?;
     if !(1..=MAX_STOCK).contains(&body.quantity) {
         return Err(ApiError::validation(format!(

@@ -48,5 +48,11 @@ pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<
     }
     let router =
         catalog::router(infra.pool.clone()).merge(reservations::router(infra.pool.clone()));
-    App::new(infra, router, Some((SUBSCRIBES, Reserver))).await
+    App::new(
+        infra,
+        router,
+        env!("CARGO_PKG_VERSION"),
+        Some((SUBSCRIBES, Reserver)),
+    )
+    .await
 }

@@ -2,22 +2,65 @@
 //! for orders (`HELD`) or given back after a refund (`RELEASED`). An order
 //! inventory refused (out of stock), or never reserved, has none.
 
+//!
+//! Reservations are operator data: with authentication on, only a token
+//! with the admin scope may read them.
+
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
-use saga_runtime::listing::{self, ListQuery};
-use saga_runtime::ApiError;
-use serde_json::json;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use events::{CorrelationId, LineItem, OrderId};
+use saga_runtime::http::ErrorBody;
+use saga_runtime::listing::{self, ListQuery, PageParams};
+use saga_runtime::{ApiError, Caller};
+use serde::Serialize;
 use sqlx::PgPool;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::domain::ReservationStatus;
 
-pub fn router(pool: PgPool) -> Router {
-    Router::new()
-        .route("/reservations", get(list))
-        .route("/reservations/{order_id}", get(show))
+pub fn router(pool: PgPool) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show))
         .with_state(pool)
+}
+
+/// Stock held for an order, or given back.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reservation {
+    pub order_id: OrderId,
+    /// `HELD`, or `RELEASED` after a refund gave the stock back.
+    #[schema(value_type = String, example = "HELD")]
+    pub status: Option<&'static str>,
+    #[schema(value_type = Vec<LineItem>)]
+    pub items: serde_json::Value,
+    #[schema(value_type = CorrelationId)]
+    pub correlation_id: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A page of `GET /reservations`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReservationPage {
+    /// Newest order first.
+    pub reservations: Vec<Reservation>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next: Option<String>,
+}
+
+/// `GET /reservations`'s filter, as documented ([`ListQuery`] reads it).
+#[allow(dead_code)]
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReservationFilter {
+    /// `HELD` or `RELEASED` (default: both).
+    #[param(pattern = "^(HELD|RELEASED)$")]
+    pub status: Option<String>,
 }
 
 /// The stored statuses the API shows.
@@ -41,23 +84,36 @@ struct ReservationRow {
     updated_at: chrono::DateTime<chrono::Utc>,
 }
 
-fn to_json(r: &ReservationRow) -> serde_json::Value {
-    json!({
-        "order_id": r.order_id,
-        "status": r.status.shown(),
-        "items": r.items,
-        "correlation_id": r.correlation_id,
-        "created_at": r.created_at,
-        "updated_at": r.updated_at,
-    })
+impl From<&ReservationRow> for Reservation {
+    fn from(r: &ReservationRow) -> Self {
+        Self {
+            order_id: OrderId::from_uuid(r.order_id),
+            status: r.status.shown(),
+            items: r.items.clone(),
+            correlation_id: r.correlation_id.clone(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
 }
 
-/// `GET /reservations[?status=HELD|RELEASED]`: newest order first,
-/// paginated (see [`saga_runtime::listing`]).
+/// List reservations (operators).
+///
+/// Newest order first, paginated with `limit` and `after`.
+#[utoipa::path(get, path = "/reservations", tag = "reservations",
+    params(PageParams, ReservationFilter),
+    responses(
+        (status = 200, description = "A page of reservations", body = ReservationPage),
+        (status = 400, description = "A parameter is malformed, unknown or given twice", body = ErrorBody),
+        (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn list(
     State(pool): State<PgPool>,
+    caller: Caller,
     query: ListQuery,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ReservationPage>, ApiError> {
+    caller.require_admin("listing reservations")?;
     let page = query.page(&["status"])?;
     let statuses: Vec<&str> = match query.get("status") {
         None => shown(),
@@ -80,14 +136,29 @@ async fn list(
     .bind(page.limit)
     .fetch_all(&pool)
     .await?;
-    let rows = rows.iter().map(|r| (r.order_id, to_json(r))).collect();
-    Ok(Json(listing::page_body("reservations", page, rows)))
+    let next = listing::next_cursor(page, rows.len(), rows.last().map(|r| r.order_id));
+    Ok(Json(ReservationPage {
+        reservations: rows.iter().map(Reservation::from).collect(),
+        next,
+    }))
 }
 
+/// An order's reservation (operators).
+#[utoipa::path(get, path = "/reservations/{order_id}", tag = "reservations",
+    params(("order_id" = OrderId, Path, description = "The order ID")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
+        (status = 404, description = "Inventory never reserved stock for this order", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn show(
     State(pool): State<PgPool>,
+    caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Reservation>, ApiError> {
+    caller.require_admin("reading reservations")?;
     let order_id = saga_runtime::http::parse_order_id(&id)?;
     let row: Option<ReservationRow> = sqlx::query_as(
         "SELECT order_id, status, items, correlation_id, created_at, updated_at FROM reservations
@@ -97,7 +168,7 @@ async fn show(
     .bind(shown())
     .fetch_optional(&pool)
     .await?;
-    row.map(|r| Json(to_json(&r))).ok_or_else(|| {
+    row.map(|r| Json(Reservation::from(&r))).ok_or_else(|| {
         ApiError::not_found(format!(
             "inventory never reserved stock for order {order_id}"
         ))

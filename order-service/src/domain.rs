@@ -12,23 +12,62 @@ use events::{
     MAX_UNIT_PRICE_MINOR,
 };
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// The body as it arrives. Field types are loose on purpose so that every
-/// rule is checked here and reported with the field that broke it.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /orders` as it arrives. Field types are loose on
+/// purpose so that every rule is checked here and reported with the field
+/// that broke it.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"customer_id": "c-42", "items": [{"sku": "SKU-1", "quantity": 2, "unit_price": "29.99"}]}))]
 pub struct CreateOrderRequest {
-    pub customer_id: String,
+    /// Who orders: 1 to 64 letters, digits, `-`, `_`, `.`, `@`, `:`.
+    /// Required when authentication is off; with it on, the token's `sub`
+    /// is the customer and this may be left out (if given, it must equal
+    /// `sub`, else 403).
+    #[serde(default)]
+    #[schema(example = "c-42")]
+    pub customer_id: Option<String>,
+    /// 1 to 100 lines.
     pub items: Vec<ItemRequest>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One line of `POST /orders`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemRequest {
+    /// 1 to 64 letters, digits, `-`, `_`, `.`.
+    #[schema(example = "SKU-1")]
     pub sku: String,
+    /// 1 to 1000.
+    #[schema(example = 2)]
     pub quantity: i64,
+    /// A decimal string, more than 0, at most two decimals.
+    #[schema(example = "29.99")]
     pub unit_price: String,
+}
+
+/// Why the customer of a new order cannot be settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomerRefusal {
+    /// No token and no `customer_id` in the body.
+    Missing,
+    /// The body names another customer than the token's subject.
+    NotTheCaller,
+}
+
+/// Whose order a new order is: the token's subject when there is a token
+/// (the body may repeat it, not name another), else the body's
+/// `customer_id`.
+pub fn customer_for(body: Option<&str>, subject: Option<&str>) -> Result<String, CustomerRefusal> {
+    match (body, subject) {
+        (None, None) => Err(CustomerRefusal::Missing),
+        (Some(b), None) => Ok(b.to_owned()),
+        (None, Some(s)) => Ok(s.to_owned()),
+        (Some(b), Some(s)) if b == s => Ok(s.to_owned()),
+        (Some(_), Some(_)) => Err(CustomerRefusal::NotTheCaller),
+    }
 }
 
 /// A valid order, ready to store.
@@ -43,8 +82,10 @@ impl NewOrder {
     /// Checks every rule; the error names the offending field.
     pub fn parse(req: CreateOrderRequest) -> Result<Self, String> {
         let field = |name: String| move |e: DomainError| format!("{name}: {e}");
-        let customer_id =
-            CustomerId::parse(req.customer_id).map_err(field("customer_id".into()))?;
+        let customer_id = req
+            .customer_id
+            .ok_or_else(|| "customer_id: required".to_owned())
+            .and_then(|c| CustomerId::parse(c).map_err(field("customer_id".into())))?;
         if req.items.is_empty() {
             return Err("items: an order needs at least one item".into());
         }
@@ -98,6 +139,19 @@ impl NewOrder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_customer_is_the_tokens_subject() {
+        use super::{customer_for, CustomerRefusal};
+        assert_eq!(customer_for(Some("c-1"), None), Ok("c-1".to_owned()));
+        assert_eq!(customer_for(None, Some("c-1")), Ok("c-1".to_owned()));
+        assert_eq!(customer_for(Some("c-1"), Some("c-1")), Ok("c-1".to_owned()));
+        assert_eq!(
+            customer_for(Some("c-2"), Some("c-1")),
+            Err(CustomerRefusal::NotTheCaller)
+        );
+        assert_eq!(customer_for(None, None), Err(CustomerRefusal::Missing));
+    }
+
     use super::*;
 
     fn req(json: serde_json::Value) -> CreateOrderRequest {

@@ -71,6 +71,12 @@ pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<
         intake: intake::Intake::start(infra.pool.clone(), infra.outbox.clone()),
     });
     let (pool, outbox) = (infra.pool.clone(), infra.outbox.clone());
-    let app = App::new(infra, router, Some((SUBSCRIBES, OrderSaga))).await?;
+    let app = App::new(
+        infra,
+        router,
+        env!("CARGO_PKG_VERSION"),
+        Some((SUBSCRIBES, OrderSaga)),
+    )
+    .await?;
     Ok(app.with_task(move |shutdown| deadlines::run(pool, outbox, settings.deadline, shutdown)))
 }

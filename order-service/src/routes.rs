@@ -1,20 +1,34 @@
 //! HTTP API: `POST /orders`, `GET /orders`, `GET /orders/{id}`,
-//! `POST /orders/{id}/cancel`.
+//! `POST /orders/{id}/cancel`, each described in the OpenAPI document.
+//!
+//! With authentication on, a customer (a token without the admin scope)
+//! places orders as the token's `sub`, and sees and cancels only its own:
+//! another customer's order answers 404, as if it did not exist.
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use events::{CorrelationId, Envelope, Event, Money, OrderCreated, OrderId};
-use saga_runtime::listing::{self, ListQuery};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use events::{
+    CorrelationId, CustomerId, Envelope, Event, FailureReason, LineItem, Money, OrderCreated,
+    OrderId,
+};
+use saga_runtime::http::ErrorBody;
+use saga_runtime::listing::{self, ListQuery, PageParams};
 use saga_runtime::telemetry;
-use saga_runtime::{ApiError, ApiJson, Outbox};
-use serde_json::json;
+use saga_runtime::{ApiError, ApiJson, Caller, Outbox};
+use serde::Serialize;
 use sqlx::PgPool;
 use tracing::Instrument;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
 
-use crate::domain::{CreateOrderRequest, NewOrder, NotCancellable, OrderStatus};
+use crate::domain::{
+    customer_for, CreateOrderRequest, CustomerRefusal, NewOrder, NotCancellable, OrderStatus,
+};
 use crate::ending::{self, Cancelled};
 use crate::intake::{Intake, Pending};
 use crate::store::{self, OrderRow};
@@ -32,12 +46,96 @@ pub struct AppState {
     pub intake: Intake,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/orders", post(create_order).get(list_orders))
-        .route("/orders/{id}", get(get_order))
-        .route("/orders/{id}/cancel", post(cancel_order))
+pub fn router(state: AppState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(create_order, list_orders))
+        .routes(routes!(get_order))
+        .routes(routes!(cancel_order))
         .with_state(state)
+}
+
+/// `POST /orders`'s answer: the order is taken, its saga has started.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderAccepted {
+    pub order_id: OrderId,
+    /// `PENDING` when new; a retry under the same `Idempotency-Key` shows
+    /// the order's status now.
+    pub status: OrderStatus,
+    /// Search Jaeger and the logs for this.
+    pub correlation_id: CorrelationId,
+    /// The OpenTelemetry trace ID, when tracing is on.
+    #[schema(example = "4bf92f3577b34da6a3ce929d0e0e4736")]
+    pub trace_id: Option<String>,
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Order {
+    pub order_id: OrderId,
+    pub status: OrderStatus,
+    /// Why a FAILED or CANCELLED order ended so; `null` otherwise.
+    #[schema(value_type = Option<FailureReason>)]
+    pub failure_reason: Option<String>,
+    #[schema(value_type = CustomerId)]
+    pub customer_id: String,
+    pub items: Vec<LineItem>,
+    pub total: Money,
+    /// The payment was refunded (after a cancel, deadline or out-of-stock).
+    pub refunded: bool,
+    /// Reserved stock was given back (after a cancel or deadline).
+    pub stock_released: bool,
+    #[schema(value_type = CorrelationId)]
+    pub correlation_id: String,
+    pub trace_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One event the order recorded.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryEntry {
+    #[schema(example = "PaymentSucceeded")]
+    pub event_type: String,
+    pub event_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    /// The event's payload.
+    pub data: serde_json::Value,
+}
+
+/// `GET /orders/{id}`'s answer: the order and what happened to it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderWithHistory {
+    #[serde(flatten)]
+    pub order: Order,
+    /// Oldest first.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// A page of `GET /orders`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderPage {
+    /// Newest first.
+    pub orders: Vec<Order>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next: Option<String>,
+}
+
+/// `GET /orders`'s filters, as documented ([`ListQuery`] reads them).
+#[allow(dead_code)]
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct OrderFilters {
+    /// Only orders in this status.
+    pub status: Option<OrderStatus>,
+    /// Only this customer's orders. With authentication on, a customer
+    /// sees only its own orders whatever this says (another customer's ID
+    /// is 403).
+    pub customer_id: Option<String>,
+    /// Only orders created before this RFC 3339 time.
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only orders created after this RFC 3339 time.
+    pub created_after: Option<DateTime<Utc>>,
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
@@ -50,10 +148,38 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>,
     }
 }
 
+/// Place an order.
+///
+/// Stores the order PENDING with its `OrderCreated` event in one
+/// transaction and answers at once; follow it with `GET /orders/{id}`.
+/// With an `Idempotency-Key`, a retry answers the same order.
+#[utoipa::path(post, path = "/orders", tag = "orders",
+    request_body = CreateOrderRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "1 to 255 characters: a retry with the same key and body answers the first order (and `Idempotent-Replayed: true`); the same key with another body is 422"),
+        ("X-Correlation-ID" = Option<String>, Header,
+            description = "Follows the order through every service and trace; generated when absent"),
+    ),
+    responses(
+        (status = 202, description = "Accepted: the order is PENDING", body = OrderAccepted,
+            headers(
+                ("Location" = String, description = "`/orders/{order_id}`"),
+                ("X-Correlation-ID" = String, description = "The order's correlation ID"),
+                ("Idempotent-Replayed" = Option<String>, description = "`true` on a retry answered from the first request"),
+            )),
+        (status = 400, description = "Malformed JSON or header", body = ErrorBody),
+        (status = 403, description = "With authentication on: `customer_id` is not the token's subject", body = ErrorBody),
+        (status = 413, description = "Body larger than 1 MiB", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "A rule is broken (the message names the field), or the `Idempotency-Key` was used with another body", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn create_order(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<CreateOrderRequest>,
+    ApiJson(mut body): ApiJson<CreateOrderRequest>,
 ) -> Result<Response, ApiError> {
     let correlation_id = match header_str(&headers, CORRELATION_HEADER)? {
         Some(v) => CorrelationId::parse(v.trim())
@@ -68,6 +194,14 @@ async fn create_order(
             )));
         }
     }
+    body.customer_id = Some(
+        customer_for(body.customer_id.as_deref(), caller.subject()).map_err(|r| match r {
+            CustomerRefusal::Missing => ApiError::validation("customer_id: required"),
+            CustomerRefusal::NotTheCaller => ApiError::forbidden(
+                "customer_id must be the token's subject (or left out): orders are placed as the caller",
+            ),
+        })?,
+    );
     let order = NewOrder::parse(body).map_err(ApiError::validation)?;
 
     let span = tracing::Span::current();
@@ -125,13 +259,13 @@ async fn create_order(
     }
     tracing::info!(order_id = %order_id, total = %order.total, "order accepted");
 
-    let body = json!({
-        "order_id": order_id,
-        "status": "PENDING",
-        "correlation_id": correlation_id,
-        "trace_id": trace_id,
-    });
-    Ok(accepted(order_id, &correlation_id, body, false))
+    let body = OrderAccepted {
+        order_id,
+        status: OrderStatus::Pending,
+        correlation_id: correlation_id.clone(),
+        trace_id,
+    };
+    Ok(accepted(&body, false))
 }
 
 /// Answers a retry under an Idempotency-Key: the same order for the same
@@ -147,27 +281,22 @@ fn replay(existing: OrderRow, order: &NewOrder) -> Result<Response, ApiError> {
     let order_id = OrderId::from_uuid(existing.order_id);
     let correlation_id = CorrelationId::parse(existing.correlation_id.clone())
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let body = json!({
-        "order_id": order_id,
-        "status": existing.status,
-        "correlation_id": correlation_id,
-        "trace_id": existing.trace_id,
-    });
-    Ok(accepted(order_id, &correlation_id, body, true))
+    let body = OrderAccepted {
+        order_id,
+        status: existing.status,
+        correlation_id,
+        trace_id: existing.trace_id,
+    };
+    Ok(accepted(&body, true))
 }
 
-fn accepted(
-    order_id: OrderId,
-    correlation_id: &CorrelationId,
-    body: serde_json::Value,
-    replayed: bool,
-) -> Response {
+fn accepted(body: &OrderAccepted, replayed: bool) -> Response {
     let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("/orders/{order_id}")) {
+    if let Ok(v) = HeaderValue::from_str(&format!("/orders/{}", body.order_id)) {
         h.insert(header::LOCATION, v);
     }
-    if let Ok(v) = HeaderValue::from_str(correlation_id.as_str()) {
+    if let Ok(v) = HeaderValue::from_str(body.correlation_id.as_str()) {
         h.insert(HeaderName::from_static(CORRELATION_HEADER), v);
     }
     if replayed {
@@ -179,33 +308,41 @@ fn accepted(
     response
 }
 
+/// An order and its history.
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders",
+    params(("id" = OrderId, Path, description = "The order ID")),
+    responses(
+        (status = 200, description = "The order", body = OrderWithHistory,
+            headers(("X-Correlation-ID" = String, description = "The order's correlation ID"))),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such order (or, with authentication on, another customer's)", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn get_order(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let order_id = saga_runtime::http::parse_order_id(&id)?;
-    let Some(order) = store::find(&state.pool, order_id.as_uuid()).await? else {
-        return Err(ApiError::not_found(format!(
-            "order {order_id} does not exist"
-        )));
-    };
+    let order = visible(store::find(&state.pool, order_id.as_uuid()).await?, &caller)
+        .ok_or_else(|| no_such_order(order_id))?;
     let history = store::history(&state.pool, order_id.as_uuid()).await?;
     let span = tracing::Span::current();
     span.record("order_id", tracing::field::display(order_id));
     span.record("correlation_id", order.correlation_id.as_str());
-    let mut body = order_json(&order);
-    body["history"] = history
-        .iter()
-        .map(|h| {
-            json!({
-                "event_type": h.event_type,
-                "event_id": h.event_id,
-                "occurred_at": h.occurred_at,
-                "recorded_at": h.recorded_at,
-                "data": h.data,
+    let body = OrderWithHistory {
+        order: Order::from(&order),
+        history: history
+            .into_iter()
+            .map(|h| HistoryEntry {
+                event_type: h.event_type,
+                event_id: h.event_id,
+                occurred_at: h.occurred_at,
+                recorded_at: h.recorded_at,
+                data: h.data,
             })
-        })
-        .collect();
+            .collect(),
+    };
     let mut response = Json(body).into_response();
     if let Ok(v) = HeaderValue::from_str(&order.correlation_id) {
         response
@@ -215,21 +352,38 @@ async fn get_order(
     Ok(response)
 }
 
-/// `POST /orders/{id}/cancel`: 202 with the order, CANCELLED (at once, or
-/// already); 409 `order_not_cancellable` for a FAILED order.
+/// Cancel an order.
+///
+/// A PENDING or CONFIRMED order becomes CANCELLED at once, and
+/// `OrderCancelled` makes payment refund and inventory release what they
+/// did. Cancelling again answers the same.
+#[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders",
+    params(("id" = OrderId, Path, description = "The order ID")),
+    responses(
+        (status = 202, description = "The order, CANCELLED (now or already)", body = Order,
+            headers(("X-Correlation-ID" = String, description = "The order's correlation ID"))),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such order (or, with authentication on, another customer's)", body = ErrorBody),
+        (status = 409, description = "`order_not_cancellable`: the order already FAILED", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn cancel_order(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let order_id = saga_runtime::http::parse_order_id(&id)?;
+    if caller.only_customer().is_some() {
+        // A customer learns nothing of an order that is not its own.
+        visible(store::find(&state.pool, order_id.as_uuid()).await?, &caller)
+            .ok_or_else(|| no_such_order(order_id))?;
+    }
     let span = tracing::Span::current();
     span.record("order_id", tracing::field::display(order_id));
     span.record("event_type", "OrderCancelled");
     let traceparent = telemetry::current_traceparent();
     match ending::cancel(&state.pool, &state.outbox, order_id, traceparent.as_deref()).await? {
-        Cancelled::NotFound => Err(ApiError::not_found(format!(
-            "order {order_id} does not exist"
-        ))),
+        Cancelled::NotFound => Err(no_such_order(order_id)),
         Cancelled::NotCancellable(NotCancellable { status, reason }) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "order_not_cancellable",
@@ -241,9 +395,9 @@ async fn cancel_order(
         Cancelled::Done => {
             let order = store::find(&state.pool, order_id.as_uuid())
                 .await?
-                .ok_or_else(|| ApiError::not_found(format!("order {order_id} does not exist")))?;
+                .ok_or_else(|| no_such_order(order_id))?;
             span.record("correlation_id", order.correlation_id.as_str());
-            let mut response = (StatusCode::ACCEPTED, Json(order_json(&order))).into_response();
+            let mut response = (StatusCode::ACCEPTED, Json(Order::from(&order))).into_response();
             if let Ok(v) = HeaderValue::from_str(&order.correlation_id) {
                 response
                     .headers_mut()
@@ -254,13 +408,23 @@ async fn cancel_order(
     }
 }
 
-/// `GET /orders`: newest first, filtered by `status`, `customer_id`,
-/// `created_before` and `created_after`, paginated (see
-/// [`saga_runtime::listing`]).
+/// List orders.
+///
+/// Newest first, paginated with `limit` and `after`. With authentication
+/// on, a customer lists only its own orders; an operator lists all.
+#[utoipa::path(get, path = "/orders", tag = "orders",
+    params(PageParams, OrderFilters),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        (status = 400, description = "A parameter is malformed, unknown or given twice", body = ErrorBody),
+        (status = 403, description = "With authentication on: a customer asked for another customer's orders", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
+    ))]
 async fn list_orders(
     State(state): State<AppState>,
+    caller: Caller,
     query: ListQuery,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OrderPage>, ApiError> {
     let page = query.page(&["status", "customer_id", "created_before", "created_after"])?;
     let status = query
         .get("status")
@@ -273,31 +437,52 @@ async fn list_orders(
             })
         })
         .transpose()?;
+    let customer_id = match (query.get("customer_id"), caller.only_customer()) {
+        (Some(asked), Some(own)) if asked != own => {
+            return Err(ApiError::forbidden(
+                "customers list only their own orders: leave customer_id out or give your own",
+            ))
+        }
+        (asked, own) => own.or(asked).map(str::to_owned),
+    };
     let filter = store::Filter {
         status,
-        customer_id: query.get("customer_id").map(str::to_owned),
+        customer_id,
         created_before: query.time("created_before")?,
         created_after: query.time("created_after")?,
     };
     let rows = store::list(&state.pool, &filter, page.after, page.limit).await?;
-    let rows = rows.iter().map(|o| (o.order_id, order_json(o))).collect();
-    Ok(Json(listing::page_body("orders", page, rows)))
+    let next = listing::next_cursor(page, rows.len(), rows.last().map(|o| o.order_id));
+    Ok(Json(OrderPage {
+        orders: rows.iter().map(Order::from).collect(),
+        next,
+    }))
 }
 
-/// An order as the API shows it (without its history).
-fn order_json(order: &OrderRow) -> serde_json::Value {
-    json!({
-        "order_id": order.order_id,
-        "status": order.status,
-        "failure_reason": order.failure_reason,
-        "customer_id": order.customer_id,
-        "items": order.items.0,
-        "total": Money::from_minor(order.total_minor),
-        "refunded": order.refunded,
-        "stock_released": order.stock_released,
-        "correlation_id": order.correlation_id,
-        "trace_id": order.trace_id,
-        "created_at": order.created_at,
-        "updated_at": order.updated_at,
-    })
+/// The order if `caller` may see it: auth off, an operator, or its customer.
+fn visible(order: Option<OrderRow>, caller: &Caller) -> Option<OrderRow> {
+    order.filter(|o| caller.only_customer().is_none_or(|c| c == o.customer_id))
+}
+
+fn no_such_order(order_id: OrderId) -> ApiError {
+    ApiError::not_found(format!("order {order_id} does not exist"))
+}
+
+impl From<&OrderRow> for Order {
+    fn from(order: &OrderRow) -> Self {
+        Self {
+            order_id: OrderId::from_uuid(order.order_id),
+            status: order.status,
+            failure_reason: order.failure_reason.clone(),
+            customer_id: order.customer_id.clone(),
+            items: order.items.0.clone(),
+            total: Money::from_minor(order.total_minor),
+            refunded: order.refunded,
+            stock_released: order.stock_released,
+            correlation_id: order.correlation_id.clone(),
+            trace_id: order.trace_id.clone(),
+            created_at: order.created_at,
+            updated_at: order.updated_at,
+        }
+    }
 }

@@ -64,5 +64,11 @@ impl Settings {
 pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<App> {
     let infra = Infra::connect(config, sqlx::migrate!("./migrations")).await?;
     let router = routes::router(infra.pool.clone());
-    App::new(infra, router, Some((SUBSCRIBES, Gateway { settings }))).await
+    App::new(
+        infra,
+        router,
+        env!("CARGO_PKG_VERSION"),
+        Some((SUBSCRIBES, Gateway { settings })),
+    )
+    .await
 }

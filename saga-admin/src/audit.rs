@@ -39,11 +39,16 @@ pub struct Options {
     /// Orders changed more recently than this are not judged (in flight).
     pub settle: Duration,
     pub page_size: u16,
+    /// Sent as `Authorization: Bearer …` (an operator's token, scope
+    /// `saga:admin`, when the services run with authentication on).
+    pub token: Option<String>,
 }
 
 /// Why the audit could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
     #[error("{url}: {source}")]
     Unreachable {
         url: String,
@@ -274,13 +279,7 @@ pub async fn run(
     options: &Options,
     mut found: impl FnMut(&Violation),
 ) -> Result<Report, AuditError> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|source| AuditError::Unreachable {
-            url: options.order_url.clone(),
-            source,
-        })?;
+    let http = crate::token::http_client(options.token.as_deref())?;
     let now = Utc::now();
     let mut report = Report::default();
     let mut report_violation = |v: Violation, report: &mut Report| {
@@ -502,6 +501,7 @@ mod tests {
             pending_older_than: Duration::from_secs(120),
             settle: Duration::from_secs(10),
             page_size: 500,
+            token: None,
         }
     }
 

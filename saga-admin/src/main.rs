@@ -6,7 +6,13 @@
 //! saga-admin dlq list [--topic T] [--consumer C] [--reason TEXT] [--order ID] [--since TIME] [--json]
 //! saga-admin dlq show <dlq-topic> <offset> [--partition P]
 //! saga-admin dlq redrive [filters | --message <dlq-topic>/<partition>@<offset>] [--dry-run] [--force]
+//! saga-admin dev-token --sub c-42 [--admin] [--ttl 1h]     # development only
+//! saga-admin dev-jwks                                     # development only
 //! ```
+//!
+//! With authentication on, the commands that call the services' APIs
+//! (`audit`) send `--token` / `SAGA_TOKEN` as a bearer token: an
+//! operator's token (scope `saga:admin`).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -18,6 +24,10 @@ use saga_admin::dlq::{self, DeadLetters, Filter, Position};
 #[derive(Debug, Parser)]
 #[command(name = "saga-admin", about = "Operator commands for the checkout saga")]
 struct Cli {
+    /// Bearer token for the services' APIs (an operator's: scope
+    /// saga:admin), when they run with authentication on.
+    #[arg(long, env = "SAGA_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +73,37 @@ enum Command {
         brokers: String,
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// DEVELOPMENT ONLY: prints a JWT signed with the development key
+    /// (dev/auth/dev-es256.pem, public in the repository: never trust it
+    /// in a deployment), for services started with
+    /// AUTH_JWKS_FILE=dev/auth/jwks.json.
+    DevToken {
+        /// The customer (the token's `sub`).
+        #[arg(long)]
+        sub: String,
+        /// Adds scope saga:admin (an operator).
+        #[arg(long)]
+        admin: bool,
+        /// Lifetime.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        ttl: Duration,
+        #[arg(long, default_value = "dev/auth/dev-es256.pem")]
+        key: String,
+        #[arg(long, default_value = saga_admin::token::DEV_KID)]
+        kid: String,
+        #[arg(long, default_value = saga_admin::token::DEV_ISSUER)]
+        issuer: String,
+        #[arg(long, default_value = saga_admin::token::DEV_AUDIENCE)]
+        audience: String,
+    },
+    /// DEVELOPMENT ONLY: prints the JWK set of the development key (what
+    /// dev/auth/jwks.json holds).
+    DevJwks {
+        #[arg(long, default_value = "dev/auth/dev-es256.pem")]
+        key: String,
+        #[arg(long, default_value = saga_admin::token::DEV_KID)]
+        kid: String,
     },
 }
 
@@ -138,7 +179,49 @@ impl From<FilterArgs> for Filter {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let token = cli.token;
     match cli.command {
+        Command::DevToken {
+            sub,
+            admin,
+            ttl,
+            key,
+            kid,
+            issuer,
+            audience,
+        } => {
+            let claims = saga_admin::token::DevClaims {
+                subject: sub,
+                admin,
+                ttl,
+                issuer,
+                audience,
+                kid,
+            };
+            match saga_admin::token::mint(&key, &claims) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("saga-admin dev-token: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::DevJwks { key, kid } => match saga_admin::token::jwks(&key, &kid)
+            .map_err(|e| e.to_string())
+            .and_then(|set| serde_json::to_string_pretty(&set).map_err(|e| e.to_string()))
+        {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("saga-admin dev-jwks: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Dlq { brokers, command } => match run_dlq(brokers, command).await {
             Ok(code) => code,
             Err(e) => {
@@ -162,6 +245,7 @@ async fn main() -> ExitCode {
                 pending_older_than,
                 settle,
                 page_size,
+                token,
             };
             let mut found: Vec<Violation> = Vec::new();
             let outcome = audit::run(&options, |v| {

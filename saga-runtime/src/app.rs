@@ -17,7 +17,9 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
 
+use crate::auth::Verifier;
 use crate::config::{ConfigError, ServiceConfig};
 use crate::consumer::{self, ConsumerOptions, EventLoop, Handler};
 use crate::health::Health;
@@ -88,25 +90,50 @@ pub struct App {
 }
 
 impl App {
-    /// Binds `HOST:PORT` (port 0 picks a free one) and wires `router` with the
-    /// probes, body limit and JSON fallbacks. With `subscription`, the service
-    /// consumes those (unprefixed) topics with `handler`.
+    /// Binds `HOST:PORT` (port 0 picks a free one) and wires the service's
+    /// documented `routes` behind authentication (see [`crate::auth`]),
+    /// with the probes, the API description (`/openapi.json`, `/docs`),
+    /// body limit and JSON fallbacks. `version` is the service's, for the
+    /// document. With `subscription`, the service consumes those
+    /// (unprefixed) topics with `handler`.
     pub async fn new<H: Handler>(
         infra: Infra,
-        router: Router,
+        routes: OpenApiRouter,
+        version: &str,
         subscription: Option<(&[&str], H)>,
     ) -> anyhow::Result<Self> {
         let cfg = &infra.config;
+        let verifier = match &cfg.auth {
+            Some(auth) => Some(Verifier::load(cfg.service_name, auth.clone()).await?),
+            None => {
+                tracing::warn!(
+                    "authentication is off: every API route is open to anyone who can reach \
+                     this port (set AUTH_JWKS_URL or AUTH_JWKS_FILE, AUTH_ISSUER and \
+                     AUTH_AUDIENCE to require bearer tokens)"
+                );
+                None
+            }
+        };
         let addr = format!("{}:{}", cfg.host, cfg.port);
         let listener = TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr} (PORT={})", cfg.port))?;
-        let router = router
-            .merge(http::probe_routes(Probes {
-                pool: infra.pool.clone(),
-                producer: infra.producer.clone(),
-                health: infra.health.clone(),
-            }))
+        let (service_routes, mut api) = routes.split_for_parts();
+        let service_routes = service_routes.route_layer(axum::middleware::from_fn_with_state(
+            verifier.clone(),
+            crate::auth::authenticate,
+        ));
+        let (probe_routes, probe_api) = http::probe_routes(Probes {
+            pool: infra.pool.clone(),
+            producer: infra.producer.clone(),
+            health: infra.health.clone(),
+        })
+        .split_for_parts();
+        api.merge(probe_api);
+        crate::api::finish(&mut api, cfg.service_name, version, verifier.is_some());
+        let router = service_routes
+            .merge(probe_routes)
+            .merge(crate::api::routes(api))
             .fallback(http::not_found)
             .method_not_allowed_fallback(http::method_not_allowed)
             .layer(axum::middleware::from_fn(http::trace_request))
@@ -135,12 +162,16 @@ impl App {
                 Some(worker)
             }
         };
+        let mut tasks: Vec<Worker> = Vec::new();
+        if let Some(v) = verifier {
+            tasks.push(Box::new(move |token| Box::pin(v.refresh(token))));
+        }
         Ok(Self {
             infra,
             listener,
             router,
             consumer,
-            tasks: Vec::new(),
+            tasks,
         })
     }
 

@@ -164,6 +164,10 @@ pub struct ServiceConfig {
     /// share one. Leave it unset on tansu 0.6, which never expires a static
     /// member that died: its partitions would stay with the dead member.
     pub group_instance_id: Option<String>,
+    /// `AUTH_JWKS_URL` / `AUTH_JWKS_FILE`, `AUTH_ISSUER`, `AUTH_AUDIENCE`:
+    /// bearer-token authentication, off (`None`) unless a key set is given
+    /// (see [`crate::auth`]).
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 impl ServiceConfig {
@@ -203,6 +207,7 @@ impl ServiceConfig {
                 }
             })?),
             group_instance_id: group_instance_id()?,
+            auth: crate::auth::AuthConfig::from_env()?,
         })
     }
 }

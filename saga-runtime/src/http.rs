@@ -5,13 +5,16 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use rdkafka::producer::{FutureProducer, Producer};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 use std::time::Duration;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -22,7 +25,35 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// `WWW-Authenticate` for 401 and scope-related 403 answers.
+    pub challenge: Option<&'static str>,
 }
+
+/// The JSON body of every error answer, as documented.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "validation_failed", "message": "items: an order needs at least one item"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong: a stable machine-readable `code` and a message for
+/// people.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, snake_case: `validation_failed`, `bad_request`, `not_found`,
+    /// `conflict`, `invalid_token`, `forbidden`, `insufficient_scope`,
+    /// `unavailable`, …
+    #[schema(example = "validation_failed")]
+    pub code: String,
+    /// For people; its wording may change.
+    pub message: String,
+}
+
+/// `WWW-Authenticate` of every 401 (RFC 6750).
+pub const INVALID_TOKEN_CHALLENGE: &str = r#"Bearer error="invalid_token""#;
+/// `WWW-Authenticate` of a 403 for want of the admin scope (RFC 6750).
+pub const INSUFFICIENT_SCOPE_CHALLENGE: &str =
+    r#"Bearer error="insufficient_scope", scope="saga:admin""#;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
@@ -30,6 +61,28 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            challenge: None,
+        }
+    }
+
+    /// 401 `invalid_token`: the bearer token is missing or not acceptable.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            challenge: Some(INVALID_TOKEN_CHALLENGE),
+            ..Self::new(StatusCode::UNAUTHORIZED, "invalid_token", message)
+        }
+    }
+
+    /// 403 `forbidden`: the caller is known but may not do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 403 `insufficient_scope`: only an operator (scope `saga:admin`) may.
+    pub fn insufficient_scope(message: impl Into<String>) -> Self {
+        Self {
+            challenge: Some(INSUFFICIENT_SCOPE_CHALLENGE),
+            ..Self::new(StatusCode::FORBIDDEN, "insufficient_scope", message)
         }
     }
 
@@ -62,8 +115,20 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(challenge) = self.challenge {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(challenge),
+            );
+        }
+        response
     }
 }
 
@@ -151,15 +216,49 @@ pub struct Probes {
     pub health: crate::health::Health,
 }
 
-/// `/health` (the process answers) and `/ready` (database and broker reachable).
-pub fn probe_routes(probes: Probes) -> Router {
-    Router::new()
-        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+/// `/health` (the process answers), `/ready` (database and broker
+/// reachable) and `/metrics`: open to all, with or without authentication
+/// (they are for the platform).
+pub fn probe_routes(probes: Probes) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
         .with_state(probes)
 }
 
+/// `/health`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+/// `/ready`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    #[schema(example = "ready")]
+    pub status: String,
+    /// `"ok"` or what is wrong, per component: `database`, `kafka`, and
+    /// any background work waiting out an outage (`consumer`, `relay`, …).
+    #[schema(value_type = std::collections::HashMap<String, String>, example = json!({"database": "ok", "kafka": "ok"}))]
+    pub checks: serde_json::Value,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "probes", security(()),
+    responses((status = 200, description = "The process answers", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+    })
+}
+
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "probes", security(()),
+    responses((status = 200, description = "OpenMetrics text exposition",
+        content_type = "application/openmetrics-text", body = String)))]
 async fn metrics() -> Response {
     (
         [(
@@ -173,6 +272,10 @@ async fn metrics() -> Response {
 
 /// Ready when the database takes writes, the broker answers, and no
 /// background work is waiting out an outage (see [`crate::health`]).
+#[utoipa::path(get, path = "/ready", tag = "probes", security(()),
+    responses(
+        (status = 200, description = "Ready to take work", body = Readiness),
+        (status = 503, description = "Not ready; `checks` says why", body = Readiness)))]
 async fn ready(State(p): State<Probes>) -> Response {
     // A read-only database (a standby, or a primary mid-failover) answers
     // `SELECT 1` but takes no work.
@@ -262,6 +365,7 @@ pub async fn trace_request(req: Request, next: axum::middleware::Next) -> Respon
         correlation_id = tracing::field::Empty,
         order_id = tracing::field::Empty,
         event_type = tracing::field::Empty,
+        enduser.id = tracing::field::Empty,
     );
     let traceparent = req
         .headers()

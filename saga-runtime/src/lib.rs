@@ -9,6 +9,8 @@
 //! - [`retention`]: purges old inbox ids off the hot path;
 //! - [`listing`]: paginated listings (`limit`, `after`), alike everywhere;
 //! - [`http`]: the JSON error type, JSON extractor, probes;
+//! - [`auth`]: optional bearer-token (JWT/JWK) authentication, the caller;
+//! - [`api`]: the OpenAPI document and Swagger UI;
 //! - [`telemetry`]: logs, tracing and W3C trace-context propagation;
 //! - [`app`]: start-up, run, graceful shutdown.
 //!
@@ -16,7 +18,9 @@
 //! types callers act on ([`config::ConfigError`], [`http::ApiError`]) are
 //! enums.
 
+pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod consumer;
 pub mod db;
@@ -32,6 +36,7 @@ pub mod retry;
 pub mod telemetry;
 
 pub use app::{run_service, App, Infra};
+pub use auth::Caller;
 pub use config::{ConfigError, KafkaConfig, ServiceConfig};
 pub use consumer::{Handler, Step};
 pub use http::{ApiError, ApiJson};

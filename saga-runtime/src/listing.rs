@@ -10,7 +10,8 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde::Deserialize;
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 use crate::ApiError;
@@ -115,15 +116,24 @@ impl ListQuery {
     }
 }
 
-/// The answer of a listing: `{"<key>": [...], "next": <cursor or null>}`.
-/// `next` is the last row's order ID when the page is full (there may be
-/// more), `null` at the end.
-pub fn page_body(key: &str, page: Page, rows: Vec<(Uuid, Value)>) -> Value {
-    let next = (rows.len() as i64 == page.limit)
-        .then(|| rows.last().map(|(id, _)| id.to_string()))
-        .flatten();
-    let items: Vec<Value> = rows.into_iter().map(|(_, v)| v).collect();
-    json!({ key: items, "next": next })
+/// The paging parameters of every listing, for the API description.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// Rows per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500, example = 50)]
+    pub limit: Option<i64>,
+    /// The previous page's `next`: only orders older than this one.
+    pub after: Option<Uuid>,
+}
+
+/// The `next` of a listing's answer (`{"<rows>": [...], "next": …}`): the
+/// last row's order ID when the page is full (there may be more), `None`
+/// (`null`) at the end.
+pub fn next_cursor(page: Page, rows: usize, last: Option<Uuid>) -> Option<String> {
+    (rows as i64 == page.limit)
+        .then(|| last.map(|id| id.to_string()))
+        .flatten()
 }
 
 #[cfg(test)]
@@ -173,10 +183,9 @@ mod tests {
             limit: 2,
             after: None,
         };
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let full = page_body("x", page, vec![(b, json!(1)), (a, json!(2))]);
-        assert_eq!(full["next"], json!(a.to_string()));
-        let short = page_body("x", page, vec![(b, json!(1))]);
-        assert_eq!(short["next"], Value::Null);
+        let a = Uuid::now_v7();
+        assert_eq!(next_cursor(page, 2, Some(a)), Some(a.to_string()));
+        assert_eq!(next_cursor(page, 1, Some(a)), None);
+        assert_eq!(next_cursor(page, 0, None), None);
     }
 }

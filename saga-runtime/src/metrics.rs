@@ -59,6 +59,14 @@ pub struct CancelLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub service: String,
+    /// `missing`, `malformed`, `algorithm`, `unknown_key`, `expired`,
+    /// `signature`, `issuer_or_audience` or `invalid`.
+    pub reason: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -92,6 +100,7 @@ pub struct Metrics {
     pub orders_cancelled: Family<CancelLabels, Counter>,
     pub orders_overdue: Family<ServiceLabels, Gauge>,
     pub consumer_lag: Family<LagLabels, Gauge>,
+    pub auth_refused: Family<AuthLabels, Counter>,
 }
 
 impl Metrics {
@@ -116,6 +125,7 @@ impl Metrics {
             orders_cancelled: Family::default(),
             orders_overdue: Family::default(),
             consumer_lag: Family::default(),
+            auth_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +217,11 @@ impl Metrics {
             "consumer_lag",
             "Messages in each partition this consumer holds that its group has not committed yet (high watermark minus committed offset)",
             m.consumer_lag.clone(),
+        );
+        registry.register(
+            "http_auth_refused",
+            "Requests answered 401 because their bearer token was missing or not acceptable, by reason",
+            m.auth_refused.clone(),
         );
         Self { registry, ..m }
     }

@@ -18,17 +18,38 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod contract;
 pub mod otlp;
 pub mod procs;
+
+pub use contract::Contract;
 
 pub use order_service::Settings as OrderSettings;
 pub use payment_service::Settings as PaymentSettings;
 
 /// How the services of a [`System`] are configured beyond the defaults.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     pub payment: PaymentSettings,
     pub order: OrderSettings,
+    /// Authentication for all three services (off by default).
+    pub auth: Option<saga_runtime::auth::AuthConfig>,
+}
+
+/// One HTTP answer, already checked against the service's API document.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    /// The JSON body, or `Value::Null` when there was none or it was not JSON.
+    pub body: Value,
+}
+
+impl Answer {
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 /// Telemetry lives as long as the test process (dropping the guard would
@@ -93,8 +114,12 @@ pub struct System {
     pub http: reqwest::Client,
     pub payment_settings: PaymentSettings,
     pub options: Options,
+    /// Sent as `Authorization: Bearer …` by every helper (see [`System::send`]).
+    pub bearer: Option<String>,
     services: [Option<Running>; 3],
     pools: [PgPool; 3],
+    /// Each service's `/openapi.json`: every answer is checked against it.
+    contracts: [std::sync::Arc<Contract>; 3],
 }
 
 fn idx(w: Which) -> usize {
@@ -157,7 +182,7 @@ impl System {
         let mut pools = Vec::new();
         for w in [Which::Order, Which::Payment, Which::Inventory] {
             let config = service_config(&prefix, &kafka, w)?;
-            let running = launch(w, config, options).await?;
+            let running = launch(w, config, options.clone()).await?;
             pools.push(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(2)
@@ -169,16 +194,32 @@ impl System {
         let pools: [PgPool; 3] = pools
             .try_into()
             .map_err(|_| anyhow::anyhow!("three pools"))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let mut contracts = Vec::new();
+        for running in services.iter().flatten() {
+            contracts.push(std::sync::Arc::new(
+                Contract::fetch(&http, &running.url)
+                    .await
+                    .with_context(|| {
+                        format!("the API document of {}", running.config.service_name)
+                    })?,
+            ));
+        }
+        let contracts: [std::sync::Arc<Contract>; 3] = contracts
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three API documents"))?;
         Ok(Self {
             prefix,
             kafka,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()?,
+            http,
             payment_settings,
             options,
+            bearer: None,
             services,
             pools,
+            contracts,
         })
     }
 
@@ -240,7 +281,7 @@ impl System {
     /// Starts a stopped or crashed service again on the same database and topics.
     pub async fn restart(&mut self, w: Which) -> anyhow::Result<()> {
         let config = service_config(&self.prefix, &self.kafka, w)?;
-        self.services[idx(w)] = Some(launch(w, config, self.options).await?);
+        self.services[idx(w)] = Some(launch(w, config, self.options.clone()).await?);
         Ok(())
     }
 
@@ -254,6 +295,57 @@ impl System {
         Ok(())
     }
 
+    /// Options for `saga_admin::audit::run` against this system: nothing
+    /// is in flight (`settle` zero), stuck after 120 s, with
+    /// [`System::bearer`] as the token.
+    pub fn audit_options(&self, page_size: u16) -> saga_admin::audit::Options {
+        saga_admin::audit::Options {
+            order_url: self.url(Which::Order, ""),
+            payment_url: self.url(Which::Payment, ""),
+            inventory_url: self.url(Which::Inventory, ""),
+            pending_older_than: Duration::from_secs(120),
+            settle: Duration::ZERO,
+            page_size,
+            token: self.bearer.clone(),
+        }
+    }
+
+    /// `w`'s API document (the contract every answer is checked against).
+    pub fn contract(&self, w: Which) -> &Contract {
+        &self.contracts[idx(w)]
+    }
+
+    /// Sends `req` (built on [`System::http`] for a URL of `w`), with
+    /// `Authorization: Bearer` [`System::bearer`] unless it has an
+    /// `Authorization` header already, and checks the answer against `w`'s
+    /// API document: a status the document does not list for the route, or
+    /// a body that does not match its schema, is an error.
+    pub async fn send(&self, w: Which, req: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
+        let mut req = req.build()?;
+        if let Some(token) = &self.bearer {
+            if !req.headers().contains_key(reqwest::header::AUTHORIZATION) {
+                req.headers_mut().insert(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Bearer {token}").parse()?,
+                );
+            }
+        }
+        let (method, path) = (req.method().to_string(), req.url().path().to_owned());
+        let resp = self.http.execute(req).await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        self.contract(w)
+            .check(&method, &path, status, &body)
+            .with_context(|| format!("{} broke its API document", w.name()))?;
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
     /// `POST /orders`; returns status, headers and JSON body.
     pub async fn post_order(
         &self,
@@ -264,11 +356,8 @@ impl System {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.send().await?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.json().await.unwrap_or(Value::Null);
-        Ok((status, headers, body))
+        let a = self.send(Which::Order, req).await?;
+        Ok((a.status, a.headers, a.body))
     }
 
     /// Places an order and returns its ID (asserting 202).
@@ -289,9 +378,8 @@ impl System {
     }
 
     pub async fn get_json(&self, w: Which, path: &str) -> anyhow::Result<(u16, Value)> {
-        let resp = self.http.get(self.url(w, path)).send().await?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+        let a = self.send(w, self.http.get(self.url(w, path))).await?;
+        Ok((a.status, a.body))
     }
 
     /// `GET path`, which must answer 200.
@@ -401,16 +489,15 @@ impl System {
 
     /// `PUT /products/{sku}`.
     pub async fn stock(&self, sku: &str, available: i64) -> anyhow::Result<()> {
-        let resp = self
+        let req = self
             .http
             .put(self.url(Which::Inventory, &format!("/products/{sku}")))
             .json(
                 &serde_json::json!({"name": format!("Test product {sku}"), "available": available}),
-            )
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            bail!("PUT /products/{sku} answered {}", resp.status());
+            );
+        let a = self.send(Which::Inventory, req).await?;
+        if !(200..300).contains(&a.status) {
+            bail!("PUT /products/{sku} answered {}: {}", a.status, a.body);
         }
         Ok(())
     }
@@ -565,10 +652,12 @@ fn service_config(prefix: &str, kafka: &KafkaConfig, w: Which) -> anyhow::Result
         kafka: kafka.clone(),
         shutdown_grace: Duration::from_secs(10),
         group_instance_id: None,
+        auth: None,
     })
 }
 
-async fn launch(w: Which, config: ServiceConfig, options: Options) -> anyhow::Result<Running> {
+async fn launch(w: Which, mut config: ServiceConfig, options: Options) -> anyhow::Result<Running> {
+    config.auth = options.auth.clone();
     let app: App = match w {
         Which::Order => order_service::build(config.clone(), options.order).await?,
         Which::Payment => payment_service::build(config.clone(), options.payment).await?,

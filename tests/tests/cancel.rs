@@ -408,14 +408,7 @@ async fn immediate_cancels_through_another_replica_keep_each_orders_events_in_or
         }
     }
     assert_eq!(sys.stock_levels("SKU-RACE").await?, (1_000, 0));
-    let options = audit::Options {
-        order_url: sys.url(Which::Order, ""),
-        payment_url: sys.url(Which::Payment, ""),
-        inventory_url: sys.url(Which::Inventory, ""),
-        pending_older_than: Duration::from_secs(120),
-        settle: Duration::ZERO,
-        page_size: 17,
-    };
+    let options = sys.audit_options(17);
     let mut violations = Vec::new();
     let report = audit::run(&options, |v| violations.push(v.clone())).await?;
     assert!(violations.is_empty(), "{violations:?}");

@@ -191,14 +191,7 @@ async fn catalog_writes_cannot_overwrite_reservations() -> anyhow::Result<()> {
 }
 
 fn audit_options(sys: &System, page_size: u16) -> Options {
-    Options {
-        order_url: sys.url(Which::Order, ""),
-        payment_url: sys.url(Which::Payment, ""),
-        inventory_url: sys.url(Which::Inventory, ""),
-        pending_older_than: Duration::from_secs(120),
-        settle: Duration::ZERO,
-        page_size,
-    }
+    sys.audit_options(page_size)
 }
 
 async fn run_audit(

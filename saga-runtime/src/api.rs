@@ -1,0 +1,128 @@
+//! The API description, generated from the handlers: OpenAPI 3.1 at
+//! `GET /openapi.json` and Swagger UI at `GET /docs` (its assets are built
+//! into the binary; nothing is fetched at build or run time).
+//!
+//! Each service documents its routes with `#[utoipa::path]` and registers
+//! them through `utoipa_axum::routes!`, so a route cannot be served without
+//! being described. [`finish`] adds what every service shares: the bearer
+//! security scheme, the 401 answer, the `traceparent` header.
+
+use axum::Router;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{
+    ContentBuilder, ObjectBuilder, OpenApi, Ref, RefOr, Required, ResponseBuilder,
+};
+use utoipa::PartialSchema;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::http::ErrorBody;
+
+/// Name of the security scheme in the document.
+pub const BEARER: &str = "bearer";
+/// Where the document is served.
+pub const DOCUMENT_PATH: &str = "/openapi.json";
+/// Where Swagger UI is served.
+pub const DOCS_PATH: &str = "/docs";
+
+/// Completes a service's document: title and version, the shared security
+/// scheme and answers, and, with authentication on (`auth`), the bearer
+/// requirement and the 401 on every operation that does not declare its
+/// own security (the probes declare none needed).
+pub fn finish(api: &mut OpenApi, service: &str, version: &str, auth: bool) {
+    api.info.title = service.to_owned();
+    api.info.version = version.to_owned();
+    api.info.license = None;
+    let components = api.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        BEARER,
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .description(Some(
+                    "`Authorization: Bearer <JWT>`, signed (RS256, ES256, …) by a key of the \
+                     service's JWK set, with its `iss` and `aud`. Needed only when the service \
+                     runs with `AUTH_JWKS_URL` or `AUTH_JWKS_FILE`; the token's `sub` is the \
+                     customer, and `scope` holding `saga:admin` makes an operator.",
+                ))
+                .build(),
+        ),
+    );
+    components
+        .schemas
+        .insert("ErrorBody".to_owned(), ErrorBody::schema());
+    components.responses.insert(
+        "Unauthorized".to_owned(),
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(
+                    "The bearer token is missing, malformed, expired, wrongly signed, or for \
+                     another issuer or audience",
+                )
+                .header(
+                    "WWW-Authenticate",
+                    HeaderBuilder::new()
+                        .schema(Some(
+                            ObjectBuilder::new()
+                                .schema_type(utoipa::openapi::schema::Type::String)
+                                .examples([crate::http::INVALID_TOKEN_CHALLENGE]),
+                        ))
+                        .description(Some("`Bearer error=\"invalid_token\"`"))
+                        .build(),
+                )
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        ),
+    );
+    let traceparent = ParameterBuilder::new()
+        .name("traceparent")
+        .parameter_in(ParameterIn::Header)
+        .required(Required::False)
+        .description(Some(
+            "W3C trace context: the request's span continues the caller's trace",
+        ))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(utoipa::openapi::schema::Type::String)
+                .examples(["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]),
+        ))
+        .build();
+    for item in api.paths.paths.values_mut() {
+        for op in operations(item) {
+            op.parameters
+                .get_or_insert_with(Vec::new)
+                .push(RefOr::T(traceparent.clone()));
+            if auth && op.security.is_none() {
+                op.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+                op.responses.responses.insert(
+                    "401".to_owned(),
+                    RefOr::Ref(Ref::new("#/components/responses/Unauthorized")),
+                );
+            }
+        }
+    }
+}
+
+fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut Operation> {
+    [
+        item.get.as_mut(),
+        item.put.as_mut(),
+        item.post.as_mut(),
+        item.delete.as_mut(),
+        item.patch.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// `GET /openapi.json` and Swagger UI at `GET /docs`.
+pub fn routes(api: OpenApi) -> Router {
+    Router::new().merge(SwaggerUi::new(DOCS_PATH).url(DOCUMENT_PATH, api))
+}

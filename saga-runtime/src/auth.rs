@@ -1,0 +1,705 @@
+//! Optional bearer-token authentication: a JWT signed by a key of a JWK set
+//! (RFC 7517), with the configured issuer and audience.
+//!
+//! Off unless `AUTH_JWKS_URL` or `AUTH_JWKS_FILE` is set; then every API
+//! route needs `Authorization: Bearer <JWT>` and the handlers see a
+//! [`Caller`]. The probes and the API description stay open.
+//!
+//! Keys are looked up by the token's `kid`. The set is read at start (a
+//! set that cannot be read stops start-up), read again every
+//! `AUTH_JWKS_REFRESH_SECS`, and at once (at most every
+//! [`MIN_REFETCH`]) when a token names a `kid` the set does not hold, so a
+//! key rotated in at the identity provider is accepted without a restart.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ConfigError};
+use crate::http::ApiError;
+
+/// The `scope` an operator's token carries.
+pub const ADMIN_SCOPE: &str = "saga:admin";
+/// Clock skew tolerated on `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 30;
+/// A token naming an unknown `kid` makes the set be read again, at most
+/// this often.
+pub const MIN_REFETCH: Duration = Duration::from_secs(2);
+/// Signature algorithms accepted (never `none`, never HMAC: a public key
+/// set cannot hold a shared secret safely).
+pub const ALGORITHMS: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+];
+
+/// Where the key set comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// `AUTH_JWKS_URL`.
+    Url(String),
+    /// `AUTH_JWKS_FILE`.
+    File(PathBuf),
+}
+
+impl JwksSource {
+    /// The variable that configured it, for error messages.
+    pub fn var(&self) -> &'static str {
+        match self {
+            JwksSource::Url(_) => "AUTH_JWKS_URL",
+            JwksSource::File(_) => "AUTH_JWKS_FILE",
+        }
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            JwksSource::Url(u) => u.clone(),
+            JwksSource::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// Authentication settings; `None` in [`crate::ServiceConfig`] means off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub jwks: JwksSource,
+    /// `AUTH_ISSUER`: the `iss` every token must carry.
+    pub issuer: String,
+    /// `AUTH_AUDIENCE`: a value the token's `aud` must hold.
+    pub audience: String,
+    /// `AUTH_JWKS_REFRESH_SECS` (default 300): how often the set is read again.
+    pub refresh: Duration,
+}
+
+impl AuthConfig {
+    /// Reads `AUTH_*`; `None` when neither `AUTH_JWKS_URL` nor
+    /// `AUTH_JWKS_FILE` is set (and then `AUTH_ISSUER`/`AUTH_AUDIENCE`
+    /// must not be set either: a half-done configuration must not leave the
+    /// API open by mistake).
+    pub fn from_env() -> Result<Option<Self>, ConfigError> {
+        let url = config::var("AUTH_JWKS_URL");
+        let file = config::var("AUTH_JWKS_FILE");
+        let jwks = match (url, file) {
+            (Some(_), Some(f)) => {
+                return Err(ConfigError::Invalid {
+                    var: "AUTH_JWKS_FILE".into(),
+                    value: f,
+                    reason: "set AUTH_JWKS_URL or AUTH_JWKS_FILE, not both".into(),
+                })
+            }
+            (Some(u), None) => {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(ConfigError::Invalid {
+                        var: "AUTH_JWKS_URL".into(),
+                        value: u,
+                        reason: "must be an http:// or https:// URL".into(),
+                    });
+                }
+                JwksSource::Url(u)
+            }
+            (None, Some(f)) => JwksSource::File(PathBuf::from(f)),
+            (None, None) => {
+                for var in ["AUTH_ISSUER", "AUTH_AUDIENCE"] {
+                    if let Some(value) = config::var(var) {
+                        return Err(ConfigError::Invalid {
+                            var: var.into(),
+                            value,
+                            reason: "set AUTH_JWKS_URL or AUTH_JWKS_FILE too, or unset it \
+                                     (authentication is off without a key set)"
+                                .into(),
+                        });
+                    }
+                }
+                return Ok(None);
+            }
+        };
+        let hint = "the value every token must carry; required with AUTH_JWKS_URL/AUTH_JWKS_FILE";
+        let issuer = config::required("AUTH_ISSUER", hint)?;
+        let audience = config::required("AUTH_AUDIENCE", hint)?;
+        let secs: u64 = config::parsed_with("AUTH_JWKS_REFRESH_SECS", 300, |s| {
+            if *s >= 1 {
+                Ok(())
+            } else {
+                Err("must be at least 1 (whole seconds)".into())
+            }
+        })?;
+        Ok(Some(Self {
+            jwks,
+            issuer,
+            audience,
+            refresh: Duration::from_secs(secs),
+        }))
+    }
+}
+
+/// Who is calling, as the handlers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Authentication is off: the caller may do everything.
+    Open,
+    /// A verified token: its `sub`, and whether its `scope` holds
+    /// [`ADMIN_SCOPE`].
+    Token { subject: String, admin: bool },
+}
+
+impl Caller {
+    /// May see everyone's data and use the operator routes.
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Token { admin, .. } => *admin,
+        }
+    }
+
+    /// The one customer whose data the caller may see, or `None` when it
+    /// may see everyone's (auth off, or an operator).
+    pub fn only_customer(&self) -> Option<&str> {
+        match self {
+            Caller::Token {
+                subject,
+                admin: false,
+            } => Some(subject),
+            _ => None,
+        }
+    }
+
+    /// The token's subject, if there is a token.
+    pub fn subject(&self) -> Option<&str> {
+        match self {
+            Caller::Open => None,
+            Caller::Token { subject, .. } => Some(subject),
+        }
+    }
+
+    /// `Ok` for an operator, else 403 `insufficient_scope` saying that
+    /// `what` needs the admin scope.
+    pub fn require_admin(&self, what: &str) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::insufficient_scope(format!(
+                "{what} needs a token with scope {ADMIN_SCOPE}"
+            )))
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            tracing::error!("a handler asked for the caller on a route without authentication");
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+        })
+    }
+}
+
+/// Why a token was refused (the 401's message).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("missing bearer token: send Authorization: Bearer <JWT>")]
+    Missing,
+    #[error("the Authorization header is not \"Bearer <JWT>\"")]
+    NotBearer,
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("tokens signed with {0:?} are not accepted")]
+    Algorithm(Algorithm),
+    #[error("no key {0:?} in the key set")]
+    UnknownKey(String),
+    #[error("the token has no kid and the key set holds more than one key")]
+    NoKid,
+    #[error("key {kid:?} is for {key:?}, the token says {token:?}")]
+    KeyMismatch {
+        kid: String,
+        key: Algorithm,
+        token: Algorithm,
+    },
+    #[error("token expired")]
+    Expired,
+    #[error("token not valid yet")]
+    NotYetValid,
+    #[error("invalid signature")]
+    Signature,
+    #[error("wrong issuer")]
+    Issuer,
+    #[error("wrong audience")]
+    Audience,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+impl From<jsonwebtoken::errors::Error> for TokenError {
+    fn from(e: jsonwebtoken::errors::Error) -> Self {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match e.kind() {
+            K::ExpiredSignature => TokenError::Expired,
+            K::ImmatureSignature => TokenError::NotYetValid,
+            K::InvalidSignature => TokenError::Signature,
+            K::InvalidIssuer => TokenError::Issuer,
+            K::InvalidAudience => TokenError::Audience,
+            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+                TokenError::Malformed(e.to_string())
+            }
+            K::MissingRequiredClaim(c) => TokenError::Invalid(format!("claim {c} is missing")),
+            _ => TokenError::Invalid(e.to_string()),
+        }
+    }
+}
+
+/// The claims read from a token (others are ignored).
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    /// Space-separated (RFC 8693), or a list as some providers send it.
+    #[serde(default)]
+    scope: Option<Scope>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scope {
+    Text(String),
+    List(Vec<String>),
+}
+
+impl Scope {
+    fn has(&self, wanted: &str) -> bool {
+        match self {
+            Scope::Text(s) => s.split_whitespace().any(|s| s == wanted),
+            Scope::List(l) => l.iter().any(|s| s == wanted),
+        }
+    }
+}
+
+/// One usable key of the set.
+#[derive(Clone)]
+struct Key {
+    decoding: DecodingKey,
+    /// The algorithm the set pins the key to (`alg`), if it does.
+    alg: Option<Algorithm>,
+}
+
+/// The keys by `kid` (`None` for a key without one).
+#[derive(Clone, Default)]
+struct KeySet {
+    keys: HashMap<Option<String>, Key>,
+}
+
+impl KeySet {
+    /// The usable signing keys of `set`; an error when there is none.
+    fn from_jwks(set: &JwkSet) -> Result<Self, String> {
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            if let Some(key) = usable(jwk) {
+                keys.insert(jwk.common.key_id.clone(), key);
+            }
+        }
+        if keys.is_empty() {
+            return Err(format!(
+                "no usable signing key among its {} keys (RSA or EC keys for signatures)",
+                set.keys.len()
+            ));
+        }
+        Ok(Self { keys })
+    }
+
+    fn find(&self, kid: Option<&str>) -> Result<&Key, TokenError> {
+        match kid {
+            Some(kid) => self
+                .keys
+                .get(&Some(kid.to_owned()))
+                .ok_or_else(|| TokenError::UnknownKey(kid.to_owned())),
+            None if self.keys.len() == 1 => self.keys.values().next().ok_or(TokenError::NoKid),
+            None => Err(TokenError::NoKid),
+        }
+    }
+}
+
+/// A JWK this service can verify signatures with, or `None` (an encryption
+/// key, a symmetric key, an algorithm it does not accept).
+fn usable(jwk: &Jwk) -> Option<Key> {
+    if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+        return None;
+    }
+    let alg = match jwk.common.key_algorithm {
+        None => None,
+        Some(a) => Some(signing_algorithm(a)?),
+    };
+    let decoding = match &jwk.algorithm {
+        jsonwebtoken::jwk::AlgorithmParameters::RSA(_)
+        | jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
+            DecodingKey::from_jwk(jwk).ok()?
+        }
+        _ => return None,
+    };
+    Some(Key { decoding, alg })
+}
+
+fn signing_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
+    let alg: Algorithm = a.to_string().parse().ok()?;
+    ALGORITHMS.contains(&alg).then_some(alg)
+}
+
+/// Checks tokens against the configured key set.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service: &'static str,
+    config: AuthConfig,
+    keys: RwLock<KeySet>,
+    /// When the set was last read (successfully or not).
+    read_at: tokio::sync::Mutex<Instant>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// Reads the key set; a set that cannot be read or holds no usable key
+    /// is a [`ConfigError`] naming the variable.
+    pub async fn load(service: &'static str, config: AuthConfig) -> Result<Self, ConfigError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| invalid(&config.jwks, format!("HTTP client: {e}")))?;
+        let keys = read_set(&http, &config.jwks)
+            .await
+            .map_err(|e| invalid(&config.jwks, e))?;
+        tracing::info!(
+            source = %config.jwks.shown(),
+            keys = keys.keys.len(),
+            issuer = %config.issuer,
+            audience = %config.audience,
+            "authentication on: API routes need a bearer token"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                service,
+                config,
+                keys: RwLock::new(keys),
+                read_at: tokio::sync::Mutex::new(Instant::now()),
+                http,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.inner.config
+    }
+
+    /// The caller a token stands for, or why it is refused.
+    pub async fn verify(&self, token: &str) -> Result<Caller, TokenError> {
+        let header = jsonwebtoken::decode_header(token)?;
+        if !ALGORITHMS.contains(&header.alg) {
+            return Err(TokenError::Algorithm(header.alg));
+        }
+        let kid = header.kid.as_deref();
+        let key = match self.key(kid) {
+            Err(TokenError::UnknownKey(_)) if self.reread_for_unknown_kid().await => self.key(kid),
+            other => other,
+        }?;
+        if let Some(pinned) = key.alg {
+            if pinned != header.alg {
+                return Err(TokenError::KeyMismatch {
+                    kid: kid.unwrap_or_default().to_owned(),
+                    key: pinned,
+                    token: header.alg,
+                });
+            }
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.inner.config.issuer]);
+        validation.set_audience(&[&self.inner.config.audience]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)?;
+        let claims = data.claims;
+        if claims.sub.trim().is_empty() {
+            return Err(TokenError::Invalid("empty sub".into()));
+        }
+        let admin = claims.scope.as_ref().is_some_and(|s| s.has(ADMIN_SCOPE));
+        Ok(Caller::Token {
+            subject: claims.sub,
+            admin,
+        })
+    }
+
+    fn key(&self, kid: Option<&str>) -> Result<Key, TokenError> {
+        let keys = self
+            .inner
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.find(kid).cloned()
+    }
+
+    /// Reads the set again unless it was read less than [`MIN_REFETCH`]
+    /// ago; true when it was read now.
+    async fn reread_for_unknown_kid(&self) -> bool {
+        let mut read_at = self.inner.read_at.lock().await;
+        if read_at.elapsed() < MIN_REFETCH {
+            return false;
+        }
+        *read_at = Instant::now();
+        self.reread().await
+    }
+
+    /// Reads the set again; on failure the keys in hand stay.
+    async fn reread(&self) -> bool {
+        match read_set(&self.inner.http, &self.inner.config.jwks).await {
+            Ok(keys) => {
+                let n = keys.keys.len();
+                *self
+                    .inner
+                    .keys
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+                tracing::debug!(keys = n, "key set read again");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    source = %self.inner.config.jwks.shown(),
+                    error = %e,
+                    "could not read the key set again; keeping the keys in hand"
+                );
+                false
+            }
+        }
+    }
+
+    /// Reads the set every `refresh` until `shutdown`.
+    pub async fn refresh(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.inner.config.refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    *self.inner.read_at.lock().await = Instant::now();
+                    self.reread().await;
+                }
+            }
+        }
+    }
+}
+
+fn invalid(source: &JwksSource, reason: String) -> ConfigError {
+    ConfigError::Invalid {
+        var: source.var().to_owned(),
+        value: source.shown(),
+        reason,
+    }
+}
+
+async fn read_set(http: &reqwest::Client, source: &JwksSource) -> Result<KeySet, String> {
+    let body = match source {
+        JwksSource::Url(url) => {
+            let response = http
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| format!("could not fetch the key set: {e}"))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("fetching the key set answered {status}"));
+            }
+            response
+                .bytes()
+                .await
+                .map_err(|e| format!("could not read the key set: {e}"))?
+                .to_vec()
+        }
+        JwksSource::File(path) => tokio::fs::read(path)
+            .await
+            .map_err(|e| format!("could not read the key set: {e}"))?,
+    };
+    let set: JwkSet = serde_json::from_slice(&body)
+        .map_err(|e| format!("not a JWK set ({{\"keys\": [...]}}): {e}"))?;
+    KeySet::from_jwks(&set)
+}
+
+/// Middleware on the API routes: puts the [`Caller`] in the request's
+/// extensions, or answers 401 `invalid_token`.
+pub async fn authenticate(
+    State(verifier): State<Option<Verifier>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let caller = match &verifier {
+        None => Caller::Open,
+        Some(v) => {
+            let verified = match bearer(req.headers()) {
+                Ok(token) => v.verify(token).await,
+                Err(e) => Err(e),
+            };
+            match verified {
+                Ok(caller) => caller,
+                Err(e) => {
+                    let labels = crate::metrics::AuthLabels {
+                        service: v.inner.service.to_owned(),
+                        reason: reason_label(&e).to_owned(),
+                    };
+                    crate::metrics::global()
+                        .auth_refused
+                        .get_or_create(&labels)
+                        .inc();
+                    tracing::info!(reason = %e, "request refused: token not acceptable");
+                    return ApiError::unauthorized(e.to_string()).into_response();
+                }
+            }
+        }
+    };
+    if let Some(subject) = caller.subject() {
+        tracing::Span::current().record("enduser.id", subject);
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// The `reason` label of `saga_http_auth_refused_total`.
+fn reason_label(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Missing => "missing",
+        TokenError::NotBearer | TokenError::Malformed(_) => "malformed",
+        TokenError::Algorithm(_) | TokenError::KeyMismatch { .. } => "algorithm",
+        TokenError::UnknownKey(_) | TokenError::NoKid => "unknown_key",
+        TokenError::Expired | TokenError::NotYetValid => "expired",
+        TokenError::Signature => "signature",
+        TokenError::Issuer | TokenError::Audience => "issuer_or_audience",
+        TokenError::Invalid(_) => "invalid",
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`.
+fn bearer(headers: &axum::http::HeaderMap) -> Result<&str, TokenError> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or(TokenError::Missing)?
+        .to_str()
+        .map_err(|_| TokenError::NotBearer)?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(TokenError::NotBearer)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(TokenError::NotBearer);
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_is_read_case_insensitively_and_nothing_else_is() {
+        let h = |v: &str| {
+            let mut m = axum::http::HeaderMap::new();
+            m.insert(
+                axum::http::header::AUTHORIZATION,
+                axum::http::HeaderValue::from_str(v).expect("header"),
+            );
+            m
+        };
+        assert_eq!(bearer(&h("Bearer abc")), Ok("abc"));
+        assert_eq!(bearer(&h("bearer  abc ")), Ok("abc"));
+        assert_eq!(bearer(&h("Basic abc")), Err(TokenError::NotBearer));
+        assert_eq!(bearer(&h("Bearer")), Err(TokenError::NotBearer));
+        assert_eq!(
+            bearer(&axum::http::HeaderMap::new()),
+            Err(TokenError::Missing)
+        );
+    }
+
+    #[test]
+    fn scope_as_text_or_list() {
+        let text: Claims =
+            serde_json::from_str(r#"{"sub":"a","scope":"openid saga:admin"}"#).expect("claims");
+        assert!(text.scope.is_some_and(|s| s.has(ADMIN_SCOPE)));
+        let list: Claims =
+            serde_json::from_str(r#"{"sub":"a","scope":["saga:admin"]}"#).expect("claims");
+        assert!(list.scope.is_some_and(|s| s.has(ADMIN_SCOPE)));
+        let near: Claims =
+            serde_json::from_str(r#"{"sub":"a","scope":"saga:administrator"}"#).expect("claims");
+        assert!(!near.scope.is_some_and(|s| s.has(ADMIN_SCOPE)));
+        let none: Claims = serde_json::from_str(r#"{"sub":"a"}"#).expect("claims");
+        assert!(none.scope.is_none());
+    }
+
+    #[test]
+    fn callers_rights() {
+        let customer = Caller::Token {
+            subject: "c-1".into(),
+            admin: false,
+        };
+        let admin = Caller::Token {
+            subject: "ops".into(),
+            admin: true,
+        };
+        assert_eq!(customer.only_customer(), Some("c-1"));
+        assert!(customer.require_admin("x").is_err());
+        assert_eq!(admin.only_customer(), None);
+        assert!(admin.require_admin("x").is_ok());
+        assert_eq!(Caller::Open.only_customer(), None);
+        assert!(Caller::Open.require_admin("x").is_ok());
+    }
+
+    #[test]
+    fn symmetric_and_encryption_keys_are_not_usable() {
+        let set: JwkSet = serde_json::from_value(serde_json::json!({"keys": [
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac", "alg": "HS256"},
+            {"kty": "EC", "crv": "P-256", "use": "enc", "kid": "enc",
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}
+        ]}))
+        .expect("set");
+        assert!(KeySet::from_jwks(&set).is_err());
+        let ok: JwkSet = serde_json::from_value(serde_json::json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "kid": "sig", "alg": "ES256",
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}
+        ]}))
+        .expect("set");
+        let keys = KeySet::from_jwks(&ok).expect("usable");
+        assert!(keys.find(Some("sig")).is_ok());
+        assert!(
+            keys.find(None).is_ok(),
+            "the only key serves a token without kid"
+        );
+        assert!(matches!(
+            keys.find(Some("other")),
+            Err(TokenError::UnknownKey(_))
+        ));
+    }
+}
