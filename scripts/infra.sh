@@ -71,6 +71,23 @@ prometheus_bin() {
   command -v prometheus
 }
 
+# Path of Debian's Chromium (the API test renders Swagger UI in it),
+# installing the package when it is missing.
+chromium_bin() {
+  if command -v chromium >/dev/null 2>&1; then
+    command -v chromium
+    return 0
+  fi
+  apt_install "Chromium (headless browser for the Swagger UI test)" chromium || return 1
+  command -v chromium
+}
+
+# Makes sure openssl is here (the authentication tests make their keys
+# with it).
+need_openssl() {
+  command -v openssl >/dev/null 2>&1 || apt_install "openssl (test keys)" openssl
+}
+
 # url_with_db URL DB: URL (postgres://user:pass@host:port[/db][?params]) with
 # its database replaced by DB.
 url_with_db() {

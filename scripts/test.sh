@@ -40,6 +40,12 @@ export TEST_DATABASE_URL
 PROMETHEUS_BIN=${PROMETHEUS_BIN:-$(prometheus_bin)}
 export PROMETHEUS_BIN
 
+# The API test renders Swagger UI in a real headless browser; the
+# authentication tests make their keys with openssl.
+CHROMIUM_BIN=${CHROMIUM_BIN:-$(chromium_bin)}
+export CHROMIUM_BIN
+need_openssl
+
 # The chaos tests start brokers of their own (to freeze and restart them),
 # so tansu must be here even when KAFKA_BROKERS points at another broker.
 tansu_bin >/dev/null

@@ -138,7 +138,7 @@ fn with_etag(status: StatusCode, p: &ProductRow) -> Response {
 }
 
 /// The catalog.
-#[utoipa::path(get, path = "/products", tag = "catalog",
+#[utoipa::path(get, path = "/products", tag = "catalog", operation_id = "list_products",
     responses(
         (status = 200, description = "Every product", body = ProductList),
         (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
@@ -168,7 +168,7 @@ async fn find(pool: &PgPool, sku: &Sku) -> Result<Option<ProductRow>, sqlx::Erro
 }
 
 /// A product.
-#[utoipa::path(get, path = "/products/{sku}", tag = "catalog",
+#[utoipa::path(get, path = "/products/{sku}", tag = "catalog", operation_id = "show_product",
     params(("sku" = Sku, Path, description = "The product's SKU")),
     responses(
         (status = 200, description = "The product", body = Product,
@@ -238,7 +238,7 @@ fn stale(sku: &Sku, expected: i64, current: Option<i64>) -> ApiError {
 /// version (`If-Match` or `version`), only if the product is still at it,
 /// so a read-modify-write cannot overwrite reservations made in between;
 /// to add units, prefer `POST /products/{sku}/restock`.
-#[utoipa::path(put, path = "/products/{sku}", tag = "catalog",
+#[utoipa::path(put, path = "/products/{sku}", tag = "catalog", operation_id = "put_product",
     request_body = UpsertRequest,
     params(
         ("sku" = Sku, Path, description = "The product's SKU"),
@@ -330,7 +330,7 @@ pub struct RestockRequest {
 /// Add units to a product (operators).
 ///
 /// Adds atomically, whatever was reserved meanwhile.
-#[utoipa::path(post, path = "/products/{sku}/restock", tag = "catalog",
+#[utoipa::path(post, path = "/products/{sku}/restock", tag = "catalog", operation_id = "restock_product",
     request_body = RestockRequest,
     params(("sku" = Sku, Path, description = "The product's SKU")),
     responses(

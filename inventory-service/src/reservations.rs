@@ -100,7 +100,7 @@ impl From<&ReservationRow> for Reservation {
 /// List reservations (operators).
 ///
 /// Newest order first, paginated with `limit` and `after`.
-#[utoipa::path(get, path = "/reservations", tag = "reservations",
+#[utoipa::path(get, path = "/reservations", tag = "reservations", operation_id = "list_reservations",
     params(PageParams, ReservationFilter),
     responses(
         (status = 200, description = "A page of reservations", body = ReservationPage),
@@ -144,7 +144,7 @@ async fn list(
 }
 
 /// An order's reservation (operators).
-#[utoipa::path(get, path = "/reservations/{order_id}", tag = "reservations",
+#[utoipa::path(get, path = "/reservations/{order_id}", tag = "reservations", operation_id = "show_reservation",
     params(("order_id" = OrderId, Path, description = "The order ID")),
     responses(
         (status = 200, description = "The reservation", body = Reservation),

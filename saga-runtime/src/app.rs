@@ -41,12 +41,28 @@ pub struct Infra {
     pub outbox: Outbox,
     /// What background work reports to `/ready`.
     pub health: Health,
+    /// Checks bearer tokens; `None` when authentication is off.
+    pub auth: Option<Verifier>,
 }
 
 impl Infra {
     /// Creates and migrates the database, the producer, and every saga topic
     /// (with its dead-letter topic) that is missing.
+    ///
+    /// The key set of authentication is read first, so that a wrong
+    /// `AUTH_*` setting stops start-up at once.
     pub async fn connect(config: ServiceConfig, migrations: Migrator) -> anyhow::Result<Self> {
+        let auth = match &config.auth {
+            Some(auth) => Some(Verifier::load(config.service_name, auth.clone()).await?),
+            None => {
+                tracing::warn!(
+                    "authentication is off: every API route is open to anyone who can reach \
+                     this port (set AUTH_JWKS_URL or AUTH_JWKS_FILE, AUTH_ISSUER and \
+                     AUTH_AUDIENCE to require bearer tokens)"
+                );
+                None
+            }
+        };
         let pool = crate::db::connect_and_migrate(
             &config.database_url,
             config.max_connections,
@@ -70,6 +86,7 @@ impl Infra {
             producer,
             outbox,
             health: Health::default(),
+            auth,
         })
     }
 }
@@ -103,17 +120,7 @@ impl App {
         subscription: Option<(&[&str], H)>,
     ) -> anyhow::Result<Self> {
         let cfg = &infra.config;
-        let verifier = match &cfg.auth {
-            Some(auth) => Some(Verifier::load(cfg.service_name, auth.clone()).await?),
-            None => {
-                tracing::warn!(
-                    "authentication is off: every API route is open to anyone who can reach \
-                     this port (set AUTH_JWKS_URL or AUTH_JWKS_FILE, AUTH_ISSUER and \
-                     AUTH_AUDIENCE to require bearer tokens)"
-                );
-                None
-            }
-        };
+        let verifier = infra.auth.clone();
         let addr = format!("{}:{}", cfg.host, cfg.port);
         let listener = TcpListener::bind(&addr)
             .await

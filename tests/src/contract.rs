@@ -223,6 +223,68 @@ impl Contract {
     }
 }
 
+/// Checks that `doc` is a valid OpenAPI 3.1 document: it validates
+/// against the OpenAPI Initiative's schema, each of its component schemas
+/// is a valid JSON Schema (2020-12), every `$ref` resolves, and operation
+/// IDs are unique.
+pub fn validate_document(doc: &Value) -> anyhow::Result<()> {
+    let schema: Value = serde_json::from_str(OPENAPI_3_1_SCHEMA)?;
+    let validator = jsonschema::draft202012::new(&schema)
+        .map_err(|e| anyhow::anyhow!("the OpenAPI 3.1 schema does not compile: {e}"))?;
+    let errors: Vec<String> = validator
+        .iter_errors(doc)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    if !errors.is_empty() {
+        bail!("not a valid OpenAPI 3.1 document: {}", errors.join("; "));
+    }
+    if let Some(schemas) = doc["components"]["schemas"].as_object() {
+        for (name, s) in schemas {
+            jsonschema::meta::validate(s).map_err(|e| {
+                anyhow::anyhow!("components.schemas.{name} is not a valid JSON Schema: {e}")
+            })?;
+        }
+    }
+    let mut refs = Vec::new();
+    collect_refs(doc, &mut refs);
+    for r in refs {
+        let pointer = r
+            .strip_prefix('#')
+            .with_context(|| format!("external $ref {r}"))?;
+        if doc.pointer(pointer).is_none() {
+            bail!("dangling $ref {r}");
+        }
+    }
+    let mut ids = BTreeSet::new();
+    if let Some(paths) = doc["paths"].as_object() {
+        for item in paths.values() {
+            for op in item.as_object().into_iter().flat_map(|o| o.values()) {
+                if let Some(id) = op["operationId"].as_str() {
+                    if !ids.insert(id.to_owned()) {
+                        bail!("operationId {id} is used twice");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn collect_refs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("$ref", Value::String(r)) => out.push(r.clone()),
+                    _ => collect_refs(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| collect_refs(v, out)),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +329,20 @@ mod tests {
         assert!(c.check("GET", "/nope", 404, &json!({"error": {}})).is_ok());
         assert!(c.check("GET", "/nope", 200, &json!({})).is_err());
         assert_eq!(c.seen().len(), 1);
+    }
+
+    #[test]
+    fn the_document_validator_refuses_broken_documents() {
+        let ok = json!({"openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "paths": {}});
+        assert!(validate_document(&ok).is_ok());
+        let no_info = json!({"openapi": "3.1.0", "paths": {}});
+        assert!(validate_document(&no_info).is_err());
+        let dangling = json!({"openapi": "3.1.0", "info": {"title": "t", "version": "1"},
+            "paths": {"/x": {"get": {"responses": {"200": {"description": "d",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Nope"}}}}}}}}});
+        assert!(validate_document(&dangling).is_err());
+        let bad_schema = json!({"openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "paths": {},
+            "components": {"schemas": {"X": {"type": "no-such-type"}}}});
+        assert!(validate_document(&bad_schema).is_err());
     }
 }

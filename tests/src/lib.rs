@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod contract;
+pub mod jwt;
 pub mod otlp;
 pub mod procs;
 
