@@ -18,7 +18,11 @@
 # its old place back: as dynamic members, the restarted services got no
 # partitions at all.
 #   PAYMENT_LIMIT, PAYMENT_FAILURE_RATE, KAFKA_FETCH_WAIT_MS, RUST_LOG, LOG_FORMAT,
-#   OTEL_EXPORTER_OTLP_ENDPOINT: passed to the services
+#   OTEL_EXPORTER_OTLP_ENDPOINT, AUTH_JWKS_URL, AUTH_JWKS_FILE, AUTH_ISSUER,
+#   AUTH_AUDIENCE: passed to the services
+#   DEV_AUTH=1: authentication on with the DEVELOPMENT key set
+#   (dev/auth/jwks.json, issuer saga-dev, audience saga; never in production);
+#   mint tokens with `cargo run -p saga-admin -- dev-token --sub c-42 [--admin]`
 # State (database files, logs, pids) lives in .dev/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +71,10 @@ up() {
       start_tansu_durable "$kafka_port" "$state/logs/broker.log" "$state/pids/broker" "$state/broker"
     fi
   fi
+  if [ "${DEV_AUTH:-}" = 1 ]; then
+    echo "==> authentication on, with the development key set (dev/auth/jwks.json)"
+    export AUTH_JWKS_FILE=$PWD/dev/auth/jwks.json AUTH_ISSUER=saga-dev AUTH_AUDIENCE=saga
+  fi
   echo "==> building release binaries"
   cargo build --release --locked --bins
   for s in "${services[@]}"; do
@@ -105,8 +113,16 @@ up() {
 Try it:
   curl -sS -X POST localhost:3000/orders -H 'Content-Type: application/json' \\
     -d '{"customer_id":"c-42","items":[{"sku":"SKU-1","quantity":2,"unit_price":"29.99"}]}'
+API docs (Swagger UI): http://localhost:3000/docs  http://localhost:3001/docs  http://localhost:3002/docs
 Logs: ./scripts/dev.sh logs order-service     Stop: ./scripts/dev.sh down
 MSG
+  if [ "${DEV_AUTH:-}" = 1 ]; then
+    cat <<MSG
+Authentication is on: send a development token (never valid in production):
+  TOKEN=\$(cargo run -q -p saga-admin -- dev-token --sub c-42)
+  curl -sS localhost:3000/orders -H "Authorization: Bearer \$TOKEN"
+MSG
+  fi
 }
 
 down() {

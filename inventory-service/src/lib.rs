@@ -51,7 +51,7 @@ pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<
     App::new(
         infra,
         router,
-        env!("CARGO_PKG_VERSION"),
+        saga_runtime::api_info!(),
         Some((SUBSCRIBES, Reserver)),
     )
     .await

@@ -22,7 +22,7 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"customer_id": "c-42", "items": [{"sku": "SKU-1", "quantity": 2, "unit_price": "29.99"}]}))]
 pub struct CreateOrderRequest {
-    /// Who orders: 1 to 64 letters, digits, `-`, `_`, `.`, `@`, `:`.
+    /// Who orders: 1 to 128 letters, digits, `-`, `_`, `.`, `@`, `:`.
     /// Required when authentication is off; with it on, the token's `sub`
     /// is the customer and this may be left out (if given, it must equal
     /// `sub`, else 403).

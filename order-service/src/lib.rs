@@ -74,7 +74,7 @@ pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<
     let app = App::new(
         infra,
         router,
-        env!("CARGO_PKG_VERSION"),
+        saga_runtime::api_info!(),
         Some((SUBSCRIBES, OrderSaga)),
     )
     .await?;

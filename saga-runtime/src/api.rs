@@ -26,14 +26,47 @@ pub const DOCUMENT_PATH: &str = "/openapi.json";
 /// Where Swagger UI is served.
 pub const DOCS_PATH: &str = "/docs";
 
-/// Completes a service's document: title and version, the shared security
-/// scheme and answers, and, with authentication on (`auth`), the bearer
-/// requirement and the 401 on every operation that does not declare its
-/// own security (the probes declare none needed).
-pub fn finish(api: &mut OpenApi, service: &str, version: &str, auth: bool) {
+/// What a service's document says about the service.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiInfo {
+    pub version: &'static str,
+    pub description: &'static str,
+}
+
+/// The calling crate's [`ApiInfo`] (its `Cargo.toml` version and
+/// description).
+#[macro_export]
+macro_rules! api_info {
+    () => {
+        $crate::api::ApiInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            description: env!("CARGO_PKG_DESCRIPTION"),
+        }
+    };
+}
+
+/// Completes a service's document: title, version and description, the
+/// shared security scheme and answers, and, with authentication on
+/// (`auth`), the bearer requirement and the 401 on every operation that
+/// does not declare its own security (the probes declare none needed).
+pub fn finish(api: &mut OpenApi, service: &str, about: ApiInfo, auth: bool) {
     api.info.title = service.to_owned();
-    api.info.version = version.to_owned();
+    api.info.version = about.version.to_owned();
     api.info.license = None;
+    api.info.contact = None;
+    let access = if auth {
+        "Authentication is **on**: every route but the probes needs \
+         `Authorization: Bearer <JWT>`. A customer's token (its `sub` is the customer) \
+         sees only its own orders; a token whose `scope` holds `saga:admin` is an operator's."
+    } else {
+        "Authentication is **off** on this instance: every route is open \
+         (set `AUTH_JWKS_URL` or `AUTH_JWKS_FILE` to require bearer tokens)."
+    };
+    api.info.description = Some(format!(
+        "{}\n\nEvery error answer is `{{\"error\": {{\"code\": …, \"message\": …}}}}`. \
+         `/health`, `/ready` and `/metrics` are for the platform and always open.\n\n{access}",
+        about.description
+    ));
     let components = api.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
         BEARER,

@@ -110,13 +110,13 @@ impl App {
     /// Binds `HOST:PORT` (port 0 picks a free one) and wires the service's
     /// documented `routes` behind authentication (see [`crate::auth`]),
     /// with the probes, the API description (`/openapi.json`, `/docs`),
-    /// body limit and JSON fallbacks. `version` is the service's, for the
-    /// document. With `subscription`, the service consumes those
+    /// body limit and JSON fallbacks. `about` describes the service in the
+    /// document ([`crate::api_info!`]). With `subscription`, the service consumes those
     /// (unprefixed) topics with `handler`.
     pub async fn new<H: Handler>(
         infra: Infra,
         routes: OpenApiRouter,
-        version: &str,
+        about: crate::api::ApiInfo,
         subscription: Option<(&[&str], H)>,
     ) -> anyhow::Result<Self> {
         let cfg = &infra.config;
@@ -137,7 +137,7 @@ impl App {
         })
         .split_for_parts();
         api.merge(probe_api);
-        crate::api::finish(&mut api, cfg.service_name, version, verifier.is_some());
+        crate::api::finish(&mut api, cfg.service_name, about, verifier.is_some());
         let router = service_routes
             .merge(probe_routes)
             .merge(crate::api::routes(api))

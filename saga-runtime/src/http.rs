@@ -270,8 +270,8 @@ async fn metrics() -> Response {
         .into_response()
 }
 
-/// Ready when the database takes writes, the broker answers, and no
-/// background work is waiting out an outage (see [`crate::health`]).
+/// Readiness: the database takes writes, the broker answers, and no
+/// background work is waiting out an outage.
 #[utoipa::path(get, path = "/ready", tag = "probes", security(()),
     responses(
         (status = 200, description = "Ready to take work", body = Readiness),

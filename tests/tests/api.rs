@@ -23,6 +23,9 @@ async fn the_documents_are_valid_openapi_3_1_and_describe_the_api() -> anyhow::R
         validate_document(doc).with_context(|| format!("{}'s /openapi.json", w.name()))?;
         assert_eq!(doc["openapi"], "3.1.0");
         assert_eq!(doc["info"]["title"], w.name());
+        let about = doc["info"]["description"].as_str().unwrap_or_default();
+        assert!(about.contains("Authentication is **off**"), "{about}");
+        assert!(doc["info"]["contact"].is_null(), "{}", doc["info"]);
         assert_eq!(
             doc["components"]["securitySchemes"]["bearer"]["bearerFormat"],
             "JWT"

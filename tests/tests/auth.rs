@@ -172,6 +172,9 @@ async fn every_unacceptable_token_gets_401_and_changes_nothing() -> anyhow::Resu
             "bearer"
         );
         assert_eq!(doc["paths"]["/health"]["get"]["security"], json!([{}]));
+        saga_tests::contract::validate_document(doc)?;
+        let about = doc["info"]["description"].as_str().unwrap_or_default();
+        assert!(about.contains("Authentication is **on**"), "{about}");
     }
     sys.shutdown().await
 }
