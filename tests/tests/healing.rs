@@ -108,11 +108,11 @@ async fn catalog_writes_cannot_overwrite_reservations() -> anyhow::Result<()> {
         if let Some(tag) = if_match {
             req = req.header("If-Match", tag);
         }
-        req.send()
+        sys.send(Which::Inventory, req)
     };
     let created = put(json!({"name": "Versioned", "available": 10}), None).await?;
-    assert_eq!(created.status(), 201);
-    let etag = created.headers()["etag"].to_str()?.to_owned();
+    assert_eq!(created.status, 201);
+    let etag = created.header("etag").unwrap_or_default().to_owned();
     assert_eq!(etag, "\"1\"");
     // A reservation moves units in between the operator's read and write.
     let item = json!([{"sku": "SKU-V", "quantity": 3, "unit_price": "1.00"}]);
@@ -124,25 +124,27 @@ async fn catalog_writes_cannot_overwrite_reservations() -> anyhow::Result<()> {
         Some(etag.clone()),
     )
     .await?;
-    assert_eq!(stale.status(), 409);
-    let body: Value = stale.json().await?;
+    assert_eq!(stale.status, 409);
+    let body = stale.body;
     assert_eq!(body["error"]["code"], "version_conflict", "{body}");
     let stale = put(
         json!({"name": "Versioned", "available": 15, "version": 1}),
         None,
     )
     .await?;
-    assert_eq!(stale.status(), 409);
+    assert_eq!(stale.status, 409);
     assert_eq!(sys.stock_levels("SKU-V").await?, (7, 3));
     // Restock adds to what is there, whatever was reserved.
     let r = sys
-        .http
-        .post(sys.url(Which::Inventory, "/products/SKU-V/restock"))
-        .json(&json!({"quantity": 5}))
-        .send()
+        .send(
+            Which::Inventory,
+            sys.http
+                .post(sys.url(Which::Inventory, "/products/SKU-V/restock"))
+                .json(&json!({"quantity": 5})),
+        )
         .await?;
-    assert_eq!(r.status(), 200);
-    let p: Value = r.json().await?;
+    assert_eq!(r.status, 200);
+    let p = r.body;
     assert_eq!(
         (
             p["available"].as_i64(),
@@ -160,7 +162,7 @@ async fn catalog_writes_cannot_overwrite_reservations() -> anyhow::Result<()> {
         Some(format!("\"{current}\"")),
     )
     .await?;
-    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.status, 200);
     let p = sys.product("SKU-V").await?;
     assert_eq!(
         (
@@ -177,13 +179,13 @@ async fn catalog_writes_cannot_overwrite_reservations() -> anyhow::Result<()> {
         ("/products/NOPE-9/restock", json!({"quantity": 5}), 404),
     ] {
         let r = sys
-            .http
-            .post(sys.url(Which::Inventory, path))
-            .json(&body)
-            .send()
+            .send(
+                Which::Inventory,
+                sys.http.post(sys.url(Which::Inventory, path)).json(&body),
+            )
             .await?;
-        assert_eq!(r.status().as_u16(), status, "{path} {body}");
-        let e: Value = r.json().await?;
+        assert_eq!(r.status, status, "{path} {body}");
+        let e = r.body;
         assert!(e["error"]["code"].is_string(), "{e}");
     }
     assert_eq!(sys.stock_levels("SKU-V").await?, (20, 3));

@@ -621,35 +621,31 @@ async fn bad_http_input_gets_a_json_4xx_and_changes_nothing() -> anyhow::Result<
     }
 
     let post_raw = |body: Vec<u8>, content_type: &'static str| {
-        sys.http
-            .post(sys.url(Which::Order, "/orders"))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
+        sys.send(
+            Which::Order,
+            sys.http
+                .post(sys.url(Which::Order, "/orders"))
+                .header("content-type", content_type)
+                .body(body),
+        )
     };
     let resp = post_raw(b"{\"customer_id\": ".to_vec(), "application/json").await?;
-    assert_eq!(resp.status(), 400);
-    assert_eq!(
-        resp.json::<serde_json::Value>().await?["error"]["code"],
-        "malformed_json"
-    );
+    assert_eq!(resp.status, 400);
+    assert_eq!(resp.body["error"]["code"], "malformed_json");
     let resp = post_raw(
         b"customer_id=c".to_vec(),
         "application/x-www-form-urlencoded",
     )
     .await?;
-    assert_eq!(resp.status(), 415);
-    assert!(resp.json::<serde_json::Value>().await?["error"]["message"].is_string());
+    assert_eq!(resp.status, 415);
+    assert!(resp.body["error"]["message"].is_string());
     let huge = format!(
         "{{\"customer_id\": \"{}\", \"items\": []}}",
         "x".repeat(1024 * 1024 + 1)
     );
     let resp = post_raw(huge.into_bytes(), "application/json").await?;
-    assert_eq!(resp.status(), 413);
-    assert_eq!(
-        resp.json::<serde_json::Value>().await?["error"]["code"],
-        "body_too_large"
-    );
+    assert_eq!(resp.status, 413);
+    assert_eq!(resp.body["error"]["code"], "body_too_large");
 
     let ok_body = item(json!(1), json!("1.00"));
     for (header, value) in [
@@ -670,19 +666,22 @@ async fn bad_http_input_gets_a_json_4xx_and_changes_nothing() -> anyhow::Result<
         assert!(err["error"]["message"].is_string(), "{path}: {err}");
     }
     let resp = sys
-        .http
-        .delete(sys.url(Which::Order, "/orders"))
-        .send()
+        .send(
+            Which::Order,
+            sys.http.delete(sys.url(Which::Order, "/orders")),
+        )
         .await?;
-    assert_eq!(resp.status(), 405);
-    assert!(resp.json::<serde_json::Value>().await?["error"]["code"].is_string());
+    assert_eq!(resp.status, 405);
+    assert!(resp.body["error"]["code"].is_string());
 
     // Inventory refuses negative stock and bad names, and keeps its stock.
     let put = |body: serde_json::Value| {
-        sys.http
-            .put(sys.url(Which::Inventory, "/products/SKU-1"))
-            .json(&body)
-            .send()
+        sys.send(
+            Which::Inventory,
+            sys.http
+                .put(sys.url(Which::Inventory, "/products/SKU-1"))
+                .json(&body),
+        )
     };
     for body in [
         json!({"name": "x", "available": -1}),
@@ -690,8 +689,8 @@ async fn bad_http_input_gets_a_json_4xx_and_changes_nothing() -> anyhow::Result<
         json!({"available": 3}),
     ] {
         let resp = put(body.clone()).await?;
-        assert_eq!(resp.status(), 422, "{body}");
-        assert!(resp.json::<serde_json::Value>().await?["error"]["message"].is_string());
+        assert_eq!(resp.status, 422, "{body}");
+        assert!(resp.body["error"]["message"].is_string());
     }
     assert_eq!(sys.product("SKU-1").await?["available"], 1000);
     let (got, _) = sys
