@@ -228,7 +228,7 @@ struct Interrupted;
 
 /// The consumer's names in [`Health`]: waiting out a database outage, and
 /// not a settled member of its group.
-const HEALTH_COMPONENT: &str = "consumer";
+pub(crate) const HEALTH_COMPONENT: &str = "consumer";
 const HEALTH_GROUP: &str = "consumer_group";
 
 impl<H: Handler> EventLoop<H> {
@@ -241,7 +241,12 @@ impl<H: Handler> EventLoop<H> {
         // a member of the group and hold partitions nobody reads.
         let (current, watched) = tokio::sync::watch::channel(Arc::downgrade(&self.consumer));
         let mut lag_watch = tokio::task::JoinSet::new();
-        lag_watch.spawn(crate::group::watch_lag(watched, shutdown.child_token()));
+        lag_watch.spawn(crate::group::watch_lag(
+            watched,
+            self.subscription.topics.clone(),
+            self.health.clone(),
+            shutdown.child_token(),
+        ));
         loop {
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
@@ -333,7 +338,7 @@ impl<H: Handler> EventLoop<H> {
         if age < REJOIN_AFTER {
             return;
         }
-        tracing::error!(service = self.service, join_state = %state, stuck_s = age.as_secs(), "consumer group join stuck; rebuilding the consumer as a new member");
+        tracing::error!(service = self.service, join_state = %state, stuck_s = age.as_secs(), "consumer stuck in its group; rebuilding the consumer as a new member");
         // As a new, dynamic member even if the service is configured
         // static: a broker may keep a stale static member under our
         // instance ID (tansu 0.6 expires members only on joins without

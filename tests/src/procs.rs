@@ -580,6 +580,7 @@ impl Cluster {
                         && (l.contains("events_handled_total")
                             || l.contains("outbox_published_total")
                             || l.contains("consumer_rebuilds")
+                            || l.contains("consumer_lag")
                             || l.contains("consumer_errors")
                             || l.contains("outbox_publish_failures"))
                 })
