@@ -137,8 +137,8 @@ impl GroupContext {
     }
 
     /// How long the consumer has been stuck, if it is, and how: its group
-    /// join unsettled, or settled with nothing assigned while a partition
-    /// of its topics waits for a reader (see the module's docs).
+    /// join unsettled, or settled while a partition of its topics waits
+    /// unread (see the module's docs).
     pub fn stuck_for(&self) -> Option<(Duration, String)> {
         let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(since) = s.unsettled_since {
