@@ -64,14 +64,7 @@ struct Claims<'a> {
 
 /// An ES256 JWT for `claims`, signed with the PEM key at `key_path`.
 pub fn mint(key_path: &str, claims: &DevClaims) -> Result<String, TokenError> {
-    let pem = std::fs::read(key_path).map_err(|source| TokenError::Read {
-        path: key_path.to_owned(),
-        source,
-    })?;
-    let key = EncodingKey::from_ec_pem(&pem).map_err(|source| TokenError::Key {
-        path: key_path.to_owned(),
-        source,
-    })?;
+    let key = signing_key(key_path)?;
     let now = jsonwebtoken::get_current_timestamp();
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(claims.kid.clone());
@@ -88,19 +81,24 @@ pub fn mint(key_path: &str, claims: &DevClaims) -> Result<String, TokenError> {
 
 /// The JWK set holding the public half of the PEM key at `key_path`.
 pub fn jwks(key_path: &str, kid: &str) -> Result<JwkSet, TokenError> {
-    let pem = std::fs::read(key_path).map_err(|source| TokenError::Read {
-        path: key_path.to_owned(),
-        source,
-    })?;
-    let key = EncodingKey::from_ec_pem(&pem).map_err(|source| TokenError::Key {
-        path: key_path.to_owned(),
-        source,
-    })?;
+    let key = signing_key(key_path)?;
     let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).map_err(TokenError::Sign)?;
     jwk.common.key_id = Some(kid.to_owned());
     jwk.common.public_key_use = Some(PublicKeyUse::Signature);
     jwk.common.key_algorithm = Some(KeyAlgorithm::ES256);
     Ok(JwkSet { keys: vec![jwk] })
+}
+
+/// The EC P-256 private key in the PEM file at `path`.
+fn signing_key(path: &str) -> Result<EncodingKey, TokenError> {
+    let pem = std::fs::read(path).map_err(|source| TokenError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    EncodingKey::from_ec_pem(&pem).map_err(|source| TokenError::Key {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// An HTTP client that sends `Authorization: Bearer <token>` when given one.
