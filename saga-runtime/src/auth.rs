@@ -413,10 +413,6 @@ impl Verifier {
         })
     }
 
-    pub fn config(&self) -> &AuthConfig {
-        &self.inner.config
-    }
-
     /// The caller a token stands for, or why it is refused.
     pub async fn verify(&self, token: &str) -> Result<Caller, TokenError> {
         let header = jsonwebtoken::decode_header(token)?;
