@@ -14,6 +14,12 @@ s.close()
 PY
 }
 
+# Prints the free space on the file system of the current directory (the
+# build writes target/ there), as df's human-readable figure.
+disk_free() {
+  df -h . | awk 'NR == 2 { print $4 }'
+}
+
 # Waits until host:port accepts TCP connections, or fails after $3 seconds.
 wait_for_port() {
   local host=$1 port=$2 limit=${3:-30} waited=0

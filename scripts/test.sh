@@ -80,8 +80,9 @@ else
   echo "==> skipping the kafka-topics.sh check: no Kafka CLI here (set KAFKA_HOME or KAFKA_TOPICS to run it)"
 fi
 
-echo "==> building"
+echo "==> building ($(disk_free) free)"
 cargo build --workspace --all-targets --locked
+echo "==> built ($(disk_free) free, target/ holds $(du -sh target 2>/dev/null | cut -f1))"
 echo "==> testing"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "$@"
