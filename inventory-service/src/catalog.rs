@@ -141,7 +141,6 @@ fn with_etag(status: StatusCode, p: &ProductRow) -> Response {
 #[utoipa::path(get, path = "/products", tag = "catalog", operation_id = "list_products",
     responses(
         (status = 200, description = "Every product", body = ProductList),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn list(State(pool): State<PgPool>) -> Result<Json<ProductList>, ApiError> {
     let rows: Vec<ProductRow> = sqlx::query_as(&format!(
@@ -175,7 +174,6 @@ async fn find(pool: &PgPool, sku: &Sku) -> Result<Option<ProductRow>, sqlx::Erro
             headers(("ETag" = String, description = "The version, for `If-Match`"))),
         (status = 400, description = "Not a valid SKU", body = ErrorBody),
         (status = 404, description = "No such product", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn show(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
@@ -254,7 +252,6 @@ fn stale(sku: &Sku, expected: i64, current: Option<i64>) -> ApiError {
         (status = 409, description = "`version_conflict`: the product changed since the given version", body = ErrorBody),
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "A field breaks a rule", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn upsert(
     State(pool): State<PgPool>,
@@ -341,7 +338,6 @@ pub struct RestockRequest {
         (status = 404, description = "No such product", body = ErrorBody),
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "`quantity` out of range", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn restock(
     State(pool): State<PgPool>,

@@ -106,7 +106,6 @@ impl From<&ReservationRow> for Reservation {
         (status = 200, description = "A page of reservations", body = ReservationPage),
         (status = 400, description = "A parameter is malformed, unknown or given twice", body = ErrorBody),
         (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn list(
     State(pool): State<PgPool>,
@@ -151,7 +150,6 @@ async fn list(
         (status = 400, description = "Not a UUID", body = ErrorBody),
         (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
         (status = 404, description = "Inventory never reserved stock for this order", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn show(
     State(pool): State<PgPool>,

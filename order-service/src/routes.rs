@@ -157,7 +157,7 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>,
     request_body = CreateOrderRequest,
     params(
         ("Idempotency-Key" = Option<String>, Header,
-            description = "1 to 255 characters: a retry with the same key and body answers the first order (and `Idempotent-Replayed: true`); the same key with another body is 422"),
+            description = "1 to 255 characters, the customer's own (another customer may use the same key): a retry with the same key and body answers the first order (and `Idempotent-Replayed: true`); the same key with another body is 422"),
         ("X-Correlation-ID" = Option<String>, Header,
             description = "Follows the order through every service and trace; generated when absent"),
     ),
@@ -173,7 +173,6 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>,
         (status = 413, description = "Body larger than 1 MiB", body = ErrorBody),
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "A rule is broken (the message names the field), or the `Idempotency-Key` was used with another body", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn create_order(
     State(state): State<AppState>,
@@ -209,7 +208,9 @@ async fn create_order(
     let trace_id = telemetry::trace_id_of(&span);
 
     if let Some(key) = idempotency_key {
-        if let Some(existing) = store::find_by_idempotency_key(&state.pool, key).await? {
+        if let Some(existing) =
+            store::find_by_idempotency_key(&state.pool, order.customer_id.as_str(), key).await?
+        {
             return replay(existing, &order);
         }
     }
@@ -250,7 +251,7 @@ async fn create_order(
     if !inserted {
         // A concurrent request with the same key won the race.
         let key = idempotency_key.unwrap_or_default();
-        let existing = store::find_by_idempotency_key(&state.pool, key)
+        let existing = store::find_by_idempotency_key(&state.pool, order.customer_id.as_str(), key)
             .await?
             .ok_or_else(|| {
                 ApiError::conflict("idempotency key is being used by a concurrent request; retry")
@@ -316,7 +317,6 @@ fn accepted(body: &OrderAccepted, replayed: bool) -> Response {
             headers(("X-Correlation-ID" = String, description = "The order's correlation ID"))),
         (status = 400, description = "Not a UUID", body = ErrorBody),
         (status = 404, description = "No such order (or, with authentication on, another customer's)", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn get_order(
     State(state): State<AppState>,
@@ -365,7 +365,6 @@ async fn get_order(
         (status = 400, description = "Not a UUID", body = ErrorBody),
         (status = 404, description = "No such order (or, with authentication on, another customer's)", body = ErrorBody),
         (status = 409, description = "`order_not_cancellable`: the order already FAILED", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn cancel_order(
     State(state): State<AppState>,
@@ -418,7 +417,6 @@ async fn cancel_order(
         (status = 200, description = "A page of orders", body = OrderPage),
         (status = 400, description = "A parameter is malformed, unknown or given twice", body = ErrorBody),
         (status = 403, description = "With authentication on: a customer asked for another customer's orders", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn list_orders(
     State(state): State<AppState>,

@@ -89,7 +89,7 @@ static CREATE: LazyLock<String> = LazyLock::new(|| {
                          $7::text[], $8::text[])
                   AS o(order_id, customer_id, items, total_minor, correlation_id, trace_id,
                        idempotency_key, request_fingerprint)
-             ON CONFLICT (idempotency_key) DO NOTHING
+             ON CONFLICT (customer_id, idempotency_key) DO NOTHING
              RETURNING order_id),
          history AS (
              INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
@@ -215,13 +215,17 @@ pub async fn list<'e>(
     .await
 }
 
+/// The customer's order placed under `key` (a key is the customer's own:
+/// another customer may use the same one).
 pub async fn find_by_idempotency_key<'e>(
     db: impl PgExecutor<'e>,
+    customer_id: &str,
     key: &str,
 ) -> Result<Option<OrderRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {ORDER_COLUMNS} FROM orders WHERE idempotency_key = $1"
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = $1 AND idempotency_key = $2"
     ))
+    .bind(customer_id)
     .bind(key)
     .fetch_optional(db)
     .await

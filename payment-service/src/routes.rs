@@ -64,7 +64,6 @@ pub struct PaymentPage {
         (status = 400, description = "Not a UUID", body = ErrorBody),
         (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
         (status = 404, description = "No payment for this order", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn get_payment(
     State(pool): State<PgPool>,
@@ -88,7 +87,6 @@ async fn get_payment(
         (status = 200, description = "A page of payments", body = PaymentPage),
         (status = 400, description = "A parameter is malformed, unknown or given twice", body = ErrorBody),
         (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry", body = ErrorBody),
     ))]
 async fn list_payments(
     State(pool): State<PgPool>,

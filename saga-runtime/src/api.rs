@@ -46,7 +46,8 @@ macro_rules! api_info {
 }
 
 /// Completes a service's document: title, version and description, the
-/// shared security scheme and answers, and, with authentication on
+/// shared security scheme and answers, the 503 of every operation that
+/// needs the database (all but the probes), and, with authentication on
 /// (`auth`), the bearer requirement and the 401 on every operation that
 /// does not declare its own security (the probes declare none needed).
 pub fn finish(api: &mut OpenApi, service: &str, about: ApiInfo, auth: bool) {
@@ -114,6 +115,20 @@ pub fn finish(api: &mut OpenApi, service: &str, about: ApiInfo, auth: bool) {
                 .build(),
         ),
     );
+    components.responses.insert(
+        "Unavailable".to_owned(),
+        RefOr::T(
+            ResponseBuilder::new()
+                .description("The database is unavailable; retry")
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        ),
+    );
     let traceparent = ParameterBuilder::new()
         .name("traceparent")
         .parameter_in(ParameterIn::Header)
@@ -132,7 +147,16 @@ pub fn finish(api: &mut OpenApi, service: &str, about: ApiInfo, auth: bool) {
             op.parameters
                 .get_or_insert_with(Vec::new)
                 .push(RefOr::T(traceparent.clone()));
-            if auth && op.security.is_none() {
+            // The probes declare their own security (none needed) and
+            // answers; every other operation reads or writes the database.
+            if op.security.is_some() {
+                continue;
+            }
+            op.responses
+                .responses
+                .entry("503".to_owned())
+                .or_insert_with(|| RefOr::Ref(Ref::new("#/components/responses/Unavailable")));
+            if auth {
                 op.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
                 op.responses.responses.insert(
                     "401".to_owned(),

@@ -340,6 +340,45 @@ async fn customers_see_only_their_own_orders_and_operators_see_everything() -> a
     sys.shutdown().await
 }
 
+/// An Idempotency-Key is its customer's own: Bob sending the key Alice
+/// used gets an order of his own, neither hers (replayed) nor a 422 that
+/// tells him the key is in use; Alice's retry still answers her order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_belongs_to_its_customer() -> anyhow::Result<()> {
+    let key = SigningKey::generate(Algorithm::ES256, "k1")?;
+    let jwks = JwksServer::start(&[&key]).await?;
+    let sys = start(&jwks).await?;
+    let place = |token: String| {
+        sys.http
+            .post(sys.url(Which::Order, "/orders"))
+            .bearer_auth(token)
+            .header("Idempotency-Key", "checkout-1")
+            .json(&order_body(None))
+    };
+    let alices = sys
+        .send(Which::Order, place(key.token("alice", false)?))
+        .await?;
+    assert_eq!(alices.status, 202, "{:?}", alices.body);
+    let bobs = sys
+        .send(Which::Order, place(key.token("bob", false)?))
+        .await?;
+    assert_eq!(
+        bobs.status, 202,
+        "Bob must not hit Alice's key: {:?}",
+        bobs.body
+    );
+    assert_eq!(bobs.header("idempotent-replayed"), None);
+    assert_ne!(bobs.body["order_id"], alices.body["order_id"]);
+    let again = sys
+        .send(Which::Order, place(key.token("alice", false)?))
+        .await?;
+    assert_eq!(again.status, 202, "{:?}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body["order_id"], alices.body["order_id"]);
+    assert_eq!(order_count(&sys).await?, 2);
+    sys.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotated_key_is_accepted_once_the_set_holds_it_without_a_restart() -> anyhow::Result<()> {
     let old = SigningKey::generate(Algorithm::RS256, "2026-11")?;
