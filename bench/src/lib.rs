@@ -129,6 +129,10 @@ pub struct Config {
     /// Afterwards, read the event topics back and split the confirmed
     /// orders' time into legs ([`hops`]).
     pub hops: bool,
+    /// A bearer token for services with authentication on: an operator's
+    /// (scope `saga:admin`), since the run restocks the catalog. Orders are
+    /// then placed as the token's subject.
+    pub token: Option<String>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -231,9 +235,17 @@ enum Note {
 
 /// Sets up stock, runs the load, waits for the sagas and reports.
 pub async fn run(cfg: Config) -> anyhow::Result<Report> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &cfg.token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the token is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .timeout(Duration::from_secs(30))
+        .default_headers(headers)
         .build()?;
     restock(&http, &cfg.inventory_url).await?;
 
@@ -516,7 +528,9 @@ async fn watch_final_events(
     }))
 }
 
-fn order_body(kind: Kind, n: u64, decline_price: &str) -> serde_json::Value {
+/// Order `n`'s body; with `customer` false it names no customer (with
+/// authentication on, the order is the token subject's).
+fn order_body(kind: Kind, n: u64, decline_price: &str, customer: bool) -> serde_json::Value {
     let (sku, price) = match kind {
         Kind::Confirm => (format!("BENCH-{}", n as usize % STOCKED_SKUS), "1.00"),
         Kind::Decline => (
@@ -525,15 +539,18 @@ fn order_body(kind: Kind, n: u64, decline_price: &str) -> serde_json::Value {
         ),
         Kind::OutOfStock => (EMPTY_SKU.to_owned(), "1.00"),
     };
-    serde_json::json!({
-        "customer_id": format!("bench-{}", n % 1000),
+    let mut body = serde_json::json!({
         "items": [{"sku": sku, "quantity": 1, "unit_price": price}],
-    })
+    });
+    if customer {
+        body["customer_id"] = serde_json::json!(format!("bench-{}", n % 1000));
+    }
+    body
 }
 
 async fn post_one(http: &reqwest::Client, cfg: &Config, n: u64, tx: &mpsc::UnboundedSender<Note>) {
     let kind = cfg.mix.pick(n);
-    let body = order_body(kind, n, &cfg.decline_price);
+    let body = order_body(kind, n, &cfg.decline_price, cfg.token.is_none());
     let at = Instant::now();
     let result = http
         .post(format!("{}/orders", cfg.order_url))

@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
+use jsonwebtoken::Algorithm;
 use loadgen::{Config, Load, Mix};
-use saga_tests::{System, Which};
+use saga_tests::jwt::{JwksServer, SigningKey};
+use saga_tests::{Options, System, Which};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
@@ -27,6 +29,7 @@ async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
         decline_price: "5000.00".into(),
         progress: false,
         hops: true,
+        token: None,
     })
     .await?;
     println!("{}", report.render());
@@ -46,5 +49,46 @@ async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
     for leg in legs {
         assert_eq!(leg.latency.count, 180, "{leg:?}");
     }
+    sys.shutdown().await
+}
+
+/// With authentication on, the load generator sends its token: the catalog
+/// is restocked as an operator and every order is placed as the token's
+/// subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loadgen_sends_its_token_when_authentication_is_on() -> anyhow::Result<()> {
+    let key = SigningKey::generate(Algorithm::ES256, "k1")?;
+    let jwks = JwksServer::start(&[&key]).await?;
+    let sys = System::start_opts(Options {
+        auth: Some(jwks.auth_config()),
+        ..Options::default()
+    })
+    .await?;
+    let base = |w: Which| sys.url(w, "");
+    let report = loadgen::run(Config {
+        order_url: base(Which::Order),
+        inventory_url: base(Which::Inventory),
+        brokers: sys.kafka.brokers.clone(),
+        topic_prefix: sys.kafka.topic_prefix.clone(),
+        fetch_wait_ms: sys.kafka.fetch_wait_ms,
+        load: Load::Closed {
+            concurrency: 4,
+            orders: 20,
+        },
+        mix: Mix::default(),
+        grace: Duration::from_secs(60),
+        decline_price: "5000.00".into(),
+        progress: false,
+        hops: false,
+        token: Some(key.token("bench-operator", true)?),
+    })
+    .await?;
+    assert_eq!(report.accepted, 20, "{report:?}");
+    assert_eq!(report.completed(), 20, "{report:?}");
+    assert_eq!(report.unexpected, 0, "{report:?}");
+    let customers: Vec<String> = sqlx::query_scalar("SELECT DISTINCT customer_id FROM orders")
+        .fetch_all(sys.db(Which::Order))
+        .await?;
+    assert_eq!(customers, ["bench-operator"]);
     sys.shutdown().await
 }

@@ -58,6 +58,11 @@ struct Args {
     /// orders' time went, leg by leg (clocks of this machine).
     #[arg(long)]
     hops: bool,
+    /// Bearer token, for services with authentication on: an operator's
+    /// (scope `saga:admin`), since the run restocks the catalog; orders are
+    /// placed as its subject.
+    #[arg(long, env = "SAGA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -94,6 +99,7 @@ async fn main() -> ExitCode {
         decline_price: args.decline_price,
         progress: !args.quiet,
         hops: args.hops,
+        token: args.token,
     };
     let report = match loadgen::run(cfg).await {
         Ok(r) => r,
