@@ -47,6 +47,27 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// `w`'s answer to `method path`, checked against its document
+    /// (`contract`): an answer the document does not describe is an error.
+    pub fn checked(
+        w: Which,
+        contract: &Contract,
+        (method, path): (&str, &str),
+        status: u16,
+        headers: reqwest::header::HeaderMap,
+        bytes: &[u8],
+    ) -> anyhow::Result<Self> {
+        let body = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        contract
+            .check(method, path, status, &body)
+            .with_context(|| format!("{} broke its API document", w.name()))?;
+        Ok(Self {
+            status,
+            headers,
+            body,
+        })
+    }
+
     /// A header's value as text, if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
@@ -336,15 +357,14 @@ impl System {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await?;
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        self.contract(w)
-            .check(&method, &path, status, &body)
-            .with_context(|| format!("{} broke its API document", w.name()))?;
-        Ok(Answer {
+        Answer::checked(
+            w,
+            self.contract(w),
+            (&method, &path),
             status,
             headers,
-            body,
-        })
+            &bytes,
+        )
     }
 
     /// `POST /orders`; returns status, headers and JSON body.

@@ -19,7 +19,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-use crate::Which;
+use crate::contract::Contract;
+use crate::{Answer, Which};
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
@@ -417,6 +418,9 @@ pub struct Cluster {
     pub prefix: String,
     pub http: reqwest::Client,
     replicas: Vec<Replica>,
+    /// Each service's API document: every answer the cluster's helpers
+    /// get is checked against it, outages included.
+    contracts: [Contract; 3],
     // Last: removed after the processes and servers using it are gone.
     pub dir: tempfile::TempDir,
 }
@@ -504,6 +508,21 @@ impl Cluster {
         for s in &mut services {
             s.wait_up(&http).await?;
         }
+        let mut contracts = Vec::new();
+        for which in [Which::Order, Which::Payment, Which::Inventory] {
+            let first = services
+                .iter()
+                .find(|s| s.which == which)
+                .context("a service without a replica")?;
+            contracts.push(
+                Contract::fetch(&http, &first.url(""))
+                    .await
+                    .with_context(|| format!("the API document of {}", which.name()))?,
+            );
+        }
+        let contracts: [Contract; 3] = contracts
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three API documents"))?;
         let replicas = services
             .into_iter()
             .map(|s| Replica {
@@ -519,8 +538,62 @@ impl Cluster {
             prefix,
             http,
             replicas,
+            contracts,
             dir,
         })
+    }
+
+    /// Sends `req` (built on [`Cluster::http`] for a URL of `w`) and checks
+    /// the answer against `w`'s document.
+    pub async fn send(&self, w: Which, req: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
+        let req = req.build()?;
+        let (method, path) = (req.method().to_string(), req.url().path().to_owned());
+        let resp = self.http.execute(req).await?;
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        let bytes = resp.bytes().await?;
+        self.checked(w, (&method, &path), status, headers, &bytes)
+    }
+
+    /// Sends `req` like [`Cluster::send`], but a transport failure (the
+    /// service down or killed mid-answer) is `Ok(None)`, for callers that
+    /// retry through outages; an answer the document does not describe is
+    /// still an error.
+    async fn try_send(
+        &self,
+        w: Which,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<Result<Answer, reqwest::Error>> {
+        let req = req.build()?;
+        let (method, path) = (req.method().to_string(), req.url().path().to_owned());
+        let resp = match self.http.execute(req).await {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.checked(w, (&method, &path), status, headers, &bytes)
+            .map(Ok)
+    }
+
+    fn checked(
+        &self,
+        w: Which,
+        route: (&str, &str),
+        status: u16,
+        headers: reqwest::header::HeaderMap,
+        bytes: &[u8],
+    ) -> anyhow::Result<Answer> {
+        Answer::checked(
+            w,
+            &self.contracts[crate::idx(w)],
+            route,
+            status,
+            headers,
+            bytes,
+        )
     }
 
     /// Replica `replica` of `which`, to kill, freeze or restart.
@@ -662,14 +735,13 @@ impl Cluster {
 
     /// Stocks `sku` with `units` through the catalog API.
     pub async fn stock(&self, sku: &str, units: i64) -> anyhow::Result<()> {
-        let r = self
+        let req = self
             .http
             .put(self.url(Which::Inventory, &format!("/products/{sku}")))
-            .json(&json!({"name": format!("Chaos {sku}"), "available": units}))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("PUT /products/{sku}: {}", r.status());
+            .json(&json!({"name": format!("Chaos {sku}"), "available": units}));
+        let a = self.send(Which::Inventory, req).await?;
+        if !(200..300).contains(&a.status) {
+            bail!("PUT /products/{sku}: {} {}", a.status, a.body);
         }
         Ok(())
     }
@@ -680,31 +752,20 @@ impl Cluster {
         let started = Instant::now();
         let mut last = String::new();
         while started.elapsed() < Duration::from_secs(120) {
-            let r = self
+            let req = self
                 .http
                 .post(self.url(Which::Order, "/orders"))
                 .header("Idempotency-Key", key)
-                .json(body)
-                .send()
-                .await;
-            match r {
-                Ok(resp) if resp.status().is_success() => {
-                    let v: Value = resp.json().await?;
-                    return v["order_id"]
+                .json(body);
+            match self.try_send(Which::Order, req).await? {
+                Ok(a) if (200..300).contains(&a.status) => {
+                    return a.body["order_id"]
                         .as_str()
                         .map(str::to_owned)
                         .context("no order_id in the answer");
                 }
-                Ok(resp) if resp.status().is_server_error() => {
-                    last = format!("{}", resp.status());
-                }
-                Ok(resp) => {
-                    bail!(
-                        "POST /orders answered {}: {}",
-                        resp.status(),
-                        resp.text().await?
-                    )
-                }
+                Ok(a) if a.status >= 500 => last = format!("{} {}", a.status, a.body),
+                Ok(a) => bail!("POST /orders answered {}: {}", a.status, a.body),
                 Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -719,19 +780,14 @@ impl Cluster {
         while !pending.is_empty() {
             let mut still = Vec::new();
             for id in pending {
-                let done = match self
+                let req = self
                     .http
-                    .get(self.url(Which::Order, &format!("/orders/{id}")))
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status().is_success() => {
-                        let v: Value = r.json().await?;
-                        matches!(
-                            v["status"].as_str(),
-                            Some("CONFIRMED" | "FAILED" | "CANCELLED")
-                        )
-                    }
+                    .get(self.url(Which::Order, &format!("/orders/{id}")));
+                let done = match self.try_send(Which::Order, req).await? {
+                    Ok(a) if a.status == 200 => matches!(
+                        a.body["status"].as_str(),
+                        Some("CONFIRMED" | "FAILED" | "CANCELLED")
+                    ),
                     _ => false,
                 };
                 if !done {

@@ -280,12 +280,8 @@ async fn database_read_only_for_ten_seconds_under_load() -> anyhow::Result<()> {
         // /ready turns 503 while the database takes no writes.
         let mut saw_not_ready = false;
         while read_only_since.elapsed() < Duration::from_secs(10) {
-            let r = cluster
-                .http
-                .get(cluster.url(Which::Payment, "/ready"))
-                .send()
-                .await?;
-            if r.status().as_u16() == 503 {
+            let req = cluster.http.get(cluster.url(Which::Payment, "/ready"));
+            if cluster.send(Which::Payment, req).await?.status == 503 {
                 saw_not_ready = true;
             }
             tokio::time::sleep(Duration::from_millis(200)).await; // probing during the fault
