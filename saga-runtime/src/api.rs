@@ -90,44 +90,27 @@ pub fn finish(api: &mut OpenApi, service: &str, about: ApiInfo, auth: bool) {
     components.responses.insert(
         "Unauthorized".to_owned(),
         RefOr::T(
-            ResponseBuilder::new()
-                .description(
-                    "The bearer token is missing, malformed, expired, wrongly signed, or for \
-                     another issuer or audience",
-                )
-                .header(
-                    "WWW-Authenticate",
-                    HeaderBuilder::new()
-                        .schema(Some(
-                            ObjectBuilder::new()
-                                .schema_type(utoipa::openapi::schema::Type::String)
-                                .examples([crate::http::INVALID_TOKEN_CHALLENGE]),
-                        ))
-                        .description(Some("`Bearer error=\"invalid_token\"`"))
-                        .build(),
-                )
-                .content(
-                    "application/json",
-                    ContentBuilder::new()
-                        .schema(Some(Ref::from_schema_name("ErrorBody")))
-                        .build(),
-                )
-                .build(),
+            error_response(
+                "The bearer token is missing, malformed, expired, wrongly signed, or for \
+                 another issuer or audience",
+            )
+            .header(
+                "WWW-Authenticate",
+                HeaderBuilder::new()
+                    .schema(Some(
+                        ObjectBuilder::new()
+                            .schema_type(utoipa::openapi::schema::Type::String)
+                            .examples([crate::http::INVALID_TOKEN_CHALLENGE]),
+                    ))
+                    .description(Some("`Bearer error=\"invalid_token\"`"))
+                    .build(),
+            )
+            .build(),
         ),
     );
     components.responses.insert(
         "Unavailable".to_owned(),
-        RefOr::T(
-            ResponseBuilder::new()
-                .description("The database is unavailable; retry")
-                .content(
-                    "application/json",
-                    ContentBuilder::new()
-                        .schema(Some(Ref::from_schema_name("ErrorBody")))
-                        .build(),
-                )
-                .build(),
-        ),
+        RefOr::T(error_response("The database is unavailable; retry").build()),
     );
     let traceparent = ParameterBuilder::new()
         .name("traceparent")
@@ -165,6 +148,16 @@ pub fn finish(api: &mut OpenApi, service: &str, about: ApiInfo, auth: bool) {
             }
         }
     }
+}
+
+/// A response whose body is the JSON error body.
+fn error_response(description: &str) -> ResponseBuilder {
+    ResponseBuilder::new().description(description).content(
+        "application/json",
+        ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name("ErrorBody")))
+            .build(),
+    )
 }
 
 fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut Operation> {
