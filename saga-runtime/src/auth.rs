@@ -10,10 +10,16 @@
 //! `AUTH_JWKS_REFRESH_SECS`, and at once (at most every
 //! [`MIN_REFETCH`]) when a token names a `kid` the set does not hold, so a
 //! key rotated in at the identity provider is accepted without a restart.
+//!
+//! A token that passed is remembered until it expires ([`Verified`]), so a
+//! client sending the same token again is not checked again: an ES256
+//! signature check costs about as much CPU as the rest of `POST /orders`.
+//! Reading the set again forgets them all, so a key taken out of the set
+//! stops working at once.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, Request, State};
@@ -35,6 +41,8 @@ pub const LEEWAY_SECS: u64 = 30;
 /// A token naming an unknown `kid` makes the set be read again, at most
 /// this often.
 pub const MIN_REFETCH: Duration = Duration::from_secs(2);
+/// How many verified tokens are remembered at most.
+pub const VERIFIED_CAPACITY: usize = 10_000;
 /// Signature algorithms accepted (never `none`, never HMAC: a public key
 /// set cannot hold a shared secret safely).
 pub const ALGORITHMS: &[Algorithm] = &[
@@ -271,6 +279,9 @@ impl From<jsonwebtoken::errors::Error> for TokenError {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
+    /// Seconds since the epoch (checked by `jsonwebtoken`; kept to know
+    /// how long the token may be remembered).
+    exp: u64,
     /// Space-separated (RFC 8693), or a list as some providers send it.
     #[serde(default)]
     scope: Option<Scope>,
@@ -361,6 +372,54 @@ fn signing_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
     ALGORITHMS.contains(&alg).then_some(alg)
 }
 
+/// Tokens that passed, by their full text, until they expire (with the
+/// leeway): a pure structure, its clock passed in.
+///
+/// Each key-set read starts a new generation and forgets every token; a
+/// check that began under an older generation (its key may be gone now) is
+/// not remembered.
+#[derive(Debug, Default)]
+struct Verified {
+    generation: u64,
+    tokens: HashMap<Box<str>, (Caller, u64)>,
+}
+
+impl Verified {
+    /// The caller `token` stands for, if it passed and `now` (seconds
+    /// since the epoch) is not past its expiry.
+    fn get(&mut self, token: &str, now: u64) -> Option<Caller> {
+        match self.tokens.get(token) {
+            Some((caller, until)) if now <= *until => Some(caller.clone()),
+            Some(_) => {
+                self.tokens.remove(token);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers that `token` passed, checked under `generation`, valid
+    /// until `until`. When full, expired tokens go first, then all.
+    fn put(&mut self, generation: u64, token: &str, caller: Caller, until: u64, now: u64) {
+        if generation != self.generation || until < now {
+            return;
+        }
+        if self.tokens.len() >= VERIFIED_CAPACITY {
+            self.tokens.retain(|_, (_, u)| now <= *u);
+            if self.tokens.len() >= VERIFIED_CAPACITY {
+                self.tokens.clear();
+            }
+        }
+        self.tokens.insert(token.into(), (caller, until));
+    }
+
+    /// Forgets every token: the key set changed.
+    fn reset(&mut self) {
+        self.generation += 1;
+        self.tokens.clear();
+    }
+}
+
 /// Checks tokens against the configured key set.
 #[derive(Clone)]
 pub struct Verifier {
@@ -371,6 +430,7 @@ struct Inner {
     service: &'static str,
     config: AuthConfig,
     keys: RwLock<KeySet>,
+    verified: Mutex<Verified>,
     /// When the set was last read (successfully or not).
     read_at: tokio::sync::Mutex<Instant>,
     http: reqwest::Client,
@@ -407,14 +467,44 @@ impl Verifier {
                 service,
                 config,
                 keys: RwLock::new(keys),
+                verified: Mutex::new(Verified::default()),
                 read_at: tokio::sync::Mutex::new(Instant::now()),
                 http,
             }),
         })
     }
 
-    /// The caller a token stands for, or why it is refused.
+    /// The caller a token stands for, or why it is refused. A token that
+    /// passed before and has not expired is not checked again.
     pub async fn verify(&self, token: &str) -> Result<Caller, TokenError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let generation = {
+            let mut verified = self.verified();
+            if let Some(caller) = verified.get(token, now) {
+                return Ok(caller);
+            }
+            verified.generation
+        };
+        let (caller, exp) = self.check(token).await?;
+        self.verified().put(
+            generation,
+            token,
+            caller.clone(),
+            exp.saturating_add(LEEWAY_SECS),
+            now,
+        );
+        Ok(caller)
+    }
+
+    fn verified(&self) -> std::sync::MutexGuard<'_, Verified> {
+        self.inner
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Checks `token`'s signature and claims: its caller and `exp`.
+    async fn check(&self, token: &str) -> Result<(Caller, u64), TokenError> {
         let header = jsonwebtoken::decode_header(token)?;
         if !ALGORITHMS.contains(&header.alg) {
             return Err(TokenError::Algorithm(header.alg));
@@ -445,10 +535,11 @@ impl Verifier {
             return Err(TokenError::Invalid("empty sub".into()));
         }
         let admin = claims.scope.as_ref().is_some_and(|s| s.has(ADMIN_SCOPE));
-        Ok(Caller::Token {
+        let caller = Caller::Token {
             subject: claims.sub,
             admin,
-        })
+        };
+        Ok((caller, claims.exp))
     }
 
     fn key(&self, kid: Option<&str>) -> Result<Key, TokenError> {
@@ -481,6 +572,7 @@ impl Verifier {
                     .keys
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+                self.verified().reset();
                 tracing::debug!(keys = n, "key set read again");
                 true
             }
@@ -639,17 +731,80 @@ mod tests {
     }
 
     #[test]
+    fn a_verified_token_is_remembered_until_it_expires_or_the_keys_change() {
+        let alice = Caller::Token {
+            subject: "alice".into(),
+            admin: false,
+        };
+        let mut v = Verified::default();
+        assert_eq!(v.get("t1", 100), None);
+        v.put(0, "t1", alice.clone(), 200, 100);
+        assert_eq!(v.get("t1", 150), Some(alice.clone()));
+        assert_eq!(v.get("t1", 200), Some(alice.clone()));
+        assert_eq!(v.get("t1", 201), None, "expired");
+        assert!(v.tokens.is_empty(), "an expired token is dropped");
+        assert_eq!(v.get("t2", 100), None, "only the same text");
+
+        // Already expired when checked: not remembered.
+        v.put(0, "t3", alice.clone(), 99, 100);
+        assert_eq!(v.get("t3", 99), None);
+
+        // The set was read again: everything is forgotten, and a check that
+        // began before (under the old keys) is not remembered.
+        v.put(0, "t1", alice.clone(), 200, 100);
+        let before = v.generation;
+        v.reset();
+        assert_eq!(v.get("t1", 150), None);
+        v.put(before, "t4", alice.clone(), 200, 100);
+        assert_eq!(v.get("t4", 150), None);
+        v.put(v.generation, "t4", alice.clone(), 200, 100);
+        assert_eq!(v.get("t4", 150), Some(alice.clone()));
+    }
+
+    #[test]
+    fn the_verified_tokens_stay_bounded() {
+        let caller = Caller::Token {
+            subject: "c".into(),
+            admin: false,
+        };
+        let mut v = Verified::default();
+        for i in 0..VERIFIED_CAPACITY {
+            // Half of them expired by time 100.
+            let until = if i % 2 == 0 { 50 } else { 500 };
+            v.put(0, &format!("t{i}"), caller.clone(), until, 10);
+        }
+        assert_eq!(v.tokens.len(), VERIFIED_CAPACITY);
+        v.put(0, "new", caller.clone(), 500, 100);
+        assert_eq!(
+            v.tokens.len(),
+            VERIFIED_CAPACITY / 2 + 1,
+            "expired ones went"
+        );
+        for i in 0..VERIFIED_CAPACITY {
+            v.put(0, &format!("u{i}"), caller.clone(), 500, 100);
+        }
+        assert!(
+            v.tokens.len() <= VERIFIED_CAPACITY,
+            "full of live ones: cleared"
+        );
+        let last = format!("u{}", VERIFIED_CAPACITY - 1);
+        assert!(v.get(&last, 100).is_some(), "the newest is remembered");
+    }
+
+    #[test]
     fn scope_as_text_or_list() {
         let text: Claims =
-            serde_json::from_str(r#"{"sub":"a","scope":"openid saga:admin"}"#).expect("claims");
+            serde_json::from_str(r#"{"sub":"a","exp":1,"scope":"openid saga:admin"}"#)
+                .expect("claims");
         assert!(text.scope.is_some_and(|s| s.has(ADMIN_SCOPE)));
         let list: Claims =
-            serde_json::from_str(r#"{"sub":"a","scope":["saga:admin"]}"#).expect("claims");
+            serde_json::from_str(r#"{"sub":"a","exp":1,"scope":["saga:admin"]}"#).expect("claims");
         assert!(list.scope.is_some_and(|s| s.has(ADMIN_SCOPE)));
         let near: Claims =
-            serde_json::from_str(r#"{"sub":"a","scope":"saga:administrator"}"#).expect("claims");
+            serde_json::from_str(r#"{"sub":"a","exp":1,"scope":"saga:administrator"}"#)
+                .expect("claims");
         assert!(!near.scope.is_some_and(|s| s.has(ADMIN_SCOPE)));
-        let none: Claims = serde_json::from_str(r#"{"sub":"a"}"#).expect("claims");
+        let none: Claims = serde_json::from_str(r#"{"sub":"a","exp":1}"#).expect("claims");
         assert!(none.scope.is_none());
     }
 
