@@ -13,6 +13,10 @@
 # and records each service's CPU and peak RSS per scenario, with the broker's
 # CPU and the whole machine's busy share.
 # BENCH_SCENARIOS picks a subset (e.g. "max"); BENCH_OUT another output file.
+# BENCH_AUTH=1 runs the services with authentication on (the development key
+# set in dev/auth/, a development operator token for the load generator), to
+# measure what checking a bearer token on every request costs.
+# Every scenario ends with `saga-admin audit`: the books must balance.
 #
 # Existing servers instead of local ones (e.g. Kafka from docker compose):
 #   KAFKA_BROKERS=localhost:9092 ./scripts/bench.sh
@@ -34,6 +38,12 @@ export KAFKA_FETCH_WAIT_MS=${KAFKA_FETCH_WAIT_MS:-1}
 ext_kafka=${KAFKA_BROKERS:-}
 ext_pg=${BENCH_DATABASE_URL:-${DATABASE_URL:-}}
 unset KAFKA_TOPIC_PREFIX
+auth=${BENCH_AUTH:-}
+if [ "$auth" = 1 ]; then
+  export AUTH_JWKS_FILE=$PWD/dev/auth/jwks.json AUTH_ISSUER=saga-dev AUTH_AUDIENCE=saga
+else
+  unset AUTH_JWKS_FILE AUTH_JWKS_URL AUTH_ISSUER AUTH_AUDIENCE
+fi
 run_id=$(date +%s)
 work=$(mktemp -d "${TMPDIR:-/tmp}/saga-bench.XXXXXX")
 chmod 755 "$work"
@@ -136,11 +146,20 @@ start_system() {
   # shellcheck disable=SC2154 # set through eval above
   order_url="http://127.0.0.1:$port_order"
   # shellcheck disable=SC2154
+  payment_url="http://127.0.0.1:$port_payment"
+  # shellcheck disable=SC2154
   inventory_url="http://127.0.0.1:$port_inventory"
 }
 
 echo "==> building release binaries"
 cargo build --release --locked --bins
+if [ "$auth" = 1 ]; then
+  echo "==> authentication on: development key set, development operator token"
+  SAGA_TOKEN=$(target/release/saga-admin dev-token --sub bench --admin --ttl 12h)
+  export SAGA_TOKEN
+else
+  unset SAGA_TOKEN
+fi
 
 scenarios=${BENCH_SCENARIOS:-idle rate10 rate50 rate200 max}
 ticks=$(getconf CLK_TCK)
@@ -180,6 +199,17 @@ run_scenario() {
       --brokers "$brokers" --quiet --json "$work/$name.json" "$@"
   fi
   end=$(date +%s.%N)
+  # The books must balance after every scenario (SAGA_TOKEN, if set, is the
+  # auditor's token too).
+  local books
+  if ! books=$(target/release/saga-admin audit --order-url "$order_url" --payment-url "$payment_url" \
+    --inventory-url "$inventory_url" --pending-older-than 120s 2>&1); then
+    echo "$books" | tail -20 >&2
+    echo "error: saga-admin audit failed after scenario $name" >&2
+    exit 1
+  fi
+  books=$(echo "$books" | tail -1)
+  echo "    audit: $books"
   local usage=""
   for s in "${services[@]}"; do
     usage+="$s $(cpu_share "${before[$i]}" "$(cpu_ticks "${pids[$s]}")")% CPU, peak RSS $(peak_rss_mib "${pids[$s]}") MiB; "
@@ -189,7 +219,7 @@ run_scenario() {
     usage+="broker (tansu) $(cpu_share "$tansu_before" "$(cpu_ticks "$tansu_pid")")% CPU; "
   fi
   usage+="machine $(machine_ticks | awk -v before="$machine_before" '{split(before, a, " "); printf "%.0f", 100 * ($1 - a[1]) / ($2 - a[2])}')% busy; "
-  results+=("$name|$work/$name.json|$usage")
+  results+=("$name|$work/$name.json|$books|$usage")
   echo "    $usage"
   stop_system
 }
@@ -220,29 +250,38 @@ else
   broker="the tansu broker (in memory)"
 fi
 command="./scripts/bench.sh"
+[ "$auth" = 1 ] && command="BENCH_AUTH=1 $command"
 [ -n "$ext_pg" ] && command="BENCH_DATABASE_URL=… $command"
 [ -n "$ext_kafka" ] && command="KAFKA_BROKERS=$ext_kafka $command"
-python3 - "$out" "$(nproc)" "$(date -u +%Y-%m-%d)" "$KAFKA_FETCH_WAIT_MS" "${KAFKA_LINGER_MS:-1}" "$database, $broker" "$command" "${results[@]}" <<'PY'
+if [ "$auth" = 1 ]; then
+  access="authentication on (every request's ES256 bearer token checked)"
+else
+  access="authentication off"
+fi
+python3 - "$out" "$(nproc)" "$(date -u +%Y-%m-%d)" "$KAFKA_FETCH_WAIT_MS" "${KAFKA_LINGER_MS:-1}" "$database, $broker" "$command" "$access" "${results[@]}" <<'PY'
 import json, sys
-out, cores, day, fetch_wait, linger, servers, command, *rows = sys.argv[1:]
+out, cores, day, fetch_wait, linger, servers, command, access, *rows = sys.argv[1:]
 mem_kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal:"))
 mem_gib = round(mem_kib / 1024 / 1024)
 lines = [
     "# Benchmarks",
     "",
     f"Measured {day} on a machine with {cores} cores and {mem_gib} GiB: {servers},",
-    "the three release binaries (RUST_LOG=warn) and the load generator.",
+    f"the three release binaries (RUST_LOG=warn, {access}) and the load generator.",
     f"Each scenario starts on a fresh system. Consumers' `fetch.wait.max.ms` {fetch_wait},",
     f"producers' `linger.ms` {linger}.",
     f"Reproduce with `{command}` (writes this file). What the figures mean,",
     "where the time goes and what was tried: [docs/performance.md](docs/performance.md).",
     "",
-    "| scenario | sagas done | lost | throughput (sagas/s) | HTTP p50 / p99 (ms) | end-to-end p50 / p90 / p99 / max (ms) |",
-    "|---|---|---|---|---|---|",
+    "Every scenario ends with `saga-admin audit` (the *books* column: every order's end",
+    "state agrees across the three services, and every SKU's stock adds up).",
+    "",
+    "| scenario | sagas done | lost | throughput (sagas/s) | HTTP p50 / p99 (ms) | end-to-end p50 / p90 / p99 / max (ms) | books |",
+    "|---|---|---|---|---|---|---|",
 ]
 usage = []
 for row in rows:
-    name, path, use = row.split("|", 2)
+    name, path, books, use = row.split("|", 3)
     r = json.load(open(path))
     usage.append((name, use))
     if not r:
@@ -252,9 +291,9 @@ for row in rows:
     lines.append(
         f"| {r['mode']} | {done} | {r['lost']} | {r['sagas_per_s']:.1f} | "
         f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} | "
-        f"{e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} / {e['max_ms']:.1f} |"
+        f"{e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} / {e['max_ms']:.1f} | {books} |"
     )
-hop_runs = [(r["mode"], r["hops"]) for r in (json.load(open(row.split("|", 2)[1])) for row in rows) if r.get("hops")]
+hop_runs = [(r["mode"], r["hops"]) for r in (json.load(open(row.split("|", 3)[1])) for row in rows) if r.get("hops")]
 if hop_runs:
     lines += [
         "",

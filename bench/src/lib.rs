@@ -330,7 +330,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         };
 
     loop {
-        if sending_done && pending.is_empty() {
+        // The sender finishing can win the race against its last notes
+        // (they are queued by then): only an empty queue means all are in.
+        if sending_done && pending.is_empty() && rx.is_empty() {
             break;
         }
         let note = tokio::select! {
