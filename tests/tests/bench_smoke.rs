@@ -10,26 +10,36 @@ use loadgen::{Config, Load, Mix};
 use saga_tests::jwt::{JwksServer, SigningKey};
 use saga_tests::{Options, System, Which};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
-    let sys = System::start().await?;
-    let base = |w: Which| sys.url(w, "");
-    let report = loadgen::run(Config {
-        order_url: base(Which::Order),
-        inventory_url: base(Which::Inventory),
+/// A run of `load` against `sys`, with the default mix.
+fn config(sys: &System, load: Load) -> Config {
+    Config {
+        order_url: sys.url(Which::Order, ""),
+        inventory_url: sys.url(Which::Inventory, ""),
         brokers: sys.kafka.brokers.clone(),
         topic_prefix: sys.kafka.topic_prefix.clone(),
         fetch_wait_ms: sys.kafka.fetch_wait_ms,
-        load: Load::Open {
-            rate: 50.0,
-            duration: Duration::from_secs(4),
-        },
+        load,
         mix: Mix::default(),
         grace: Duration::from_secs(60),
         decline_price: "5000.00".into(),
         progress: false,
-        hops: true,
+        hops: false,
         token: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let report = loadgen::run(Config {
+        hops: true,
+        ..config(
+            &sys,
+            Load::Open {
+                rate: 50.0,
+                duration: Duration::from_secs(4),
+            },
+        )
     })
     .await?;
     println!("{}", report.render());
@@ -64,23 +74,15 @@ async fn loadgen_sends_its_token_when_authentication_is_on() -> anyhow::Result<(
         ..Options::default()
     })
     .await?;
-    let base = |w: Which| sys.url(w, "");
     let report = loadgen::run(Config {
-        order_url: base(Which::Order),
-        inventory_url: base(Which::Inventory),
-        brokers: sys.kafka.brokers.clone(),
-        topic_prefix: sys.kafka.topic_prefix.clone(),
-        fetch_wait_ms: sys.kafka.fetch_wait_ms,
-        load: Load::Closed {
-            concurrency: 4,
-            orders: 20,
-        },
-        mix: Mix::default(),
-        grace: Duration::from_secs(60),
-        decline_price: "5000.00".into(),
-        progress: false,
-        hops: false,
         token: Some(key.token("bench-operator", true)?),
+        ..config(
+            &sys,
+            Load::Closed {
+                concurrency: 4,
+                orders: 20,
+            },
+        )
     })
     .await?;
     assert_eq!(report.accepted, 20, "{report:?}");
