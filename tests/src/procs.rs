@@ -546,16 +546,11 @@ impl Cluster {
     /// Sends `req` (built on [`Cluster::http`] for a URL of `w`) and checks
     /// the answer against `w`'s document.
     pub async fn send(&self, w: Which, req: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
-        let req = req.build()?;
-        let (method, path) = (req.method().to_string(), req.url().path().to_owned());
-        let resp = self.http.execute(req).await?;
-        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
-        let bytes = resp.bytes().await?;
-        self.checked(w, (&method, &path), status, headers, &bytes)
+        Ok(self.try_send(w, req).await??)
     }
 
     /// Sends `req` like [`Cluster::send`], but a transport failure (the
-    /// service down or killed mid-answer) is `Ok(None)`, for callers that
+    /// service down or killed mid-answer) is `Ok(Err(_))`, for callers that
     /// retry through outages; an answer the document does not describe is
     /// still an error.
     async fn try_send(
@@ -574,26 +569,8 @@ impl Cluster {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
         };
-        self.checked(w, (&method, &path), status, headers, &bytes)
-            .map(Ok)
-    }
-
-    fn checked(
-        &self,
-        w: Which,
-        route: (&str, &str),
-        status: u16,
-        headers: reqwest::header::HeaderMap,
-        bytes: &[u8],
-    ) -> anyhow::Result<Answer> {
-        Answer::checked(
-            w,
-            &self.contracts[crate::idx(w)],
-            route,
-            status,
-            headers,
-            bytes,
-        )
+        let contract = &self.contracts[crate::idx(w)];
+        Answer::checked(w, contract, (&method, &path), status, headers, &bytes).map(Ok)
     }
 
     /// Replica `replica` of `which`, to kill, freeze or restart.
