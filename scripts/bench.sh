@@ -15,7 +15,7 @@
 # BENCH_SCENARIOS picks a subset (e.g. "max"); BENCH_OUT another output file.
 # BENCH_AUTH=1 runs the services with authentication on (the development key
 # set in dev/auth/, a development operator token for the load generator), to
-# measure what checking a bearer token on every request costs.
+# measure what authentication costs.
 # Every scenario ends with `saga-admin audit`: the books must balance.
 #
 # Existing servers instead of local ones (e.g. Kafka from docker compose):
@@ -254,7 +254,7 @@ command="./scripts/bench.sh"
 [ -n "$ext_pg" ] && command="BENCH_DATABASE_URL=… $command"
 [ -n "$ext_kafka" ] && command="KAFKA_BROKERS=$ext_kafka $command"
 if [ "$auth" = 1 ]; then
-  access="authentication on (every request's ES256 bearer token checked)"
+  access="authentication on (ES256 bearer tokens)"
 else
   access="authentication off"
 fi
