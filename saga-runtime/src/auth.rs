@@ -710,6 +710,13 @@ fn bearer(headers: &axum::http::HeaderMap) -> Result<&str, TokenError> {
 mod tests {
     use super::*;
 
+    fn token_of(subject: &str, admin: bool) -> Caller {
+        Caller::Token {
+            subject: subject.into(),
+            admin,
+        }
+    }
+
     #[test]
     fn bearer_is_read_case_insensitively_and_nothing_else_is() {
         let h = |v: &str| {
@@ -732,10 +739,7 @@ mod tests {
 
     #[test]
     fn a_verified_token_is_remembered_until_it_expires_or_the_keys_change() {
-        let alice = Caller::Token {
-            subject: "alice".into(),
-            admin: false,
-        };
+        let alice = token_of("alice", false);
         let mut v = Verified::default();
         assert_eq!(v.get("t1", 100), None);
         v.put(0, "t1", alice.clone(), 200, 100);
@@ -763,10 +767,7 @@ mod tests {
 
     #[test]
     fn the_verified_tokens_stay_bounded() {
-        let caller = Caller::Token {
-            subject: "c".into(),
-            admin: false,
-        };
+        let caller = token_of("c", false);
         let mut v = Verified::default();
         for i in 0..VERIFIED_CAPACITY {
             // Half of them expired by time 100.
@@ -810,14 +811,8 @@ mod tests {
 
     #[test]
     fn callers_rights() {
-        let customer = Caller::Token {
-            subject: "c-1".into(),
-            admin: false,
-        };
-        let admin = Caller::Token {
-            subject: "ops".into(),
-            admin: true,
-        };
+        let customer = token_of("c-1", false);
+        let admin = token_of("ops", true);
         assert_eq!(customer.only_customer(), Some("c-1"));
         assert!(customer.require_admin("x").is_err());
         assert_eq!(admin.only_customer(), None);
