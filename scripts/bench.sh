@@ -2,7 +2,7 @@
 # Benchmarks the saga on this machine and writes BENCHMARKS.md.
 #
 # For each scenario, starts a fresh PostgreSQL (durable: fsync and
-# synchronous_commit on), tansu broker and the three release binaries on free
+# synchronous_commit on), Apache Kafka node and the three release binaries on free
 # ports, runs the scenario and stops them. The scenarios:
 #   1. idle CPU for 10 s (the cost of low fetch.wait.max.ms polling)
 #   2. open loop 10 orders/s for 30 s (the unloaded floor, leg by leg)
@@ -11,7 +11,7 @@
 #   5. closed loop, concurrency 64 (BENCH_ORDERS orders, default 60000: over
 #      30 s at the target of 1,000 sagas/s)
 # and records each service's CPU and peak RSS per scenario, with the broker's
-# CPU and the whole machine's busy share.
+# CPU and peak RSS and the whole machine's busy share.
 # BENCH_SCENARIOS picks a subset (e.g. "max"); BENCH_OUT another output file.
 # BENCH_AUTH=1 runs the services with authentication on (the development key
 # set in dev/auth/, a development operator token for the load generator), to
@@ -31,10 +31,9 @@ source scripts/infra.sh
 
 orders=${BENCH_ORDERS:-60000}
 out=${BENCH_OUT:-BENCHMARKS.md}
-# Each hop waits for the consumer's fetch; tansu holds every fetch for the
-# full fetch.wait.max.ms, so the benchmark runs with the lowest (see
-# docs/performance.md). The load generator reads the same variable.
-export KAFKA_FETCH_WAIT_MS=${KAFKA_FETCH_WAIT_MS:-1}
+# Kafka answers a fetch as soon as data arrives: the wait only sets how
+# often an idle consumer asks again. The load generator reads it too.
+export KAFKA_FETCH_WAIT_MS=${KAFKA_FETCH_WAIT_MS:-100}
 ext_kafka=${KAFKA_BROKERS:-}
 ext_pg=${BENCH_DATABASE_URL:-${DATABASE_URL:-}}
 unset KAFKA_TOPIC_PREFIX
@@ -50,7 +49,7 @@ chmod 755 "$work"
 services=(order-service payment-service inventory-service)
 declare -A pids
 sys=""
-tansu_pid=""
+broker_pid=""
 psql=""
 if [ -n "$ext_pg" ]; then
   psql=$(psql_bin)
@@ -73,7 +72,7 @@ stop_system() {
     pids[$s]=""
   done
   if [ -n "$sys" ]; then
-    stop_pidfile "$sys/tansu.pid"
+    stop_kafka "$sys/kafka"
     stop_postgres "$sys/pg"
     if [ -n "$ext_pg" ] && [ -n "$psql" ]; then
       for s in "${services[@]}"; do
@@ -93,11 +92,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# start_system NAME: a fresh PostgreSQL (durable), tansu broker and the three
-# services on free ports. Every scenario gets its own: tansu's in-memory
-# store makes each fetch cost more the more batches a partition holds, so a
-# broker carried over from the previous scenario would slow the next one.
-# With external servers: fresh databases, topics and groups on them instead.
+# start_system NAME: a fresh PostgreSQL (durable), Kafka node and the three
+# services on free ports: every scenario starts from empty servers. With
+# external servers: fresh databases, topics and groups on them instead.
 start_system() {
   local s db p
   sys="$work/$1"
@@ -117,8 +114,8 @@ start_system() {
     export KAFKA_TOPIC_PREFIX="bench-$run_id-$1."
   else
     kafka_port=$(free_port)
-    start_tansu "$kafka_port" "$sys/tansu.log" "$sys/tansu.pid"
-    tansu_pid=$(cat "$sys/tansu.pid")
+    start_kafka "$sys/kafka" "$kafka_port"
+    broker_pid=$(cat "$sys/kafka/kafka.pid")
     brokers="127.0.0.1:$kafka_port"
   fi
   for s in "${services[@]}"; do
@@ -178,17 +175,20 @@ results=()
 run_scenario() {
   local name=$1
   shift
-  local db_what="PostgreSQL" broker_what="tansu"
+  local db_what="PostgreSQL" broker_what="Kafka"
   [ -z "$ext_pg" ] || db_what="databases on BENCH_DATABASE_URL"
   [ -z "$ext_kafka" ] || broker_what="topics on $ext_kafka"
   echo "    fresh system: $db_what, $broker_what, services"
   start_system "$name"
-  local before=() start end s i=0 tansu_before machine_before
+  local before=() start end s i=0 broker_before machine_before
   for s in "${services[@]}"; do
     reset_peak "${pids[$s]}"
     before+=("$(cpu_ticks "${pids[$s]}")")
   done
-  if [ -n "$tansu_pid" ]; then tansu_before=$(cpu_ticks "$tansu_pid"); fi
+  if [ -n "$broker_pid" ]; then
+    reset_peak "$broker_pid"
+    broker_before=$(cpu_ticks "$broker_pid")
+  fi
   machine_before=$(machine_ticks)
   start=$(date +%s.%N)
   if [ "$1" = "idle" ]; then
@@ -215,8 +215,8 @@ run_scenario() {
     usage+="$s $(cpu_share "${before[$i]}" "$(cpu_ticks "${pids[$s]}")")% CPU, peak RSS $(peak_rss_mib "${pids[$s]}") MiB; "
     i=$((i + 1))
   done
-  if [ -n "$tansu_pid" ]; then
-    usage+="broker (tansu) $(cpu_share "$tansu_before" "$(cpu_ticks "$tansu_pid")")% CPU; "
+  if [ -n "$broker_pid" ]; then
+    usage+="broker (Kafka) $(cpu_share "$broker_before" "$(cpu_ticks "$broker_pid")")% CPU, peak RSS $(peak_rss_mib "$broker_pid") MiB; "
   fi
   usage+="machine $(machine_ticks | awk -v before="$machine_before" '{split(before, a, " "); printf "%.0f", 100 * ($1 - a[1]) / ($2 - a[2])}')% busy; "
   results+=("$name|$work/$name.json|$books|$usage")
@@ -247,7 +247,7 @@ fi
 if [ -n "$ext_kafka" ]; then
   broker="the broker at KAFKA_BROKERS=$ext_kafka"
 else
-  broker="the tansu broker (in memory)"
+  broker="Apache Kafka $(kafka_version) (one KRaft node)"
 fi
 command="./scripts/bench.sh"
 [ "$auth" = 1 ] && command="BENCH_AUTH=1 $command"

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Runs the whole system on this machine without Docker:
-#   ./scripts/dev.sh up       PostgreSQL + tansu broker + the three services (release builds)
+#   ./scripts/dev.sh up       PostgreSQL + Apache Kafka + the three services (release builds)
 #   ./scripts/dev.sh down     stop everything (services get SIGTERM and drain)
 #   ./scripts/dev.sh status   what is running
-#   ./scripts/dev.sh logs [order-service|payment-service|inventory-service|postgres|broker]
+#   ./scripts/dev.sh logs [order-service|payment-service|inventory-service|postgres|kafka]
 #
 # Same configuration names as docker-compose.yml. Optional:
 #   DEV_PG_PORT (5432), DEV_KAFKA_PORT (9092): ports for the local PostgreSQL and broker
-#   KAFKA_BROKERS: use this broker instead of starting tansu
-# The local broker keeps its topics and group offsets in .dev/broker/tansu.db
-# and PostgreSQL its data in .dev/pg, so `down` then `up` resumes the orders
-# in flight. It needs tansu built with libsql: one built without it is
-# rebuilt (about 30 minutes, once per machine). The broker keeps consumer
-# groups across its restarts too, dead members included, so each service
-# joins as a static member (KAFKA_GROUP_INSTANCE_ID=dev-<service>; the prefix
-# is KAFKA_GROUP_INSTANCE_ID_PREFIX, for two checkouts on one broker) and takes
-# its old place back: as dynamic members, the restarted services got no
-# partitions at all.
+#   KAFKA_BROKERS: use this broker instead of starting Apache Kafka
+# Kafka keeps its log (topics, consumer-group offsets) in .dev/kafka and
+# PostgreSQL its data in .dev/pg, so `down` then `up` resumes the orders in
+# flight. Kafka runs on Java (17 or newer): its jars come from Maven Central
+# once per machine (scripts/infra.sh, kafka_home), and its CLI wrappers
+# (kafka-topics.sh, kafka-console-consumer.sh, kafka-consumer-groups.sh)
+# sit beside them; `up` prints where. Each service joins its group as a
+# static member (KAFKA_GROUP_INSTANCE_ID=dev-<service>; the prefix is
+# KAFKA_GROUP_INSTANCE_ID_PREFIX, for two checkouts on one broker), so a
+# service restarted within its session timeout takes its partitions back
+# without a rebalance.
 #   PAYMENT_LIMIT, PAYMENT_FAILURE_RATE, KAFKA_FETCH_WAIT_MS, RUST_LOG, LOG_FORMAT,
 #   OTEL_EXPORTER_OTLP_ENDPOINT, AUTH_JWKS_URL, AUTH_JWKS_FILE, AUTH_ISSUER,
 #   AUTH_AUDIENCE: passed to the services
@@ -50,6 +51,26 @@ db_of() {
   esac
 }
 
+# Kafka runs on Java: without it, say what to install and stop (no broker
+# is started in its place).
+need_java() {
+  if ! command -v java >/dev/null 2>&1; then
+    cat >&2 <<MSG
+error: Apache Kafka needs Java 17 or newer, and there is no java here.
+Install it (Debian/Ubuntu: sudo apt-get install default-jre-headless maven),
+or run everything in containers instead: docker compose up --build
+MSG
+    exit 1
+  fi
+  if ! command -v mvn >/dev/null 2>&1 && [ ! -f "${SAGA_KAFKA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/saga-kafka/$(kafka_version)}/.complete" ]; then
+    cat >&2 <<MSG
+error: Kafka's jars come from Maven Central through Maven, and there is no mvn here.
+Install it (Debian/Ubuntu: sudo apt-get install maven), or use: docker compose up --build
+MSG
+    exit 1
+  fi
+}
+
 up() {
   mkdir -p "$state/logs" "$state/pids"
   chmod 755 "$state"
@@ -64,12 +85,14 @@ up() {
     brokers=$KAFKA_BROKERS
   else
     brokers="127.0.0.1:$kafka_port"
-    if [ -f "$state/pids/broker" ] && kill -0 "$(cat "$state/pids/broker")" 2>/dev/null; then
-      echo "broker already running"
+    if [ -f "$state/kafka/kafka.pid" ] && kill -0 "$(cat "$state/kafka/kafka.pid")" 2>/dev/null; then
+      echo "Kafka already running"
     else
-      echo "==> tansu broker on $brokers (topics and offsets in .dev/broker/tansu.db)"
-      start_tansu_durable "$kafka_port" "$state/logs/broker.log" "$state/pids/broker" "$state/broker"
+      need_java
+      echo "==> Apache Kafka $(kafka_version) on $brokers (log in .dev/kafka)"
+      start_kafka "$state/kafka" "$kafka_port"
     fi
+    kafka_bin="$(kafka_home)/bin"
   fi
   if [ "${DEV_AUTH:-}" = 1 ]; then
     echo "==> authentication on, with the development key set (dev/auth/jwks.json)"
@@ -116,6 +139,13 @@ Try it:
 API docs (Swagger UI): http://localhost:3000/docs  http://localhost:3001/docs  http://localhost:3002/docs
 Logs: ./scripts/dev.sh logs order-service     Stop: ./scripts/dev.sh down
 MSG
+  if [ -n "${kafka_bin:-}" ]; then
+    cat <<MSG
+Kafka's CLI: $kafka_bin (kafka-topics.sh, kafka-console-consumer.sh, kafka-consumer-groups.sh)
+  $kafka_bin/kafka-console-consumer.sh --bootstrap-server $brokers --topic order-events \\
+    --from-beginning --property print.key=true --property print.headers=true
+MSG
+  fi
   if [ "${DEV_AUTH:-}" = 1 ]; then
     cat <<MSG
 Authentication is on: send a development token (never valid in production):
@@ -129,15 +159,16 @@ down() {
   for s in "${services[@]}"; do
     stop_pidfile "$state/pids/$s"
   done
-  stop_pidfile "$state/pids/broker"
+  stop_kafka "$state/kafka"
   stop_postgres "$state/pg"
-  echo "stopped (the database in .dev/pg and the broker's topics in .dev/broker stay; rm -rf .dev to start from scratch)"
+  echo "stopped (the database in .dev/pg and Kafka's topics in .dev/kafka stay; rm -rf .dev to start from scratch)"
 }
 
 status() {
   local name pidfile
-  for name in "${services[@]}" broker; do
+  for name in "${services[@]}" kafka; do
     pidfile="$state/pids/$name"
+    [ "$name" = kafka ] && pidfile="$state/kafka/kafka.pid"
     if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
       echo "$name: running (pid $(cat "$pidfile"))"
     else
@@ -151,6 +182,7 @@ logs() {
   local name=${1:-order-service}
   case $name in
     postgres) tail -f "$state/pg/postgres.log" ;;
+    kafka | broker) tail -f "$state/kafka/kafka.log" ;;
     *) tail -f "$state/logs/$name.log" ;;
   esac
 }

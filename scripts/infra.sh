@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared by scripts/test.sh, scripts/dev.sh and scripts/bench.sh: provide a
-# throwaway PostgreSQL cluster and a Kafka-protocol broker (tansu) on this
-# machine, without Docker. Source it; it defines functions only.
+# PostgreSQL cluster and Apache Kafka on this machine, without Docker.
+# Source it; it defines functions only.
 
 # Prints a free TCP port on 127.0.0.1.
 free_port() {
@@ -166,101 +166,269 @@ stop_postgres() {
   as_pg_user "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
 }
 
-# Path of the tansu binary, building it once per machine if missing
-# (cargo install: about 20-25 minutes on 2 cores).
-tansu_bin() {
-  local t
-  t=$(command -v tansu 2>/dev/null || true)
-  [ -z "$t" ] && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ] && t="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
-  if [ -z "$t" ]; then
-    echo "tansu (Kafka-compatible broker) not found; building it once with cargo install (about 20-25 minutes)" >&2
-    cargo install tansu --locked --features dynostore >&2 || return 1
-    t="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
-  fi
-  echo "$t"
+# ---------------------------------------------------------------------------
+# Apache Kafka, without Docker: the broker's jars come from Maven Central
+# (scripts/kafka/pom.xml pins the version) into a cache outside the tree,
+# once per machine; each broker is a KRaft node (broker and controller in one
+# process) with a directory of its own.
+
+# The repository's scripts/ directory (this file's), however it was sourced.
+infra_dir() {
+  cd "$(dirname "${BASH_SOURCE[0]}")" && pwd
 }
 
-# tansu_keeps_data BIN: whether BIN was built with the libsql feature, so
-# it can keep topics and group offsets in a SQLite file. Without it, tansu
-# refuses a sqlite:// storage engine at once (FeatureNotEnabled).
-tansu_keeps_data() {
-  local bin=$1 dir port pid ok=1
-  dir=$(mktemp -d "${TMPDIR:-/tmp}/tansu-probe.XXXXXX")
-  port=$(free_port)
-  env -u OTEL_EXPORTER_OTLP_ENDPOINT -C "$dir" RUST_LOG=error "$bin" broker \
-    --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine sqlite://probe.db >"$dir/log" 2>&1 &
-  pid=$!
-  if wait_for_port 127.0.0.1 "$port" 20 2>/dev/null && kill -0 "$pid" 2>/dev/null; then
-    ok=0
-  fi
-  kill "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  rm -rf "$dir"
-  return "$ok"
+# The Kafka version the project pins (scripts/kafka/pom.xml).
+kafka_version() {
+  sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$(infra_dir)/kafka/pom.xml"
 }
 
-# Path of a tansu that can keep its data on disk (for scripts/dev.sh). A
-# tansu built without libsql (what tansu_bin builds) is rebuilt with it,
-# never used in memory without saying so: about 30 minutes on 2 cores,
-# once per machine. The rebuilt binary serves the tests too.
-tansu_durable_bin() {
-  local t home=${CARGO_HOME:-$HOME/.cargo}
-  t=$(command -v tansu 2>/dev/null || true)
-  [ -z "$t" ] && [ -x "$home/bin/tansu" ] && t="$home/bin/tansu"
-  if [ -n "$t" ] && tansu_keeps_data "$t"; then
-    echo "$t"
+# need_command CMD PACKAGE: makes sure CMD is here (as root it installs
+# Debian's PACKAGE; otherwise it says what to install).
+need_command() {
+  command -v "$1" >/dev/null 2>&1 || apt_install "$1" "$2"
+}
+
+# The directory holding Apache Kafka's jars (libs/), a log4j configuration
+# and the CLI wrappers (bin/): $SAGA_KAFKA_HOME, or a cache at
+# ~/.cache/saga-kafka/<version>. The first call on a machine resolves the
+# jars with Maven (about 55 MiB, 10-40 s), installing Java and Maven from
+# Debian's packages when they are missing; later calls reuse the cache.
+kafka_home() {
+  local version dir tmp
+  version=$(kafka_version) || return 1
+  if [ -z "$version" ]; then
+    echo "error: no kafka.version in scripts/kafka/pom.xml" >&2
+    return 1
+  fi
+  dir=${SAGA_KAFKA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/saga-kafka/$version}
+  if [ -f "$dir/.complete" ]; then
+    echo "$dir"
     return 0
   fi
-  if [ -n "$t" ]; then
-    echo "tansu at $t was built without the libsql feature, so it cannot keep topics on disk;" >&2
-    echo "rebuilding it with cargo install tansu --locked --features dynostore,libsql (about 30 minutes, once)" >&2
-  else
-    echo "tansu (Kafka-compatible broker) not found; building it once with libsql (about 30 minutes)" >&2
-  fi
-  cargo install tansu --locked --features dynostore,libsql --force >&2 || return 1
-  t="$home/bin/tansu"
-  if ! tansu_keeps_data "$t"; then
-    echo "error: $t still cannot use a sqlite:// storage engine" >&2
-    return 1
-  fi
-  echo "$t"
-}
-
-# start_tansu_durable PORT LOGFILE PIDFILE DIR: a broker on 127.0.0.1:PORT
-# that keeps topics and group offsets in DIR/tansu.db across restarts.
-# (tansu takes the SQLite path relative to its working directory: an
-# absolute path after sqlite:// is mangled.)
-start_tansu_durable() {
-  local port=$1 log=$2 pidfile=$3 dir=$4 bin
-  bin=$(tansu_durable_bin) || return 1
+  need_command java default-jre-headless >&2 || return 1
+  need_command mvn maven >&2 || return 1
+  echo "==> fetching Apache Kafka $version's jars from Maven Central into $dir (once per machine)" >&2
   mkdir -p "$dir"
-  env -u OTEL_EXPORTER_OTLP_ENDPOINT -C "$dir" RUST_LOG=warn "$bin" broker \
-    --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine sqlite://tansu.db >"$log" 2>&1 &
-  echo $! >"$pidfile"
-  wait_for_port 127.0.0.1 "$port" 30 || {
-    cat "$log" >&2
+  tmp=$(mktemp -d "$dir/libs.XXXXXX")
+  if ! mvn -q -B -Dstyle.color=never -f "$(infra_dir)/kafka/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$tmp" >&2; then
+    rm -rf "$tmp"
+    echo "error: Maven could not resolve Apache Kafka $version (scripts/kafka/pom.xml)" >&2
+    return 1
+  fi
+  rm -rf "$dir/libs"
+  mv "$tmp" "$dir/libs"
+  kafka_write_support "$dir"
+  touch "$dir/.complete"
+  echo "==> Apache Kafka $version ready ($(du -sh "$dir/libs" | cut -f1) of jars)" >&2
+  echo "$dir"
+}
+
+# kafka_write_support DIR: the log4j configuration (warnings and errors to
+# standard error) and the CLI wrappers, named as Kafka's own bin/ scripts.
+kafka_write_support() {
+  local dir=$1 entry name class
+  mkdir -p "$dir/bin"
+  cat >"$dir/log4j2.properties" <<'LOG4J'
+status = warn
+appender.console.type = Console
+appender.console.name = STDERR
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.console.ref = STDERR
+# The broker says when it has started and when it shuts down.
+logger.server.name = kafka.server.KafkaRaftServer
+logger.server.level = info
+LOG4J
+  for entry in kafka-topics.sh:org.apache.kafka.tools.TopicCommand \
+    kafka-console-consumer.sh:org.apache.kafka.tools.consumer.ConsoleConsumer \
+    kafka-console-producer.sh:org.apache.kafka.tools.ConsoleProducer \
+    kafka-consumer-groups.sh:org.apache.kafka.tools.consumer.group.ConsumerGroupCommand \
+    kafka-leader-election.sh:org.apache.kafka.tools.LeaderElectionCommand \
+    kafka-metadata-quorum.sh:org.apache.kafka.tools.MetadataQuorumCommand \
+    kafka-storage.sh:kafka.tools.StorageTool; do
+    name=${entry%%:*}
+    class=${entry#*:}
+    cat >"$dir/bin/$name" <<WRAPPER
+#!/usr/bin/env bash
+# Apache Kafka's $name, run from the jars in $dir/libs.
+exec java \${KAFKA_CLI_OPTS:--Xmx256m -XX:TieredStopAtLevel=1} \\
+  -Dlog4j2.configurationFile="$dir/log4j2.properties" -cp "$dir/libs/*" $class "\$@"
+WRAPPER
+    chmod 755 "$dir/bin/$name"
+  done
+}
+
+# The JVM options of a broker: a small heap (KAFKA_HEAP_OPTS) and the G1
+# settings of Kafka's own scripts (KAFKA_JVM_PERFORMANCE_OPTS).
+kafka_jvm_opts() {
+  echo "${KAFKA_HEAP_OPTS:--Xms64m -Xmx384m} ${KAFKA_JVM_PERFORMANCE_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true}"
+}
+
+# A KRaft cluster ID: 16 random bytes, URL-safe base64 without padding,
+# never starting with '-' (which a command line would take for an option;
+# Kafka's own IDs avoid it too).
+kafka_cluster_id() {
+  python3 -c '
+import base64, uuid
+while True:
+    s = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not s.startswith("-"):
+        print(s)
+        break'
+}
+
+# kafka_configure DIR NODE_ID PORT CONTROLLER_PORT VOTERS [REPLICAS]:
+# writes DIR/server.properties for a combined broker+controller node that
+# listens on 127.0.0.1:PORT (clients) and CONTROLLER_PORT (the quorum);
+# VOTERS is controller.quorum.voters (id@host:port,...). REPLICAS (default
+# 1) is the cluster's size: the internal topics and new topics get that
+# many replicas, and min.insync.replicas is 2 once there are three.
+# KAFKA_EXTRA_CONFIG (lines of key=value) is appended.
+kafka_configure() {
+  local dir=$1 id=$2 port=$3 cport=$4 voters=$5 replicas=${6:-1} min_isr=1
+  if [ "$replicas" -ge 3 ]; then min_isr=2; fi
+  mkdir -p "$dir/data"
+  cat >"$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=$id
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=3
+default.replication.factor=$replicas
+min.insync.replicas=$min_isr
+offsets.topic.replication.factor=$replicas
+offsets.topic.num.partitions=3
+transaction.state.log.replication.factor=$replicas
+transaction.state.log.min.isr=$min_isr
+transaction.state.log.num.partitions=3
+share.coordinator.state.topic.replication.factor=$replicas
+share.coordinator.state.topic.min.isr=$min_isr
+# A new group forms at once instead of waiting 3 s for more members.
+group.initial.rebalance.delay.ms=0
+# The log cleaner's dedupe buffer is 128 MiB of heap by default; the only
+# compacted topic here is the small __consumer_offsets.
+log.cleaner.dedupe.buffer.size=2097152
+# Room for messages larger than the services' producers send (librdkafka
+# stops at 1,000,000 bytes): the tests produce such messages themselves.
+message.max.bytes=2097152
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+PROPS
+  if [ -n "${KAFKA_EXTRA_CONFIG:-}" ]; then
+    printf '%s\n' "$KAFKA_EXTRA_CONFIG" >>"$dir/server.properties"
+  fi
+}
+
+# kafka_format DIR CLUSTER_ID: formats DIR's log directory for the cluster.
+kafka_format() {
+  local dir=$1 cluster=$2 home
+  home=$(kafka_home) || return 1
+  java -Xmx256m -XX:TieredStopAtLevel=1 -Dlog4j2.configurationFile="$home/log4j2.properties" \
+    -cp "$home/libs/*" kafka.tools.StorageTool format --cluster-id="$cluster" \
+    -c "$dir/server.properties" --ignore-formatted >"$dir/format.log" 2>&1 || {
+    cat "$dir/format.log" >&2
     return 1
   }
 }
 
-# start_tansu PORT LOGFILE PIDFILE: an in-memory broker on 127.0.0.1:PORT.
-start_tansu() {
-  local port=$1 log=$2 pidfile=$3 bin
-  bin=$(tansu_bin) || return 1
-  # tansu reads OTEL_EXPORTER_OTLP_ENDPOINT too; keep its telemetry off.
-  env -u OTEL_EXPORTER_OTLP_ENDPOINT RUST_LOG=warn "$bin" broker \
-    --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine memory://tansu/ >"$log" 2>&1 &
-  echo $! >"$pidfile"
-  wait_for_port 127.0.0.1 "$port" 30 || {
-    cat "$log" >&2
-    return 1
-  }
+# kafka_port DIR: the client port of the node configured in DIR.
+kafka_port() {
+  sed -n 's|^advertised.listeners=PLAINTEXT://127.0.0.1:\([0-9]*\)$|\1|p' "$1/server.properties"
+}
+
+# kafka_run DIR: starts the node configured in DIR in the background (pid
+# in DIR/kafka.pid, output appended to DIR/kafka.log) and waits until its
+# client port answers: with a fixed port, Kafka opens it once it is ready.
+kafka_run() {
+  local dir=$1 home port pid waited=0
+  home=$(kafka_home) || return 1
+  port=$(kafka_port "$dir")
+  # A node killed a moment ago may hold its port until its last thread
+  # is gone: wait for that, but never start beside a live one.
+  while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+    waited=$((waited + 1))
+    if [ "$waited" -ge 50 ]; then
+      echo "error: 127.0.0.1:$port still answers: another process holds Kafka's port" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+  waited=0
+  # shellcheck disable=SC2046 # the options are words
+  nohup java $(kafka_jvm_opts) -Dlog4j2.configurationFile="$home/log4j2.properties" \
+    -cp "$home/libs/*" kafka.Kafka "$dir/server.properties" >>"$dir/kafka.log" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid" >"$dir/kafka.pid"
+  until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "error: Kafka in $dir exited while starting:" >&2
+      tail -n 30 "$dir/kafka.log" >&2
+      return 1
+    fi
+    sleep 0.2
+    waited=$((waited + 1))
+    if [ "$waited" -ge 600 ]; then
+      echo "error: Kafka in $dir not listening on 127.0.0.1:$port after 120 s:" >&2
+      tail -n 30 "$dir/kafka.log" >&2
+      return 1
+    fi
+  done
+}
+
+# start_kafka DIR PORT: a single Kafka node (broker and controller) for
+# clients on 127.0.0.1:PORT, keeping its log in DIR/data. A DIR that holds a
+# node already is started again as it was (its ports, its data): topics,
+# messages and consumer groups' offsets survive.
+start_kafka() {
+  local dir=$1 port=$2 cport
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    cport=$(free_port)
+    kafka_configure "$dir" 1 "$port" "$cport" "1@127.0.0.1:$cport" 1
+    kafka_format "$dir" "$(kafka_cluster_id)" || return 1
+  fi
+  kafka_run "$dir"
+}
+
+# start_kafka_cluster DIR PORT1 PORT2 PORT3: three nodes in DIR/node1..3,
+# each a broker and one of three controller voters, with replication factor
+# 3 and min.insync.replicas=2. Started again as they were when DIR holds them.
+start_kafka_cluster() {
+  local dir=$1 cluster voters="" i failed=0
+  local -a ports=("$2" "$3" "$4") cports=()
+  if [ ! -f "$dir/node1/data/meta.properties" ]; then
+    cluster=$(kafka_cluster_id)
+    for i in 0 1 2; do
+      cports[i]=$(free_port)
+      voters="$voters${voters:+,}$((i + 1))@127.0.0.1:${cports[i]}"
+    done
+    for i in 0 1 2; do
+      kafka_configure "$dir/node$((i + 1))" "$((i + 1))" "${ports[i]}" "${cports[i]}" "$voters" 3
+      kafka_format "$dir/node$((i + 1))" "$cluster" || return 1
+    done
+  fi
+  # No node serves clients before the quorum has a leader, which takes two
+  # voters: start the three together, then wait for each.
+  for i in 1 2 3; do
+    kafka_run "$dir/node$i" &
+  done
+  for i in 1 2 3; do
+    wait -n || failed=1
+  done
+  return "$failed"
+}
+
+# stop_kafka DIR: SIGTERM (a controlled shutdown), then SIGKILL after 10 s.
+stop_kafka() {
+  stop_pidfile "$1/kafka.pid"
 }
 
 stop_pidfile() {

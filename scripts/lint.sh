@@ -87,6 +87,12 @@ unpinned = [i for i in images if ":" not in i or i.endswith(":latest")]
 # A frozen patch tag gets no security rebuilds: PostgreSQL by major version.
 frozen = [i for i in images if re.match(r"postgres:\d+\.\d+", i)]
 unpinned += frozen
+# Compose runs the Kafka version the scripts and tests run (scripts/kafka/pom.xml).
+pinned = re.search(r"<kafka.version>(.*)</kafka.version>", open("scripts/kafka/pom.xml").read()).group(1)
+other = [i for i in images if i.startswith("apache/kafka:") and i != f"apache/kafka:{pinned}"]
+if other:
+    print(f"    FAIL: {other} differ from Kafka {pinned} in scripts/kafka/pom.xml", file=sys.stderr)
+    sys.exit(1)
 if missing or unpinned:
     print(f"    FAIL: missing {missing}, unpinned images {unpinned}", file=sys.stderr)
     sys.exit(1)

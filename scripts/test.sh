@@ -4,9 +4,9 @@
 #
 # Uses an existing database server when TEST_DATABASE_URL (or DATABASE_URL)
 # is set, and an existing broker when KAFKA_BROKERS is set; otherwise starts a
-# throwaway PostgreSQL cluster and an in-memory tansu broker, and removes them
-# afterwards. The chaos tests (tests/tests/chaos.rs) always start their own
-# PostgreSQL and tansu, since they stop, freeze and restart them.
+# throwaway PostgreSQL cluster and a throwaway Apache Kafka node, and removes
+# them afterwards. The chaos tests (tests/tests/chaos.rs) always start their
+# own PostgreSQL and Kafka, since they stop, freeze, kill and restart them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/infra.sh
@@ -16,7 +16,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/saga-test.XXXXXX")
 chmod 755 "$work"
 cleanup() {
   local rc=$?
-  stop_pidfile "$work/tansu.pid"
+  stop_kafka "$work/kafka"
   stop_postgres "$work/pg"
   rm -rf "$work"
   exit "$rc"
@@ -46,14 +46,18 @@ CHROMIUM_BIN=${CHROMIUM_BIN:-$(chromium_bin)}
 export CHROMIUM_BIN
 need_openssl
 
-# The chaos tests start brokers of their own (to freeze and restart them),
-# so tansu must be here even when KAFKA_BROKERS points at another broker.
-tansu_bin >/dev/null
+# The chaos tests start brokers of their own (to freeze, kill and restart
+# them), so Kafka's jars must be here even when KAFKA_BROKERS points at
+# another broker: fetched once per machine.
+KAFKA_HOME=$(kafka_home)
+export KAFKA_HOME
 
 if [ -z "${KAFKA_BROKERS:-}" ]; then
   kafka_port=$(free_port)
-  echo "==> starting an in-memory tansu broker on 127.0.0.1:$kafka_port"
-  start_tansu "$kafka_port" "$work/tansu.log" "$work/tansu.pid"
+  echo "==> starting a throwaway Apache Kafka $(kafka_version) on 127.0.0.1:$kafka_port"
+  started=$SECONDS
+  start_kafka "$work/kafka" "$kafka_port"
+  echo "==> Kafka answered after $((SECONDS - started)) s"
   KAFKA_BROKERS="127.0.0.1:$kafka_port"
 else
   echo "==> using the Kafka broker(s) at KAFKA_BROKERS=$KAFKA_BROKERS"
@@ -63,22 +67,18 @@ export RUST_LOG=${RUST_LOG:-warn}
 # Keep test telemetry local.
 unset OTEL_EXPORTER_OTLP_ENDPOINT
 
-# kafka-topics.sh against the test broker, where a Kafka CLI exists.
-if [ -x /opt/kafka/bin/kafka-topics.sh ] || [ -n "${KAFKA_HOME:-}" ] || [ -n "${KAFKA_TOPICS:-}" ] ||
-  command -v kafka-topics >/dev/null 2>&1; then
-  echo "==> kafka-topics.sh against $KAFKA_BROKERS"
-  prefix="topics-check-$$-"
-  BOOTSTRAP_SERVER=$KAFKA_BROKERS TOPIC_PREFIX=$prefix ./kafka-topics.sh >/dev/null
-  BOOTSTRAP_SERVER=$KAFKA_BROKERS TOPIC_PREFIX=$prefix ./kafka-topics.sh >"$work/topics.txt"
-  for t in order-events payment-events inventory-events; do
-    if ! grep -qx "$prefix$t" "$work/topics.txt" || ! grep -qx "$prefix$t.dlq" "$work/topics.txt"; then
-      echo "error: kafka-topics.sh did not create $prefix$t and its .dlq" >&2
-      exit 1
-    fi
-  done
-else
-  echo "==> skipping the kafka-topics.sh check: no Kafka CLI here (set KAFKA_HOME or KAFKA_TOPICS to run it)"
-fi
+# The repository's kafka-topics.sh against the test broker, through Apache
+# Kafka's own CLI (its wrappers sit in $KAFKA_HOME/bin).
+echo "==> kafka-topics.sh against $KAFKA_BROKERS"
+prefix="topics-check-$$-"
+BOOTSTRAP_SERVER=$KAFKA_BROKERS TOPIC_PREFIX=$prefix ./kafka-topics.sh >/dev/null
+BOOTSTRAP_SERVER=$KAFKA_BROKERS TOPIC_PREFIX=$prefix ./kafka-topics.sh >"$work/topics.txt"
+for t in order-events payment-events inventory-events; do
+  if ! grep -qx "$prefix$t" "$work/topics.txt" || ! grep -qx "$prefix$t.dlq" "$work/topics.txt"; then
+    echo "error: kafka-topics.sh did not create $prefix$t and its .dlq" >&2
+    exit 1
+  fi
+done
 
 echo "==> building ($(disk_free) free)"
 cargo build --workspace --all-targets --locked

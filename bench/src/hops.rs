@@ -52,10 +52,8 @@ pub struct Leg {
     pub latency: Latency,
 }
 
-/// Where each partition of the event topics ended before the run: at or
-/// before the end (tansu 0.6 answers `ListOffsets` with the last batch's
-/// first offset + 1, so a few earlier events may be read again; they belong
-/// to no order of this run).
+/// Where each partition of the event topics ended before the run (events
+/// read from there that belong to no order of this run are skipped).
 pub struct Marks(TopicPartitionList);
 
 /// One event as read back: its two clocks, in microseconds since the epoch.

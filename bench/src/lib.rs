@@ -456,8 +456,7 @@ async fn restock(http: &reqwest::Client, inventory_url: &str) -> anyhow::Result<
 }
 
 /// Where every partition of `topics` ends now, as the broker answers
-/// `ListOffsets` (tansu 0.6 answers short of the end when the last batch
-/// holds several records; see [`hops::Marks`]).
+/// `ListOffsets`.
 fn topic_ends<C: Consumer>(c: &C, topics: &[String]) -> anyhow::Result<TopicPartitionList> {
     let mut tpl = TopicPartitionList::new();
     for topic in topics {

@@ -156,7 +156,7 @@ impl App {
                 };
                 let event_loop = EventLoop {
                     service: cfg.service_name,
-                    consumer: Arc::new(subscription.connect(false)?),
+                    consumer: Arc::new(subscription.connect()?),
                     subscription,
                     pool: infra.background.clone(),
                     outbox: infra.outbox.clone(),

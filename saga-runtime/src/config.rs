@@ -73,9 +73,10 @@ pub struct KafkaConfig {
     /// `KAFKA_TOPIC_PREFIX`: prepended to every topic and consumer group, so
     /// isolated systems (or test runs) can share one broker. Default empty.
     pub topic_prefix: String,
-    /// `KAFKA_FETCH_WAIT_MS`: the consumer's `fetch.wait.max.ms` (default 5).
-    /// Some brokers (tansu) hold every fetch this long even when data
-    /// arrives, so it bounds each hop's latency.
+    /// `KAFKA_FETCH_WAIT_MS`: the consumer's `fetch.wait.max.ms` (default
+    /// 100). Kafka answers a fetch as soon as data arrives, so this only
+    /// sets how often an idle consumer asks again: shorter costs the broker
+    /// and the service CPU for nothing.
     pub fetch_wait_ms: u32,
     /// `KAFKA_PARTITIONS` for topics this service creates (default 3).
     pub partitions: i32,
@@ -98,7 +99,7 @@ impl KafkaConfig {
                     Err("only letters, digits, '-', '_' and '.' are allowed".into())
                 }
             })?,
-            fetch_wait_ms: parsed_with("KAFKA_FETCH_WAIT_MS", 5, |v| {
+            fetch_wait_ms: parsed_with("KAFKA_FETCH_WAIT_MS", 100, |v| {
                 if (1..=10_000).contains(v) {
                     Ok(())
                 } else {
@@ -161,8 +162,8 @@ pub struct ServiceConfig {
     /// Kafka, a stable ID per replica (a StatefulSet pod name, say) lets a
     /// replica restarted after a crash take its partitions back at once
     /// instead of waiting for a rebalance. Two live replicas must never
-    /// share one. Leave it unset on tansu 0.6, which never expires a static
-    /// member that died: its partitions would stay with the dead member.
+    /// share one. A static member that dies keeps its partitions until its
+    /// session times out (10 s) unless it comes back first.
     pub group_instance_id: Option<String>,
     /// `AUTH_JWKS_URL` / `AUTH_JWKS_FILE`, `AUTH_ISSUER`, `AUTH_AUDIENCE`:
     /// bearer-token authentication, off (`None`) unless a key set is given

@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -29,7 +29,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
-use crate::group::{GroupContext, REJOIN_AFTER, REPORT_AFTER};
+use crate::group::GroupContext;
 use crate::health::Health;
 use crate::kafka::{self, headers};
 use crate::outbox::Outbox;
@@ -148,8 +148,7 @@ impl Default for ConsumerOptions {
     }
 }
 
-/// What a service consumes, kept so that the loop can build a fresh
-/// consumer when its group membership is stuck (see [`crate::group`]).
+/// What a service consumes.
 #[derive(Debug, Clone)]
 pub struct Subscription {
     pub kafka: KafkaConfig,
@@ -167,16 +166,12 @@ pub type SagaConsumer = StreamConsumer<GroupContext>;
 
 impl Subscription {
     /// A new consumer in the service's group, subscribed to the topics; a
-    /// static member when the subscription has an instance ID and `fresh`
-    /// is false.
-    pub fn connect(&self, fresh: bool) -> anyhow::Result<SagaConsumer> {
+    /// static member when the subscription has an instance ID.
+    pub fn connect(&self) -> anyhow::Result<SagaConsumer> {
         let cfg = &self.kafka;
         let mut config = kafka::client_config(cfg, self.service);
-        match &self.instance_id {
-            Some(id) if !fresh => {
-                config.set("group.instance.id", id);
-            }
-            _ => {}
+        if let Some(id) = &self.instance_id {
+            config.set("group.instance.id", id);
         }
         let consumer: SagaConsumer = config
             .set("group.id", cfg.group_id(self.service))
@@ -207,7 +202,7 @@ impl Subscription {
 pub struct EventLoop<H> {
     pub service: &'static str,
     pub subscription: Subscription,
-    /// Shared with the lag watcher ([`crate::group::watch_lag`]).
+    /// Shared with the progress watcher ([`crate::group::watch_progress`]).
     pub consumer: Arc<SagaConsumer>,
     pub pool: PgPool,
     pub outbox: Outbox,
@@ -226,34 +221,24 @@ struct Item<'m> {
 /// Raised when shutdown interrupts a retry: the batch is left unacknowledged.
 struct Interrupted;
 
-/// The consumer's names in [`Health`]: waiting out a database outage, and
-/// not a settled member of its group.
+/// The consumer's name in [`Health`]: waiting out a database outage.
 pub(crate) const HEALTH_COMPONENT: &str = "consumer";
-const HEALTH_GROUP: &str = "consumer_group";
+
+/// A second fatal consumer error within this long stops the service (see
+/// [`EventLoop::replace_fenced_consumer`]).
+const FENCED_AGAIN: Duration = Duration::from_secs(60);
 
 impl<H: Handler> EventLoop<H> {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut poll_backoff = Duration::from_millis(100);
-        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
-        // The watcher holds the consumer only while it asks the broker, and
-        // ends with this loop (the set aborts it when dropped, e.g. when the
-        // service's task is aborted): a consumer kept alive by it would stay
-        // a member of the group and hold partitions nobody reads.
-        let (current, watched) = tokio::sync::watch::channel(Arc::downgrade(&self.consumer));
-        let mut lag_watch = tokio::task::JoinSet::new();
-        lag_watch.spawn(crate::group::watch_lag(
-            watched,
-            self.subscription.topics.clone(),
-            self.health.clone(),
-            shutdown.child_token(),
-        ));
+        // The watcher ends with this loop (the set aborts it when dropped,
+        // e.g. when the service's task is aborted), or with its consumer.
+        let mut progress = tokio::task::JoinSet::new();
+        progress.spawn(self.watch_progress(&shutdown));
+        let mut last_fatal: Option<std::time::Instant> = None;
         loop {
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
-                _ = watchdog.tick() => {
-                    self.watch_group(&current);
-                    continue;
-                }
                 _ = shutdown.cancelled() => break,
             };
             let first = match first {
@@ -267,11 +252,12 @@ impl<H: Handler> EventLoop<H> {
                         .get_or_create(&metrics::Metrics::service(self.service))
                         .inc();
                     if let Some(fatal) = kafka::fatal_error(self.consumer.client()) {
-                        // E.g. fenced by another member with this
-                        // group.instance.id: this consumer can never work
-                        // again. Returning ends the service (exit 1).
-                        tracing::error!(service = self.service, error = %fatal, "fatal Kafka consumer error; stopping");
-                        return;
+                        if !self.replace_fenced_consumer(&fatal, &mut last_fatal) {
+                            // Returning ends the service (exit 1).
+                            return;
+                        }
+                        progress.spawn(self.watch_progress(&shutdown));
+                        continue;
                     }
                     tracing::warn!(service = self.service, error = %e, "Kafka poll failed");
                     tokio::time::sleep(poll_backoff).await;
@@ -310,7 +296,7 @@ impl<H: Handler> EventLoop<H> {
                 .get_or_create(&labels)
                 .observe(started.elapsed().as_secs_f64());
         }
-        lag_watch.abort_all();
+        progress.abort_all();
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last commit is the usual reason.
             tracing::debug!(service = self.service, error = %e, "final offset commit");
@@ -318,49 +304,55 @@ impl<H: Handler> EventLoop<H> {
         self.consumer.unsubscribe();
     }
 
-    /// Reports a group join that has not settled to `/ready`, and rebuilds
-    /// the consumer once it has been stuck for [`REJOIN_AFTER`].
-    fn watch_group(&mut self, current: &tokio::sync::watch::Sender<Weak<SagaConsumer>>) {
-        let Some((age, state)) = self.consumer.context().stuck_for() else {
-            self.health.recover(HEALTH_GROUP);
-            return;
-        };
-        if age < REPORT_AFTER {
-            return;
+    /// The progress watcher of the current consumer (see [`crate::group`]).
+    fn watch_progress(&self, shutdown: &CancellationToken) -> impl Future<Output = ()> + Send {
+        crate::group::watch_progress(
+            Arc::downgrade(&self.consumer),
+            self.service,
+            self.subscription.topics.clone(),
+            shutdown.child_token(),
+        )
+    }
+
+    /// After a fatal consumer error: replaces the consumer with a new one
+    /// (same group, same `group.instance.id`) and returns true, unless the
+    /// last fatal error was less than [`FENCED_AGAIN`] ago.
+    ///
+    /// The only fatal consumer error is `FENCED_INSTANCE_ID`: the broker
+    /// gave this static member's instance ID to another member ID. That
+    /// happens to a lone replica too: when its session times out while the
+    /// broker is away, librdkafka rejoins under a new member ID, and a
+    /// heartbeat still queued under the old one is answered "fenced" once
+    /// the broker is back. A new consumer takes the ID back, and the outage
+    /// has been waited out. Two live replicas configured with the same ID
+    /// fence each other again at once, and that is a mistake a new consumer
+    /// cannot mend: the service stops (exit 1), saying so.
+    fn replace_fenced_consumer(
+        &mut self,
+        fatal: &str,
+        last_fatal: &mut Option<std::time::Instant>,
+    ) -> bool {
+        let now = std::time::Instant::now();
+        if last_fatal.is_some_and(|t| now.duration_since(t) < FENCED_AGAIN) {
+            tracing::error!(service = self.service, error = %fatal, instance_id = ?self.subscription.instance_id, "fatal Kafka consumer error again within {} s: another live replica probably uses the same KAFKA_GROUP_INSTANCE_ID; stopping", FENCED_AGAIN.as_secs());
+            return false;
         }
-        self.health.degrade(
-            HEALTH_GROUP,
-            format!(
-                "not a settled member of its group for {} s ({state})",
-                age.as_secs()
-            ),
-        );
-        if age < REJOIN_AFTER {
-            return;
-        }
-        tracing::error!(service = self.service, join_state = %state, stuck_s = age.as_secs(), "consumer stuck in its group; rebuilding the consumer as a new member");
-        // As a new, dynamic member even if the service is configured
-        // static: a broker may keep a stale static member under our
-        // instance ID (tansu 0.6 expires members only on joins without
-        // one), and a dynamic join lets it expire them.
-        match self.subscription.connect(true) {
+        *last_fatal = Some(now);
+        match self.subscription.connect() {
             Ok(fresh) => {
-                let old = std::mem::replace(&mut self.consumer, Arc::new(fresh));
-                current.send_replace(Arc::downgrade(&self.consumer));
+                tracing::error!(service = self.service, error = %fatal, "fatal Kafka consumer error; carrying on with a new consumer");
                 metrics::global()
-                    .consumer_rebuilds
+                    .consumer_replaced
                     .get_or_create(&metrics::Metrics::service(self.service))
                     .inc();
-                // Leave the group first: dropping a consumer waits until
-                // its close completes, which a hung coordinator can delay
-                // for good, and meanwhile it would still be a member that
-                // holds partitions nobody reads. Closing may wait on the
-                // broker; not on this task.
-                old.unsubscribe();
+                let old = std::mem::replace(&mut self.consumer, Arc::new(fresh));
+                // Closing may wait on the broker: not on this task.
                 tokio::task::spawn_blocking(move || drop(old));
+                true
             }
             Err(e) => {
-                tracing::error!(service = self.service, error = %format!("{e:#}"), "could not rebuild the consumer; will retry");
+                tracing::error!(service = self.service, error = %format!("{e:#}"), fatal, "fatal Kafka consumer error, and no new consumer could be made; stopping");
+                false
             }
         }
     }

@@ -1,69 +1,50 @@
-//! Watching a consumer's group membership from librdkafka's statistics.
+//! What a consumer's group membership and progress look like from outside:
+//! metrics, never actions.
 //!
-//! A consumer that lost its group session (a broker that stalled past the
-//! session timeout), or that joined beside its own dead predecessor (a
-//! replica restarted by its supervisor before the broker expired the
-//! crashed process), normally gets through a rebalance by itself. Some
-//! brokers (tansu 0.6) can leave such a join hanging for good, and the
-//! consumer then never receives a message again while everything else
-//! looks healthy. The consumer loop asks [`GroupContext::stuck_for`] once a
-//! second and rebuilds its consumer when the join has not settled for
-//! [`REJOIN_AFTER`]: a fresh client's join lets the broker expire the dead
-//! members and re-form the group.
+//! Group membership is the broker's business. A consumer that is slow (a
+//! batch held by a row lock, a slow database on one replica) stays a member
+//! for up to `max.poll.interval.ms`, and a rebalance waits for it, as Kafka
+//! intends; the service never leaves and rejoins on its own, because a
+//! rebalance that healthy replicas inflict on one another is an outage of
+//! their own making. What this module does instead is show progress:
 //!
-//! A join can also settle wrongly, or a settled consumer stop fetching:
-//! after a broker stalled past the session timeout, tansu 0.6 was seen to
-//! end a consumer's rejoin with the group "Stable", this consumer its only
-//! member, yet holding only some of the partitions (one of three, or
-//! none), and another consumer holding all its partitions but never
-//! receiving a message again. Either way partitions are read by nobody and
-//! everything looks healthy. [`watch_lag`] therefore also watches, while
-//! this consumer is settled and not itself waiting out an outage, the
-//! group's committed offsets on every partition of its topics: one with
-//! messages waiting whose committed offset does not move for
-//! [`UNREAD_AFTER`] is read by nobody, and that counts as stuck too (a
-//! rebuilt consumer's join re-forms the group, hands the partitions out
-//! again and fetches afresh). Partitions another live replica reads move,
-//! so the replicas of a healthy group leave each other alone.
-//!
-//! The same statistics give each assigned partition's lag (the high
-//! watermark minus the group's committed offset), published as
-//! `saga_consumer_lag{service, topic, partition}`. librdkafka serves its
-//! statistics only while the consumer is polled, so a consumer stuck in a
-//! batch (a lock, a slow database) would show a frozen lag just when it
-//! matters: [`watch_lag`] also asks the broker for each assigned partition's
-//! high watermark every few seconds from another thread, and the larger of
-//! the two figures counts. A partition this consumer no longer holds (a
-//! rebalance gave it to another replica, the consumer was rebuilt) leaves
-//! the gauge, so every replica reports only its own partitions.
+//! - `saga_consumer_lag{service, topic, partition}`: for each partition this
+//!   consumer holds, the high watermark minus the group's committed offset.
+//!   librdkafka serves its statistics only while the consumer is polled, so
+//!   a consumer stuck in a batch would show a frozen lag just when it
+//!   matters: [`watch_progress`] also asks the broker for the high
+//!   watermarks every [`WATCH_EVERY`] from another thread, and the larger
+//!   figure counts.
+//! - `saga_consumer_partition_stalled_seconds{service, topic, partition}`:
+//!   for every partition of the consumer's topics, held by this replica or
+//!   not, how long the group's committed offset has stood still while
+//!   messages wait after it ([`Progress`]). A partition nobody reads, or
+//!   whose reader is stuck, grows; the `SagaConsumerStalled` alert fires on
+//!   it.
+//! - `saga_consumer_rebalances_total{service}`: partition assignments this
+//!   consumer received, so that a rebalance nobody asked for shows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
 
 use crate::metrics::{self, LagLabels};
 
-/// How long a consumer's group join may stay unsettled before the consumer
-/// is rebuilt: two session timeouts, longer than a rebalance that is merely
-/// waiting for a dead member to expire.
-pub const REJOIN_AFTER: Duration = Duration::from_secs(20);
-
-/// How long before an unsettled join is reported on `/ready`.
-pub const REPORT_AFTER: Duration = Duration::from_secs(10);
-
 /// How often librdkafka reports statistics (`statistics.interval.ms`).
 pub const STATS_EVERY: Duration = Duration::from_secs(1);
 
-/// The consumer's librdkafka context: keeps the group's join state and
-/// publishes the lag of the partitions it holds.
+/// How often [`watch_progress`] asks the broker for offsets.
+pub const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// The consumer's librdkafka context: publishes the lag of the partitions
+/// it holds and counts its rebalances.
 #[derive(Debug)]
 pub struct GroupContext {
     service: &'static str,
-    state: Mutex<JoinState>,
     /// What is known of each assigned partition's offsets, and the lag
     /// gauges set from them last time.
     offsets: Mutex<Offsets>,
@@ -107,81 +88,11 @@ impl PartitionOffsets {
     }
 }
 
-#[derive(Debug)]
-struct JoinState {
-    /// librdkafka's `cgrp.join_state` (`steady` once assigned).
-    join_state: String,
-    /// Since when it has not been `steady`, if it is not.
-    unsettled_since: Option<Instant>,
-    /// Partitions assigned to this consumer (`cgrp.assignment_size`).
-    assignment_size: i32,
-    /// Since when a partition of the subscribed topics has had messages
-    /// waiting, with its committed offset unchanged, while this consumer
-    /// was settled; and which one.
-    unread: Option<(Instant, String)>,
-}
-
 impl GroupContext {
     pub fn new(service: &'static str) -> Self {
         Self {
             service,
-            state: Mutex::new(JoinState {
-                join_state: "init".to_owned(),
-                // Counts from creation: a consumer that never joins is stuck too.
-                unsettled_since: Some(Instant::now()),
-                assignment_size: 0,
-                unread: None,
-            }),
             offsets: Mutex::new(Offsets::default()),
-        }
-    }
-
-    /// How long the consumer has been stuck, if it is, and how: its group
-    /// join unsettled, or settled while a partition of its topics waits
-    /// unread (see the module's docs).
-    pub fn stuck_for(&self) -> Option<(Duration, String)> {
-        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(since) = s.unsettled_since {
-            return Some((since.elapsed(), s.join_state.clone()));
-        }
-        s.unread.as_ref().map(|(since, what)| {
-            (
-                since.elapsed(),
-                format!(
-                    "steady holding {} partitions while {what}, unread",
-                    s.assignment_size
-                ),
-            )
-        })
-    }
-
-    /// A settled member of its group.
-    pub fn settled(&self) -> bool {
-        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        s.unsettled_since.is_none()
-    }
-
-    /// What [`watch_lag`] found: `Some((since, what))` while a partition
-    /// waits for a reader, unread since `since`.
-    pub fn record_unread(&self, found: Option<(Instant, String)>) {
-        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        s.unread = found;
-    }
-
-    fn record(&self, join_state: &str, assignment_size: i32, now: Instant) {
-        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        s.assignment_size = assignment_size;
-        if join_state != "steady" {
-            s.unread = None;
-        }
-        if join_state == "steady" {
-            s.unsettled_since = None;
-        } else if s.unsettled_since.is_none() {
-            s.unsettled_since = Some(now);
-        }
-        if s.join_state != join_state {
-            tracing::debug!(from = %s.join_state, to = join_state, "consumer group join state");
-            s.join_state = join_state.to_owned();
         }
     }
 
@@ -254,47 +165,79 @@ impl GroupContext {
     }
 }
 
-/// How often [`watch_lag`] asks for high watermarks.
-pub const WATERMARKS_EVERY: Duration = Duration::from_secs(2);
+impl Drop for GroupContext {
+    fn drop(&mut self) {
+        let family = &metrics::global().consumer_lag;
+        let o = self
+            .offsets
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for gone in o.published.drain() {
+            family.remove(&gone);
+        }
+    }
+}
 
-/// How long a partition may wait, its committed offset unchanged, before
-/// it counts as read by nobody. The consumer is rebuilt when it has waited
-/// [`REJOIN_AFTER`].
-pub const UNREAD_AFTER: Duration = Duration::from_secs(10);
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        self.record_offsets(&statistics);
+    }
+}
 
-/// Asks the broker for the high watermark of every partition the current
-/// consumer holds, every [`WATERMARKS_EVERY`], until `shutdown`; the
-/// consumer in `current` may be replaced (rebuilt) meanwhile. While the
-/// consumer is settled and `health` reports nothing wrong with it, it also
-/// watches the group's committed offsets on every partition of `topics`
-/// (see the module's docs).
-pub async fn watch_lag<C>(
-    current: tokio::sync::watch::Receiver<Weak<C>>,
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                metrics::global()
+                    .consumer_rebalances
+                    .get_or_create(&metrics::Metrics::service(self.service))
+                    .inc();
+                tracing::info!(
+                    service = self.service,
+                    partitions = partitions.count(),
+                    "partitions assigned"
+                );
+            }
+            Rebalance::Revoke(partitions) => {
+                tracing::info!(
+                    service = self.service,
+                    partitions = partitions.count(),
+                    "partitions revoked"
+                );
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(service = self.service, error = %e, "rebalance failed");
+            }
+        }
+    }
+}
+
+/// Every [`WATCH_EVERY`] until `shutdown`: asks the broker for the high
+/// watermark of every partition `consumer` holds (for the lag gauge), and
+/// for the group's committed offset on every partition of `topics` (for
+/// the stalled gauge). Holds the consumer only while it asks, so that it
+/// never keeps a consumer alive, and a member of its group, after the loop
+/// that owns it ended.
+pub async fn watch_progress<C>(
+    consumer: Weak<C>,
+    service: &'static str,
     topics: Vec<String>,
-    health: crate::health::Health,
     shutdown: tokio_util::sync::CancellationToken,
 ) where
     C: rdkafka::consumer::Consumer<GroupContext> + Send + Sync + 'static,
 {
-    let mut every = tokio::time::interval(WATERMARKS_EVERY);
+    let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let waiting = std::sync::Arc::new(Mutex::new(Waiting::default()));
+    let progress = std::sync::Arc::new(Mutex::new(Progress::default()));
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let Some(consumer) = current.borrow().upgrade() else {
-            continue;
+        let Some(consumer) = consumer.upgrade() else {
+            return;
         };
-        let (topics, waiting) = (topics.clone(), waiting.clone());
-        // A consumer waiting out an outage holds its partitions still: the
-        // others' partitions standing still then says nothing about them.
-        // (Only the consumer's own outage counts: this watch's findings
-        // show on `/ready` too, under another name.)
-        let healthy = !health
-            .degraded()
-            .contains_key(crate::consumer::HEALTH_COMPONENT);
+        let (topics, progress) = (topics.clone(), progress.clone());
         // Blocking requests to the broker: off the runtime's threads.
         let asked = tokio::task::spawn_blocking(move || {
             for (topic, partition) in consumer.context().assigned() {
@@ -306,15 +249,10 @@ pub async fn watch_lag<C>(
                         .record_high_watermark(&topic, partition, high);
                 }
             }
-            let mut waiting = waiting.lock().unwrap_or_else(PoisonError::into_inner);
-            if healthy && consumer.context().settled() {
-                if let Some(offsets) = group_offsets(consumer.as_ref(), &topics) {
-                    let found = waiting.observe(offsets, Instant::now());
-                    consumer.context().record_unread(found);
-                }
-            } else {
-                *waiting = Waiting::default();
-                consumer.context().record_unread(None);
+            if let Some(offsets) = group_offsets(consumer.as_ref(), &topics) {
+                let mut progress = progress.lock().unwrap_or_else(PoisonError::into_inner);
+                let stalled = progress.observe(offsets, Instant::now());
+                publish_stalled(service, &stalled);
             }
         });
         tokio::select! {
@@ -324,8 +262,24 @@ pub async fn watch_lag<C>(
     }
 }
 
+/// Sets `saga_consumer_partition_stalled_seconds` for every partition.
+fn publish_stalled(service: &str, stalled: &HashMap<(String, i32), Duration>) {
+    let family = &metrics::global().consumer_stalled;
+    for ((topic, partition), for_how_long) in stalled {
+        let labels = LagLabels {
+            service: service.to_owned(),
+            topic: topic.clone(),
+            partition: partition.to_string(),
+        };
+        family
+            .get_or_create(&labels)
+            .set(i64::try_from(for_how_long.as_secs()).unwrap_or(i64::MAX));
+    }
+}
+
 /// The group's committed offset and the high watermark of every partition
-/// of `topics`, or `None` if the broker did not answer all of it.
+/// of `topics`, or `None` if the broker did not answer all of it. A
+/// partition the group never committed on counts from its first offset.
 fn group_offsets<C>(consumer: &C, topics: &[String]) -> Option<HashMap<(String, i32), (i64, i64)>>
 where
     C: rdkafka::consumer::Consumer<GroupContext>,
@@ -359,138 +313,142 @@ where
     Some(out)
 }
 
-/// Per partition: the committed offset last seen, and since when it has
-/// stood still with messages after it.
+/// Per partition: whether its group makes progress (see
+/// [`Progress::observe`]).
 #[derive(Debug, Default)]
-struct Waiting {
-    seen: HashMap<(String, i32), (i64, Instant)>,
+pub struct Progress {
+    seen: HashMap<(String, i32), Track>,
 }
 
-impl Waiting {
-    /// Takes `(committed, high)` per partition; returns the oldest
-    /// partition that has waited [`UNREAD_AFTER`] or more (since when,
-    /// and a description), if any.
-    fn observe(
+#[derive(Debug, Clone, Copy)]
+struct Track {
+    /// The committed offset last seen.
+    committed: i64,
+    /// The high watermark when the committed offset last moved (or was
+    /// first seen).
+    high_then: i64,
+    /// Since when messages have waited with the committed offset unchanged.
+    since: Option<Instant>,
+}
+
+impl Progress {
+    /// Takes `(committed, high)` per partition; returns, for each, how long
+    /// it has been stalled: its committed offset unchanged while messages
+    /// wait after it. A single record after the committed offset that was
+    /// already there when the offset last moved does not count: that is
+    /// how a partition ending in a transaction marker (a control record no
+    /// consumer ever receives, so its offset is never committed) looks at
+    /// rest. Anything written after the offset last moved, or more than
+    /// one record, counts.
+    pub fn observe(
         &mut self,
         offsets: HashMap<(String, i32), (i64, i64)>,
         now: Instant,
-    ) -> Option<(Instant, String)> {
-        let mut seen = HashMap::new();
-        let mut oldest: Option<(Instant, String)> = None;
-        for ((topic, partition), (committed, high)) in offsets {
-            if high <= committed {
-                continue;
-            }
-            let since = match self.seen.get(&(topic.clone(), partition)) {
-                Some(&(before, since)) if before == committed => since,
-                _ => now,
+    ) -> HashMap<(String, i32), Duration> {
+        let mut seen = HashMap::with_capacity(offsets.len());
+        let mut stalled = HashMap::with_capacity(offsets.len());
+        for (key, (committed, high)) in offsets {
+            let track = match self.seen.get(&key) {
+                Some(t) if t.committed == committed => *t,
+                _ => Track {
+                    committed,
+                    high_then: high,
+                    since: None,
+                },
             };
-            seen.insert((topic.clone(), partition), (committed, since));
-            if now.duration_since(since) >= UNREAD_AFTER
-                && oldest.as_ref().is_none_or(|(o, _)| since < *o)
-            {
-                oldest = Some((
-                    since,
-                    format!(
-                        "{topic}/{partition} has {} messages waiting at offset {committed}",
-                        high - committed
-                    ),
-                ));
-            }
+            let waiting = high > committed + 1 || (high > committed && high > track.high_then);
+            let since = if waiting {
+                Some(track.since.unwrap_or(now))
+            } else {
+                None
+            };
+            stalled.insert(
+                key.clone(),
+                since.map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
+            );
+            seen.insert(key, Track { since, ..track });
         }
         self.seen = seen;
-        oldest
+        stalled
     }
 }
-
-impl Drop for GroupContext {
-    fn drop(&mut self) {
-        let family = &metrics::global().consumer_lag;
-        let o = self
-            .offsets
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        for gone in o.published.drain() {
-            family.remove(&gone);
-        }
-    }
-}
-
-impl ClientContext for GroupContext {
-    fn stats(&self, statistics: Statistics) {
-        if let Some(cgrp) = &statistics.cgrp {
-            self.record(&cgrp.join_state, cgrp.assignment_size, Instant::now());
-        }
-        self.record_offsets(&statistics);
-    }
-}
-
-impl ConsumerContext for GroupContext {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn unsettled_until_steady_and_counted_from_the_first_unsettled_report() {
-        let ctx = GroupContext::new("test");
-        assert!(ctx.stuck_for().is_some(), "not joined yet");
-        ctx.record("steady", 1, Instant::now());
-        assert!(ctx.stuck_for().is_none());
-        let lost = Instant::now();
-        ctx.record("wait-join", 0, lost);
-        ctx.record("wait-sync", 0, Instant::now());
-        let (age, state) = ctx.stuck_for().expect("unsettled");
-        assert!(age >= lost.elapsed().saturating_sub(Duration::from_millis(1)));
-        assert_eq!(state, "wait-sync");
-        ctx.record("steady", 1, Instant::now());
-        assert!(ctx.stuck_for().is_none());
+    fn at(committed: i64, high: i64) -> HashMap<(String, i32), (i64, i64)> {
+        HashMap::from([(("t".to_owned(), 0), (committed, high))])
+    }
+
+    fn stalled(p: &mut Progress, committed: i64, high: i64, now: Instant) -> Duration {
+        p.observe(at(committed, high), now)[&("t".to_owned(), 0)]
     }
 
     #[test]
-    fn a_partition_waiting_with_its_committed_offset_still_counts_after_a_while() {
-        let mut w = Waiting::default();
+    fn a_partition_whose_offset_stands_still_with_messages_waiting_stalls() {
+        let mut p = Progress::default();
         let t0 = Instant::now();
-        let key = ("t".to_owned(), 0);
-        let at = |c, h| HashMap::from([(key.clone(), (c, h))]);
-        assert!(w.observe(at(5, 9), t0).is_none(), "just seen");
-        assert!(w.observe(at(5, 9), t0 + UNREAD_AFTER / 2).is_none());
-        let (since, what) = w
-            .observe(at(5, 12), t0 + UNREAD_AFTER)
-            .expect("waited long enough with the offset unchanged");
-        assert_eq!(since, t0);
-        assert!(
-            what.contains("t/0 has 7 messages waiting at offset 5"),
-            "{what}"
-        );
-        // The offset moved: someone reads it; counting starts again.
-        let t1 = t0 + UNREAD_AFTER * 2;
-        assert!(w.observe(at(6, 12), t1).is_none());
-        assert!(w.observe(at(6, 12), t1 + UNREAD_AFTER / 2).is_none());
+        let s = Duration::from_secs;
+        assert_eq!(stalled(&mut p, 5, 9, t0), Duration::ZERO, "just seen");
+        assert_eq!(stalled(&mut p, 5, 9, t0 + s(10)), s(10));
+        assert_eq!(stalled(&mut p, 5, 12, t0 + s(30)), s(30), "more arrived");
+        // The offset moved: someone reads it.
+        assert_eq!(stalled(&mut p, 6, 12, t0 + s(32)), Duration::ZERO);
+        assert_eq!(stalled(&mut p, 6, 12, t0 + s(40)), s(8));
         // Caught up: nothing waits.
-        assert!(w.observe(at(12, 12), t1 + UNREAD_AFTER * 3).is_none());
+        assert_eq!(stalled(&mut p, 12, 12, t0 + s(50)), Duration::ZERO);
+        assert_eq!(stalled(&mut p, 12, 12, t0 + s(500)), Duration::ZERO);
     }
 
     #[test]
-    fn a_partition_nobody_reads_makes_a_settled_consumer_stuck() {
-        let ctx = GroupContext::new("test");
-        ctx.record("steady", 1, Instant::now());
-        assert!(ctx.settled());
-        ctx.record_unread(Some((Instant::now(), "t/0 waits".into())));
-        let (_, why) = ctx
-            .stuck_for()
-            .expect("an unread partition counts as stuck");
-        assert!(
-            why.contains("holding 1 partitions while t/0 waits"),
-            "{why}"
+    fn a_busy_partition_whose_offset_keeps_moving_never_stalls() {
+        let mut p = Progress::default();
+        let t0 = Instant::now();
+        for i in 0..100 {
+            let now = t0 + Duration::from_secs(2 * i);
+            let committed = 10 * i64::try_from(i).unwrap_or(0);
+            assert_eq!(
+                stalled(&mut p, committed, committed + 7, now),
+                Duration::ZERO
+            );
+        }
+    }
+
+    #[test]
+    fn a_trailing_transaction_marker_on_an_idle_partition_is_not_a_stall() {
+        let mut p = Progress::default();
+        let t0 = Instant::now();
+        // The group committed 41 (after the last message, 40); offset 41 is
+        // the marker, so the high watermark is 42, for good.
+        stalled(&mut p, 30, 42, t0);
+        assert_eq!(
+            stalled(&mut p, 41, 42, t0 + Duration::from_secs(2)),
+            Duration::ZERO
         );
-        ctx.record_unread(None);
-        assert!(ctx.stuck_for().is_none());
-        // Rejoining clears it: the new join decides again.
-        ctx.record_unread(Some((Instant::now(), "t/0 waits".into())));
-        ctx.record("wait-join", 0, Instant::now());
-        ctx.record("steady", 3, Instant::now());
-        assert!(ctx.stuck_for().is_none());
+        let hours = t0 + Duration::from_secs(7200);
+        assert_eq!(stalled(&mut p, 41, 42, hours), Duration::ZERO);
+        // A message written after that is waited for.
+        assert_eq!(stalled(&mut p, 41, 43, hours), Duration::ZERO);
+        assert_eq!(
+            stalled(&mut p, 41, 43, hours + Duration::from_secs(20)),
+            Duration::from_secs(20)
+        );
+    }
+
+    #[test]
+    fn a_single_message_written_after_the_offset_moved_counts() {
+        let mut p = Progress::default();
+        let t0 = Instant::now();
+        assert_eq!(stalled(&mut p, 7, 7, t0), Duration::ZERO);
+        assert_eq!(
+            stalled(&mut p, 7, 8, t0 + Duration::from_secs(1)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            stalled(&mut p, 7, 8, t0 + Duration::from_secs(61)),
+            Duration::from_secs(60)
+        );
     }
 
     #[test]
@@ -509,7 +467,5 @@ mod tests {
         assert_eq!(p(-1001, -1001, 0, -1).lag(), Some(0));
         // No high watermark yet.
         assert_eq!(p(10, 0, -1001, -1).lag(), None);
-        // A watermark reported short (tansu) never makes it negative.
-        assert_eq!(p(10, 0, 8, -1).lag(), Some(0));
     }
 }

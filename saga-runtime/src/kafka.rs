@@ -164,10 +164,8 @@ pub mod headers {
 
 /// A consumer for reading topics outside any group's offsets (operator
 /// tools, tests): nothing is committed, and it reports reaching the end of
-/// each partition. The end is the high watermark the broker sends with each
-/// fetch answer; tansu 0.6's `ListOffsets` (what `fetch_watermarks` asks)
-/// answers short of the end whenever the last batch holds several records,
-/// so it is not used to decide when to stop reading.
+/// each partition: the high watermark the broker sends with each fetch
+/// answer, as of that answer.
 fn reader(cfg: &KafkaConfig) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
     client_config(cfg, "saga-reader")
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))

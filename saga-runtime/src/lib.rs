@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: environment variables, one clear line per mistake;
 //! - [`db`]: create-if-missing, connect, migrate (shared + service tables);
-//! - [`group`]: a consumer's group membership, and when to rebuild it;
+//! - [`group`]: a consumer's lag, stalled partitions and rebalances, as metrics;
 //! - [`outbox`]: transactional outbox and its relay to Kafka;
 //! - [`consumer`]: the idempotent, batched consumer loop with dead letters;
 //! - [`health`]: what background work reports to `/ready`;

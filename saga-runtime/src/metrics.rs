@@ -86,7 +86,8 @@ pub struct Metrics {
     pub handler_seconds: Histograms<HandlerLabels>,
     pub consumer_errors: Family<ServiceLabels, Counter>,
     pub consumer_retries: Family<ServiceLabels, Counter>,
-    pub consumer_rebuilds: Family<ServiceLabels, Counter>,
+    pub consumer_rebalances: Family<ServiceLabels, Counter>,
+    pub consumer_replaced: Family<ServiceLabels, Counter>,
     pub dead_lettered: Family<TopicLabels, Counter>,
     pub dead_letter_failed: Family<TopicLabels, Counter>,
     pub consumer_batch_size: Family<ServiceLabels, Histogram, fn() -> Histogram>,
@@ -100,6 +101,7 @@ pub struct Metrics {
     pub orders_cancelled: Family<CancelLabels, Counter>,
     pub orders_overdue: Family<ServiceLabels, Gauge>,
     pub consumer_lag: Family<LagLabels, Gauge>,
+    pub consumer_stalled: Family<LagLabels, Gauge>,
     pub auth_refused: Family<AuthLabels, Counter>,
 }
 
@@ -111,7 +113,8 @@ impl Metrics {
             handler_seconds: Family::new_with_constructor(latency_histogram),
             consumer_errors: Family::default(),
             consumer_retries: Family::default(),
-            consumer_rebuilds: Family::default(),
+            consumer_rebalances: Family::default(),
+            consumer_replaced: Family::default(),
             dead_lettered: Family::default(),
             dead_letter_failed: Family::default(),
             consumer_batch_size: Family::new_with_constructor(batch_size_histogram),
@@ -125,6 +128,7 @@ impl Metrics {
             orders_cancelled: Family::default(),
             orders_overdue: Family::default(),
             consumer_lag: Family::default(),
+            consumer_stalled: Family::default(),
             auth_refused: Family::default(),
             registry: Registry::default(),
         };
@@ -149,9 +153,14 @@ impl Metrics {
             m.consumer_retries.clone(),
         );
         registry.register(
-            "consumer_rebuilds",
-            "Kafka consumers rebuilt because their group join stayed unsettled",
-            m.consumer_rebuilds.clone(),
+            "consumer_rebalances",
+            "Partition assignments this consumer received from its group (one per rebalance it took part in)",
+            m.consumer_rebalances.clone(),
+        );
+        registry.register(
+            "consumer_replaced",
+            "Consumers replaced by a new one after a fatal error (a static member fenced after its session timed out while the broker was away)",
+            m.consumer_replaced.clone(),
         );
         registry.register(
             "dead_lettered_messages",
@@ -217,6 +226,11 @@ impl Metrics {
             "consumer_lag",
             "Messages in each partition this consumer holds that its group has not committed yet (high watermark minus committed offset)",
             m.consumer_lag.clone(),
+        );
+        registry.register(
+            "consumer_partition_stalled_seconds",
+            "How long the group's committed offset on each partition of this consumer's topics has stood still with messages waiting after it (0: progressing or caught up)",
+            m.consumer_stalled.clone(),
         );
         registry.register(
             "http_auth_refused",

@@ -82,6 +82,18 @@ static TELEMETRY: std::sync::OnceLock<saga_runtime::telemetry::TelemetryGuard> =
 /// How long a saga may take in tests before we call it stuck.
 pub const SAGA_DEADLINE: Duration = Duration::from_secs(60);
 
+/// The sum of every series of metric `name` in a Prometheus text
+/// exposition (0 when there is none).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Calls `probe` every `every` until it answers `Ok(value)`. An `Err(state)`
 /// means not yet; if that is still the answer at `SAGA_DEADLINE`, the last
 /// state goes to `stuck` to explain the failure.
@@ -450,10 +462,9 @@ impl System {
     }
 
     /// Waits until every running service's consumer holds all the
-    /// partitions of its topics (each shows in `saga_consumer_lag`). Call it
-    /// before stopping or crashing a service right after start: tansu 0.6
-    /// keeps a member that leaves in the middle of joining, and the
-    /// partitions it was given then stay unconsumed for good.
+    /// partitions of its topics (each shows in `saga_consumer_lag`): a test
+    /// that stops or crashes a service right after start then knows what
+    /// the group looked like before.
     pub async fn settle(&self) -> anyhow::Result<()> {
         for (w, topics) in [
             (Which::Order, order_service::SUBSCRIBES.len()),
@@ -717,6 +728,12 @@ impl TopicMessage {
 }
 
 /// Every message now in `topic`, read with the runtime's own reader.
+/// Every message of `topic` on the broker(s) at `brokers`, read from the
+/// start. Blocking.
+pub fn read_topic_at(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
+    read_all(brokers, topic)
+}
+
 fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
     let cfg = KafkaConfig {
         brokers: brokers.to_owned(),

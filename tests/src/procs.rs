@@ -1,12 +1,13 @@
-//! Real processes for fault tests: a PostgreSQL server and a tansu broker of
-//! the test's own (so they can be stopped, frozen and made read-only
-//! without touching other tests), and the three service binaries started
+//! Real processes for fault tests: a PostgreSQL server and an Apache Kafka
+//! node of the test's own (so they can be stopped, frozen, killed and made
+//! read-only without touching other tests), and the three service binaries started
 //! as child processes, so a crash is a real `kill -9` and a freeze a real
 //! `SIGSTOP`.
 //!
 //! The binaries are the ones `cargo build --workspace` put next to the test
-//! executable (`scripts/test.sh` builds them first). PostgreSQL is started
-//! through `scripts/infra.sh`, like every other script of the project.
+//! executable (`scripts/test.sh` builds them first). PostgreSQL and Kafka
+//! are started through `scripts/infra.sh`, like every other script of the
+//! project.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -154,87 +155,102 @@ impl Drop for Postgres {
     }
 }
 
-/// A tansu broker of the test's own, in memory.
+/// An Apache Kafka node of the test's own, started by `scripts/infra.sh`
+/// (`start_kafka`) with its log in a directory of the test's: it can be
+/// frozen, killed and started again on the same data and port.
 pub struct Broker {
-    child: Child,
+    dir: PathBuf,
     pub port: u16,
 }
 
 impl Broker {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let bin = tansu_bin()?;
-        let log = std::fs::File::create(dir.join("tansu.log"))?;
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{port}"),
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{port}"),
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let broker = Self { child, port };
-        wait_port(port, Duration::from_secs(30))?;
+        let broker = Self {
+            dir: dir.join("kafka"),
+            port: free_port()?,
+        };
+        broker.up()?;
         Ok(broker)
+    }
+
+    /// Starts the node (again, after [`Broker::kill9`] or [`Broker::down`])
+    /// on its port and data, and waits until it answers.
+    pub fn up(&self) -> anyhow::Result<()> {
+        infra_sh(&format!(
+            "start_kafka '{}' {}",
+            self.dir.display(),
+            self.port
+        ))
+    }
+
+    /// `SIGTERM`, as `stop_kafka` sends it: a controlled shutdown.
+    pub fn down(&self) -> anyhow::Result<()> {
+        infra_sh(&format!("stop_kafka '{}'", self.dir.display()))
     }
 
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
+    fn pid(&self) -> anyhow::Result<u32> {
+        let file = self.dir.join("kafka.pid");
+        std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{} holds no pid", file.display()))
+    }
+
     /// `SIGSTOP`: the broker holds every connection open and answers nothing.
     pub fn freeze(&self) -> anyhow::Result<()> {
-        signal(self.child.id(), Signal::SIGSTOP)
+        signal(self.pid()?, Signal::SIGSTOP)
     }
 
     pub fn thaw(&self) -> anyhow::Result<()> {
-        signal(self.child.id(), Signal::SIGCONT)
+        signal(self.pid()?, Signal::SIGCONT)
+    }
+
+    /// A real `kill -9`; returns once the process is gone.
+    pub fn kill9(&self) -> anyhow::Result<()> {
+        let pid = self.pid()?;
+        signal(pid, Signal::SIGKILL)?;
+        wait_gone(pid, Duration::from_secs(10))
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.thaw();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The tansu binary: on `PATH` or in cargo's bin directory
-/// (`scripts/test.sh` installs it when missing).
-pub fn tansu_bin() -> anyhow::Result<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
-        .unwrap_or_default();
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    if let Some(home) = cargo_home {
-        candidates.push(home.join("bin").join("tansu"));
-    }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .context("tansu not found: run the tests with ./scripts/test.sh, which installs it")
-}
-
-fn wait_port(port: u16, limit: Duration) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if started.elapsed() > limit {
-            bail!("nothing listening on 127.0.0.1:{port} after {limit:?}");
+        // The test's directory goes with it: no controlled shutdown needed.
+        if let Ok(pid) = self.pid() {
+            let _ = signal(pid, Signal::SIGCONT);
+            let _ = signal(pid, Signal::SIGKILL);
+            let _ = wait_gone(pid, Duration::from_secs(10));
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
+}
+
+/// Waits until process `pid` has exited with all its threads, so that
+/// its sockets are closed (a zombie left for its reaper counts as gone; a
+/// thread-group leader turns zombie before its other threads are gone).
+fn wait_gone(pid: u32, limit: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state is the field after the parenthesised command name.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+        match state {
+            None => return Ok(()),
+            Some('Z' | 'X') if threads <= 1 => return Ok(()),
+            _ => {}
+        }
+        if started.elapsed() > limit {
+            bail!("process {pid} still there {limit:?} after SIGKILL");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// One service replica running as a child process.
@@ -629,7 +645,8 @@ impl Cluster {
                     !l.starts_with('#')
                         && (l.contains("events_handled_total")
                             || l.contains("outbox_published_total")
-                            || l.contains("consumer_rebuilds")
+                            || l.contains("consumer_rebalances")
+                            || l.contains("consumer_partition_stalled")
                             || l.contains("consumer_lag")
                             || l.contains("consumer_errors")
                             || l.contains("outbox_publish_failures"))
@@ -643,6 +660,61 @@ impl Cluster {
             ));
         }
         out
+    }
+
+    /// `saga_consumer_rebalances_total` of every replica that answers, by
+    /// (service, replica): how many partition assignments each received.
+    pub async fn rebalance_counts(&self) -> Vec<(Which, usize, u64)> {
+        let mut out = Vec::new();
+        for r in &self.replicas {
+            let url = format!("http://127.0.0.1:{}/metrics", r.port);
+            let Ok(resp) = self.http.get(url).send().await else {
+                continue;
+            };
+            let text = resp.text().await.unwrap_or_default();
+            let count = crate::metric_sum(&text, "saga_consumer_rebalances_total");
+            // Counters are whole numbers.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            out.push((r.which, r.replica, count as u64));
+        }
+        out
+    }
+
+    /// The member IDs of each service's consumer group, as the broker
+    /// lists them (sorted): the same list later means nobody left or joined.
+    pub async fn group_members(&self) -> anyhow::Result<Vec<String>> {
+        let brokers = self.broker.address();
+        let groups: Vec<String> = [Which::Order, Which::Payment, Which::Inventory]
+            .iter()
+            .map(|w| format!("{}-{}", self.prefix, w.name()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()?;
+            let mut members = Vec::new();
+            for g in groups {
+                let list = consumer.fetch_group_list(Some(&g), Duration::from_secs(10))?;
+                for group in list.groups() {
+                    anyhow::ensure!(group.state() == "Stable", "group {g} is {}", group.state());
+                    members.extend(group.members().iter().map(|m| format!("{g}/{}", m.id())));
+                }
+            }
+            members.sort();
+            Ok(members)
+        })
+        .await?
+    }
+
+    /// The rebalance counts, as a line for a test's output.
+    pub async fn rebalances(&self) -> String {
+        let counts = self.rebalance_counts().await;
+        let each: Vec<String> = counts
+            .iter()
+            .map(|(w, r, n)| format!("{}-{r}: {n}", w.name()))
+            .collect();
+        format!("partition assignments: {}", each.join(", "))
     }
 
     /// What the broker says of each service's consumer group: its state and

@@ -6,15 +6,17 @@
 //! (order, event type) published under two event IDs, and no service that
 //! exited on its own.
 //!
-//! Runs one test at a time (`.config/nextest.toml`: each starts about
-//! eight processes). `CHAOS_ORDERS_PER_SEC` and `CHAOS_SECONDS` scale the
-//! load (defaults 20/s for 12 s of load around each fault).
+//! Runs one test at a time (each starts about eight processes, a Kafka
+//! node among them): [`one_at_a_time`] under `cargo test`, and a test
+//! group of one thread under nextest (`.config/nextest.toml`).
+//! `CHAOS_ORDERS_PER_SEC` and `CHAOS_SECONDS` scale the load (defaults
+//! 20/s for 12 s of load around each fault).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use saga_tests::procs::{Cluster, ClusterOptions};
 use saga_tests::Which;
 use serde_json::{json, Value};
@@ -81,6 +83,14 @@ impl Load {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await?
     }
+}
+
+/// Held for the whole of each test, so that two never run at once.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits for the tests running before this one to end.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().await
 }
 
 async fn start(replicas: usize) -> anyhow::Result<Arc<Cluster>> {
@@ -165,19 +175,10 @@ async fn verify(cluster: Arc<Cluster>, ids: &[String]) -> anyhow::Result<()> {
     );
     let events = cluster.check_no_double_events().await?;
     cluster.check_none_exited().await?;
-    let logs = cluster.logs(500).await;
-    let rebuilt: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("rebuilding the consumer"))
-        .collect();
     println!(
-        "chaos: {} orders, {events} events, audit: {last}; consumers rebuilt {} times{}",
+        "chaos: {} orders, {events} events, audit: {last}; {}",
         ids.len(),
-        rebuilt.len(),
-        rebuilt
-            .iter()
-            .map(|l| format!("\n  {l}"))
-            .collect::<String>()
+        cluster.rebalances().await
     );
     Ok(())
 }
@@ -187,6 +188,7 @@ async fn verify(cluster: Arc<Cluster>, ids: &[String]) -> anyhow::Result<()> {
 /// the broker still counts its dead self as a group member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_each_service_in_turn_under_load() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
     let cluster = start(1).await?;
     under_load(cluster, |cluster| async move {
         let mut probes = Vec::new();
@@ -237,6 +239,7 @@ async fn kill_and_restart(cluster: &Arc<Cluster>, which: Which) -> anyhow::Resul
 /// the session timeout and then woken (a zombie whose partitions moved).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_survive_a_killed_and_a_frozen_peer() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
     let cluster = start(2).await?;
     under_load(cluster, |cluster| async move {
         cluster.process(Which::Payment, 1).lock().await.kill9()?;
@@ -258,6 +261,7 @@ async fn replicas_survive_a_killed_and_a_frozen_peer() -> anyhow::Result<()> {
 /// PostgreSQL stopped (`pg_ctl -m fast`) under load, down for 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_stopped_for_ten_seconds_under_load() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
     let cluster = start(1).await?;
     under_load(cluster, |cluster| async move {
         cluster.pg.down()?;
@@ -273,6 +277,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() -> anyhow::Result<()> {
 /// services cannot work meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_read_only_for_ten_seconds_under_load() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
     let cluster = start(1).await?;
     under_load(cluster, |cluster| async move {
         cluster.pg.read_only(true).await?;
@@ -297,19 +302,12 @@ async fn database_read_only_for_ten_seconds_under_load() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The broker frozen (`SIGSTOP`) for longer than the session timeout.
-///
-/// On tansu 0.6 every consumer then finds its rejoin stuck (`wait-join` or
-/// `wait-sync`) and is rebuilt after 20 s; the rebuilt consumers' groups
-/// then often settle wrongly: a consumer holding only some of the
-/// partitions, or holding them all and never fetching again. Each consumer
-/// also watches its group's committed offsets and is rebuilt once a
-/// partition has had messages waiting, its offset unchanged, for 20 s
-/// (`saga_runtime::group`). Without that rule this test failed about one
-/// run in three (orders ended by their deadline with the payment never
-/// refunded); the run prints each rebuild and its reason.
+/// The broker frozen (`SIGSTOP`) for longer than the session timeout:
+/// every connection stays open and nothing answers, then every session
+/// has expired at once when it wakes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_frozen_past_the_session_timeout_under_load() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
     let cluster = start(1).await?;
     under_load(cluster, |cluster| async move {
         cluster.broker.freeze()?;
@@ -320,10 +318,281 @@ async fn broker_frozen_past_the_session_timeout_under_load() -> anyhow::Result<(
     .await
 }
 
+/// The broker killed (`kill -9`) under load and started again on its log
+/// directory: producers and consumers reconnect, the relay's unacknowledged
+/// rows are sent again (idempotence and the inbox absorb the copies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_killed_and_restarted_under_load() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
+    let cluster = start(1).await?;
+    under_load(cluster, |cluster| async move {
+        cluster.broker.kill9()?;
+        let killed = Instant::now();
+        cluster.broker.up()?;
+        println!(
+            "chaos: Kafka killed and answering again {:.1} s later",
+            killed.elapsed().as_secs_f64()
+        );
+        Ok(Vec::new())
+    })
+    .await
+}
+
+/// Two replicas of every service, left alone twice: idle for
+/// `CHAOS_IDLE_SECONDS` (default 120) after a transactional write ended
+/// `payment-events` with a commit marker (a record no consumer receives,
+/// so its offset is never committed), then one inventory replica held for
+/// 30 s in a batch behind a row lock while orders keep coming. Kafka keeps
+/// the groups as they are, and so must the services: the same members
+/// throughout, no rebalance, no partition reported stalled while idle, the
+/// other replica's partitions flowing during the lock, and every order
+/// ending once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_leave_each_other_alone_when_idle_and_behind_a_row_lock() -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let _serial = one_at_a_time().await;
+    let cluster = start(2).await?;
+    let sku = "CHAOS-LOCKED";
+    cluster.stock(sku, 1_000).await?;
+    let first = cluster.place("before-idle", &order_body(2)).await?;
+    cluster
+        .wait_all_terminal(std::slice::from_ref(&first), SETTLE)
+        .await?;
+    end_with_a_transaction_marker(&cluster, &first).await?;
+    // Both readers of payment-events took the copy for a duplicate.
+    saga_tests::poll(
+        Duration::from_millis(100),
+        || async {
+            let seen = duplicates_seen(&cluster).await?;
+            Ok(if seen >= 2.0 { Ok(()) } else { Err(seen) })
+        },
+        |seen| {
+            anyhow::anyhow!(
+                "the transactional copy was seen {seen} times as a duplicate, not twice"
+            )
+        },
+    )
+    .await?;
+    // Each group formed, both replicas in it.
+    let members = saga_tests::poll(
+        Duration::from_millis(200),
+        || async {
+            Ok(match cluster.group_members().await {
+                Ok(m) if m.len() == 6 => Ok(m),
+                Ok(m) => Err(format!("{} members: {m:?}", m.len())),
+                Err(e) => Err(format!("{e:#}")),
+            })
+        },
+        |last| anyhow::anyhow!("the groups did not settle with two members each: {last}"),
+    )
+    .await?;
+    let rebalances = cluster.rebalance_counts().await;
+
+    let idle = Duration::from_secs(env_or("CHAOS_IDLE_SECONDS", 120u64));
+    let idle_since = Instant::now();
+    while idle_since.elapsed() < idle {
+        // Idle time is the fault under test; meanwhile nothing may stall.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let stalled = stalled_total(&cluster).await?;
+        anyhow::ensure!(
+            stalled == 0.0,
+            "a partition of an idle, healthy group reported stalled ({stalled} s summed)\n{}",
+            cluster.probes().await
+        );
+    }
+    anyhow::ensure!(
+        cluster.group_members().await? == members,
+        "the groups' members changed while idle:\nbefore {members:?}\n{}",
+        cluster.groups().await
+    );
+    anyhow::ensure!(
+        cluster.rebalance_counts().await == rebalances,
+        "a rebalance while idle: {}",
+        cluster.rebalances().await
+    );
+
+    // One inventory replica stuck in a batch behind a row lock.
+    let db = cluster
+        .pg
+        .url(&format!("{}_inventory_service", cluster.prefix));
+    let mut blocker = sqlx::PgConnection::connect(&db).await?;
+    let mut tx = blocker.begin().await?;
+    sqlx::query("SELECT 1 FROM products WHERE sku = $1 FOR UPDATE")
+        .bind(sku)
+        .execute(&mut *tx)
+        .await?;
+    let locked_body = json!({"customer_id": "chaos-lock", "items": [
+        {"sku": sku, "quantity": 1, "unit_price": "5.00"}
+    ]});
+    let locked = cluster.place("behind-the-lock", &locked_body).await?;
+    let watcher = sqlx::PgPool::connect(&db).await?;
+    saga_tests::poll(
+        Duration::from_millis(50),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            .fetch_one(&watcher)
+            .await?;
+            Ok(if waiting > 0 { Ok(()) } else { Err(waiting) })
+        },
+        |_| anyhow::anyhow!("inventory never reached the locked row"),
+    )
+    .await?;
+    let lock_since = Instant::now();
+    let mut during = Vec::new();
+    let mut confirmed_during = 0usize;
+    let mut n = 0usize;
+    while lock_since.elapsed() < Duration::from_secs(30) {
+        during.push(
+            cluster
+                .place(&format!("during-lock-{n}"), &order_body(2))
+                .await?,
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await; // a steady trickle of orders
+        confirmed_during = count_terminal(&cluster, &during).await?;
+    }
+    let pending = count_terminal(&cluster, std::slice::from_ref(&locked)).await?;
+    tx.rollback().await?;
+    anyhow::ensure!(
+        pending == 0,
+        "the order behind the lock ended while the lock was held"
+    );
+    anyhow::ensure!(
+        confirmed_during > 0,
+        "no order placed during the lock ended: the unlocked replica's partitions did not flow\n{}",
+        cluster.probes().await
+    );
+    println!(
+        "chaos: {confirmed_during} of {} orders placed during the 30 s lock ended while it was held",
+        during.len()
+    );
+    let mut ids = vec![first, locked];
+    ids.extend(during);
+    verify(cluster.clone(), &ids).await?;
+    anyhow::ensure!(
+        cluster.group_members().await? == members,
+        "the groups' members changed behind the lock:\nbefore {members:?}\n{}",
+        cluster.groups().await
+    );
+    anyhow::ensure!(
+        cluster.rebalance_counts().await == rebalances,
+        "a rebalance behind the lock: {}",
+        cluster.rebalances().await
+    );
+    Ok(())
+}
+
+/// `saga_consumer_partition_stalled_seconds` summed over every replica.
+async fn stalled_total(cluster: &Cluster) -> anyhow::Result<f64> {
+    summed(cluster, |text| {
+        saga_tests::metric_sum(text, "saga_consumer_partition_stalled_seconds")
+    })
+    .await
+}
+
+/// Events every replica counted as duplicates.
+async fn duplicates_seen(cluster: &Cluster) -> anyhow::Result<f64> {
+    summed(cluster, |text| {
+        let lines: String = text
+            .lines()
+            .filter(|l| l.contains("outcome=\"duplicate\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        saga_tests::metric_sum(&lines, "saga_events_handled_total")
+    })
+    .await
+}
+
+/// `read` of every replica's `/metrics` (two of each service), summed.
+async fn summed(cluster: &Cluster, read: impl Fn(&str) -> f64) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for which in [Which::Order, Which::Payment, Which::Inventory] {
+        for replica in 0..2 {
+            let url = cluster.process(which, replica).lock().await.url("/metrics");
+            let text = cluster.http.get(url).send().await?.text().await?;
+            total += read(&text);
+        }
+    }
+    Ok(total)
+}
+
+/// How many of `ids` have ended.
+async fn count_terminal(cluster: &Cluster, ids: &[String]) -> anyhow::Result<usize> {
+    let mut ended = 0;
+    for id in ids {
+        let req = cluster
+            .http
+            .get(cluster.url(Which::Order, &format!("/orders/{id}")));
+        let order = cluster.send(Which::Order, req).await?.body;
+        if matches!(
+            order["status"].as_str(),
+            Some("CONFIRMED" | "FAILED" | "CANCELLED")
+        ) {
+            ended += 1;
+        }
+    }
+    Ok(ended)
+}
+
+/// Sends `order`'s `PaymentSucceeded` again, inside a Kafka transaction, so
+/// that `payment-events` ends with a commit marker: the consumers take the
+/// copy for the duplicate it is.
+async fn end_with_a_transaction_marker(cluster: &Cluster, order: &str) -> anyhow::Result<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let topic = format!("{}-payment-events", cluster.prefix);
+    let brokers = cluster.broker.address();
+    let order = order.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let messages = saga_tests::read_topic_at(&brokers, &topic)?;
+        let original = messages
+            .iter()
+            .find(|m| {
+                m.key.as_deref() == Some(order.as_str())
+                    && m.header("event_type") == Some("PaymentSucceeded")
+            })
+            .context("the order's PaymentSucceeded")?;
+        let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set(
+                "transactional.id",
+                format!("chaos-{}", uuid::Uuid::new_v4()),
+            )
+            .create()?;
+        let timeout = Duration::from_secs(30);
+        producer.init_transactions(timeout)?;
+        producer.begin_transaction()?;
+        let headers = original
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_str()),
+                })
+            });
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key(order.as_str())
+                    .payload(&original.payload)
+                    .partition(original.partition)
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)?;
+        producer.commit_transaction(timeout)?;
+        Ok::<(), anyhow::Error>(())
+    })
+    .await?
+}
+
 /// A service down for longer than any session timeout while orders keep
 /// coming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_service_down_past_the_session_timeout_while_orders_come() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
     let cluster = start(1).await?;
     under_load(cluster, |cluster| async move {
         let inventory = cluster.process(Which::Inventory, 0);
@@ -340,6 +609,7 @@ async fn a_service_down_past_the_session_timeout_while_orders_come() -> anyhow::
 /// holds, so its batch can neither finish nor free its connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_exits_zero_within_the_grace_period_with_work_stuck() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
     use sqlx::Connection;
     let cluster = start(1).await?;
     let db = cluster

@@ -717,8 +717,7 @@ async fn services_crashed_mid_saga_lose_nothing_after_restart() -> anyhow::Resul
     let mut sys = System::start().await?;
     sys.stock("SKU-C", 1000).await?;
     // One saga first, so every consumer has joined its group before the
-    // crashes: tansu keeps a member that dies in the middle of joining, and
-    // the partitions it was given stay unconsumed.
+    // crashes.
     let warm_up = sys
         .place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "2.00"}]))
         .await?;

@@ -40,7 +40,7 @@ struct Args {
     topic_prefix: String,
     /// `fetch.wait.max.ms` of the consumer that watches `order-events`
     /// (the services read the same variable).
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = 1)]
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = 100)]
     fetch_wait_ms: u32,
     /// How long to wait for outstanding sagas after the last send.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
