@@ -155,43 +155,21 @@ impl Drop for Postgres {
     }
 }
 
-/// An Apache Kafka node of the test's own, started by `scripts/infra.sh`
-/// (`start_kafka`) with its log in a directory of the test's: it can be
-/// frozen, killed and started again on the same data and port.
+/// Apache Kafka of the test's own, started by `scripts/infra.sh`: one node
+/// (`start_kafka`), or three (`start_kafka_cluster`: three controller
+/// voters, replication factor 3, `min.insync.replicas=2`), each with its
+/// log in a directory of the test's. A node can be frozen, killed and
+/// started again on the same data and port.
 pub struct Broker {
-    dir: PathBuf,
-    pub port: u16,
+    nodes: Vec<Node>,
 }
 
-impl Broker {
-    pub fn start(dir: &Path) -> anyhow::Result<Self> {
-        let broker = Self {
-            dir: dir.join("kafka"),
-            port: free_port()?,
-        };
-        broker.up()?;
-        Ok(broker)
-    }
+struct Node {
+    dir: PathBuf,
+    port: u16,
+}
 
-    /// Starts the node (again, after [`Broker::kill9`] or [`Broker::down`])
-    /// on its port and data, and waits until it answers.
-    pub fn up(&self) -> anyhow::Result<()> {
-        infra_sh(&format!(
-            "start_kafka '{}' {}",
-            self.dir.display(),
-            self.port
-        ))
-    }
-
-    /// `SIGTERM`, as `stop_kafka` sends it: a controlled shutdown.
-    pub fn down(&self) -> anyhow::Result<()> {
-        infra_sh(&format!("stop_kafka '{}'", self.dir.display()))
-    }
-
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
+impl Node {
     fn pid(&self) -> anyhow::Result<u32> {
         let file = self.dir.join("kafka.pid");
         std::fs::read_to_string(&file)
@@ -201,30 +179,164 @@ impl Broker {
             .with_context(|| format!("{} holds no pid", file.display()))
     }
 
-    /// `SIGSTOP`: the broker holds every connection open and answers nothing.
+    /// Whether the node's process runs (a zombie does not).
+    fn alive(&self) -> bool {
+        self.pid().is_ok_and(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            !matches!(
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next()),
+                None | Some('Z' | 'X')
+            )
+        })
+    }
+}
+
+impl Broker {
+    /// One node.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let node = Node {
+            dir: dir.join("kafka"),
+            port: free_port()?,
+        };
+        infra_sh(&format!(
+            "start_kafka '{}' {}",
+            node.dir.display(),
+            node.port
+        ))?;
+        Ok(Self { nodes: vec![node] })
+    }
+
+    /// Three nodes: three brokers and a quorum of three controllers.
+    pub fn start_three(dir: &Path) -> anyhow::Result<Self> {
+        let base = dir.join("kafka");
+        let mut nodes = Vec::new();
+        for i in 1..=3 {
+            nodes.push(Node {
+                dir: base.join(format!("node{i}")),
+                port: free_port()?,
+            });
+        }
+        infra_sh(&format!(
+            "start_kafka_cluster '{}' {} {} {}",
+            base.display(),
+            nodes[0].port,
+            nodes[1].port,
+            nodes[2].port
+        ))?;
+        Ok(Self { nodes })
+    }
+
+    /// Starts every node that is not running (after [`Broker::kill9`] or
+    /// [`Broker::down`]) on its port and data, and waits until it answers.
+    pub fn up(&self) -> anyhow::Result<()> {
+        for node in self.nodes.iter().filter(|n| !n.alive()) {
+            infra_sh(&format!("kafka_run '{}'", node.dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// `SIGTERM` to every node, as `stop_kafka` sends it: controlled shutdowns.
+    pub fn down(&self) -> anyhow::Result<()> {
+        for node in &self.nodes {
+            infra_sh(&format!("stop_kafka '{}'", node.dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The bootstrap servers: every node.
+    pub fn address(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `SIGSTOP` to every node: each holds its connections open and
+    /// answers nothing.
     pub fn freeze(&self) -> anyhow::Result<()> {
-        signal(self.pid()?, Signal::SIGSTOP)
+        for node in &self.nodes {
+            signal(node.pid()?, Signal::SIGSTOP)?;
+        }
+        Ok(())
     }
 
     pub fn thaw(&self) -> anyhow::Result<()> {
-        signal(self.pid()?, Signal::SIGCONT)
+        for node in &self.nodes {
+            signal(node.pid()?, Signal::SIGCONT)?;
+        }
+        Ok(())
     }
 
-    /// A real `kill -9`; returns once the process is gone.
+    /// A real `kill -9` of every node; returns once they are gone.
     pub fn kill9(&self) -> anyhow::Result<()> {
-        let pid = self.pid()?;
+        for id in 1..=self.nodes.len() {
+            self.kill9_node(i32::try_from(id)?)?;
+        }
+        Ok(())
+    }
+
+    /// A real `kill -9` of the node whose `node.id` is `id` (1, 2 or 3;
+    /// the node of a single-node broker is 1); returns once it is gone.
+    pub fn kill9_node(&self, id: i32) -> anyhow::Result<()> {
+        let node = usize::try_from(id - 1)
+            .ok()
+            .and_then(|i| self.nodes.get(i))
+            .with_context(|| format!("no Kafka node {id}"))?;
+        let pid = node.pid()?;
         signal(pid, Signal::SIGKILL)?;
         wait_gone(pid, Duration::from_secs(10))
+    }
+
+    /// Runs Apache Kafka's `kafka-leader-election.sh` for a preferred-leader
+    /// election of every partition, until it succeeds (a restarted node must
+    /// first be back in the partitions' in-sync replicas) or `limit` passes.
+    pub fn elect_preferred_leaders(&self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let tried = infra_sh(&format!(
+                "\"$(kafka_home)/bin/kafka-leader-election.sh\" --bootstrap-server {} \
+                 --election-type PREFERRED --all-topic-partitions",
+                self.address()
+            ));
+            match tried {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() > limit => {
+                    return Err(e.context(format!("no preferred-leader election in {limit:?}")))
+                }
+                Err(_) => std::thread::sleep(Duration::from_secs(1)),
+            }
+        }
+    }
+
+    /// The `node.id` leading `topic`/`partition`, as the metadata says.
+    pub fn leader(&self, topic: &str, partition: i32) -> anyhow::Result<i32> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.address())
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .find(|p| p.id() == partition)
+            .map(|p| p.leader())
+            .filter(|&l| l >= 0)
+            .with_context(|| format!("{topic}/{partition} has no leader"))
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
         // The test's directory goes with it: no controlled shutdown needed.
-        if let Ok(pid) = self.pid() {
-            let _ = signal(pid, Signal::SIGCONT);
-            let _ = signal(pid, Signal::SIGKILL);
-            let _ = wait_gone(pid, Duration::from_secs(10));
+        for node in &self.nodes {
+            if let Ok(pid) = node.pid() {
+                let _ = signal(pid, Signal::SIGCONT);
+                let _ = signal(pid, Signal::SIGKILL);
+                let _ = wait_gone(pid, Duration::from_secs(10));
+            }
         }
     }
 }
@@ -452,6 +564,8 @@ struct Replica {
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub replicas: usize,
+    /// Kafka nodes: 1, or 3 (replication factor 3, `min.insync.replicas=2`).
+    pub brokers: usize,
     /// Extra environment for every service process.
     pub env: Vec<(String, String)>,
 }
@@ -460,6 +574,7 @@ impl Default for ClusterOptions {
     fn default() -> Self {
         Self {
             replicas: 1,
+            brokers: 1,
             env: Vec::new(),
         }
     }
@@ -480,7 +595,11 @@ impl Cluster {
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         }
         let pg = Postgres::start(dir.path())?;
-        let broker = Broker::start(dir.path())?;
+        let broker = if opts.brokers >= 3 {
+            Broker::start_three(dir.path())?
+        } else {
+            Broker::start(dir.path())?
+        };
         let prefix = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let mut services = Vec::new();
         for which in [Which::Order, Which::Payment, Which::Inventory] {
@@ -492,6 +611,10 @@ impl Cluster {
                     ("DATABASE_MAX_CONNECTIONS", "5".into()),
                     ("KAFKA_BROKERS", broker.address()),
                     ("KAFKA_TOPIC_PREFIX", format!("{prefix}-")),
+                    (
+                        "KAFKA_REPLICATION_FACTOR",
+                        if opts.brokers >= 3 { "3" } else { "1" }.into(),
+                    ),
                     (
                         "KAFKA_GROUP_INSTANCE_ID",
                         format!("{}-{replica}", which.name()),

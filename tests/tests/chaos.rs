@@ -94,6 +94,11 @@ async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 async fn start(replicas: usize) -> anyhow::Result<Arc<Cluster>> {
+    start_with(replicas, 1).await
+}
+
+/// `replicas` of each service on `brokers` Kafka nodes (1 or 3).
+async fn start_with(replicas: usize, brokers: usize) -> anyhow::Result<Arc<Cluster>> {
     let env: Vec<(String, String)> = std::env::var("CHAOS_ENV")
         .ok()
         .map(|e| {
@@ -103,7 +108,12 @@ async fn start(replicas: usize) -> anyhow::Result<Arc<Cluster>> {
                 .collect()
         })
         .unwrap_or_default();
-    let cluster = Cluster::start(ClusterOptions { replicas, env }).await?;
+    let cluster = Cluster::start(ClusterOptions {
+        replicas,
+        brokers,
+        env,
+    })
+    .await?;
     cluster.stock("CHAOS-1", 1_000_000).await?;
     cluster.stock("CHAOS-RARE", 20).await?;
     Ok(Arc::new(cluster))
@@ -586,6 +596,70 @@ async fn end_with_a_transaction_marker(cluster: &Cluster, order: &str) -> anyhow
         Ok::<(), anyhow::Error>(())
     })
     .await?
+}
+
+/// Three Kafka nodes (three controller voters; topics with replication
+/// factor 3 and `min.insync.replicas=2`; producers `acks=all` and
+/// idempotent): under load, `kill -9` of the node that leads the busiest
+/// partition of `order-events`, down until its partitions have new leaders
+/// and 5 s more, then started again; once it is back in sync, a
+/// preferred-leader election moves leadership back to it. Nothing lost, nothing twice, every order final, the books clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_brokers_lose_the_busiest_leader_and_take_it_back_under_load() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
+    let cluster = start_with(1, 3).await?;
+    under_load(cluster, |cluster| async move {
+        let topic = format!("{}-order-events", cluster.prefix);
+        let (partition, leader) = {
+            let (brokers, read) = (cluster.broker.address(), topic.clone());
+            let messages =
+                tokio::task::spawn_blocking(move || saga_tests::read_topic_at(&brokers, &read))
+                    .await??;
+            let mut per_partition = std::collections::HashMap::<i32, usize>::new();
+            for m in &messages {
+                *per_partition.entry(m.partition).or_default() += 1;
+            }
+            let busiest = per_partition
+                .into_iter()
+                .max_by_key(|&(_, n)| n)
+                .map(|(p, _)| p)
+                .context("no message on order-events yet")?;
+            (busiest, cluster.broker.leader(&topic, busiest)?)
+        };
+        cluster.broker.kill9_node(leader)?;
+        let killed = Instant::now();
+        // The controller fences the node once its broker session expires
+        // (broker.session.timeout.ms, 9 s) and hands its partitions to
+        // in-sync followers.
+        let moved_to = saga_tests::poll(
+            Duration::from_millis(250),
+            || async {
+                let now = cluster.broker.leader(&topic, partition)?;
+                Ok(if now == leader { Err(now) } else { Ok(now) })
+            },
+            |_| anyhow::anyhow!("{topic}/{partition} still names the killed node {leader} as its leader"),
+        )
+        .await?;
+        let moved_after = killed.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await; // the fault goes on: two nodes of three
+        cluster.broker.up()?;
+        cluster
+            .broker
+            .elect_preferred_leaders(Duration::from_secs(90))?;
+        let back = cluster.broker.leader(&topic, partition)?;
+        println!(
+            "chaos: node {leader} (leading {topic}/{partition}) killed; leadership moved to node {moved_to} \
+             {:.1} s later, and back to node {back} {:.1} s after the kill",
+            moved_after.as_secs_f64(),
+            killed.elapsed().as_secs_f64()
+        );
+        anyhow::ensure!(
+            back == leader,
+            "the preferred-leader election left {topic}/{partition} with node {back}, not node {leader}"
+        );
+        Ok(Vec::new())
+    })
+    .await
 }
 
 /// A service down for longer than any session timeout while orders keep
