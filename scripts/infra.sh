@@ -319,6 +319,13 @@ log.cleaner.dedupe.buffer.size=2097152
 # Room for messages larger than the services' producers send (librdkafka
 # stops at 1,000,000 bytes): the tests produce such messages themselves.
 message.max.bytes=2097152
+# KIP-848 consumer groups (group.protocol=consumer): a member is dropped
+# after 10 s without a heartbeat, as classic members are here (the broker's
+# default is 45 s); heartbeats every 2 s.
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=10000
+group.consumer.min.heartbeat.interval.ms=1000
+group.consumer.heartbeat.interval.ms=2000
 num.network.threads=2
 num.io.threads=4
 num.recovery.threads.per.data.dir=1

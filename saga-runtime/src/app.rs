@@ -152,6 +152,7 @@ impl App {
                     kafka: cfg.kafka.clone(),
                     service: cfg.service_name,
                     instance_id: cfg.group_instance_id.clone(),
+                    protocol: cfg.group_protocol.clone(),
                     topics: topics.iter().map(|t| cfg.kafka.topic(t)).collect(),
                 };
                 let event_loop = EventLoop {

@@ -165,6 +165,9 @@ pub struct ServiceConfig {
     /// share one. A static member that dies keeps its partitions until its
     /// session times out (10 s) unless it comes back first.
     pub group_instance_id: Option<String>,
+    /// `KAFKA_GROUP_PROTOCOL` and `KAFKA_PARTITION_ASSIGNMENT_STRATEGY`:
+    /// how the consumer takes part in its group (see [`GroupProtocol`]).
+    pub group_protocol: GroupProtocol,
     /// `AUTH_JWKS_URL` / `AUTH_JWKS_FILE`, `AUTH_ISSUER`, `AUTH_AUDIENCE`:
     /// bearer-token authentication, off (`None`) unless a key set is given
     /// (see [`crate::auth`]).
@@ -208,8 +211,75 @@ impl ServiceConfig {
                 }
             })?),
             group_instance_id: group_instance_id()?,
+            group_protocol: GroupProtocol::from_env()?,
             auth: crate::auth::AuthConfig::from_env()?,
         })
+    }
+}
+
+/// How a consumer takes part in its group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupProtocol {
+    /// `KAFKA_GROUP_PROTOCOL=classic`: the members agree on an assignment
+    /// through the group's leader, with librdkafka's
+    /// `partition.assignment.strategy` (`KAFKA_PARTITION_ASSIGNMENT_STRATEGY`:
+    /// `cooperative-sticky` by default, which moves only the partitions that
+    /// must move; `range` or `roundrobin` stop every member for each
+    /// rebalance).
+    Classic { assignment_strategy: String },
+    /// `KAFKA_GROUP_PROTOCOL=consumer` (KIP-848, Kafka 4.0 and later): the
+    /// broker assigns partitions to members one by one; its session
+    /// timeout and heartbeat interval are the broker's
+    /// (`group.consumer.session.timeout.ms`).
+    Consumer,
+}
+
+impl Default for GroupProtocol {
+    fn default() -> Self {
+        Self::Classic {
+            assignment_strategy: "cooperative-sticky".to_owned(),
+        }
+    }
+}
+
+impl GroupProtocol {
+    fn from_env() -> Result<Self, ConfigError> {
+        const STRATEGIES: [&str; 3] = ["range", "roundrobin", "cooperative-sticky"];
+        let strategy = var("KAFKA_PARTITION_ASSIGNMENT_STRATEGY");
+        match var("KAFKA_GROUP_PROTOCOL").as_deref() {
+            None | Some("classic") => {
+                let Some(strategy) = strategy else {
+                    return Ok(Self::default());
+                };
+                let known = strategy
+                    .split(',')
+                    .all(|s| STRATEGIES.contains(&s.trim()));
+                if known {
+                    Ok(Self::Classic {
+                        assignment_strategy: strategy,
+                    })
+                } else {
+                    Err(ConfigError::Invalid {
+                        var: "KAFKA_PARTITION_ASSIGNMENT_STRATEGY".into(),
+                        value: strategy,
+                        reason: "must be range, roundrobin or cooperative-sticky (or a comma-separated list of the first two)".into(),
+                    })
+                }
+            }
+            Some("consumer") => match strategy {
+                None => Ok(Self::Consumer),
+                Some(value) => Err(ConfigError::Invalid {
+                    var: "KAFKA_PARTITION_ASSIGNMENT_STRATEGY".into(),
+                    value,
+                    reason: "the broker assigns partitions with KAFKA_GROUP_PROTOCOL=consumer: leave it unset".into(),
+                }),
+            },
+            Some(other) => Err(ConfigError::Invalid {
+                var: "KAFKA_GROUP_PROTOCOL".into(),
+                value: other.to_owned(),
+                reason: "must be classic or consumer".into(),
+            }),
+        }
     }
 }
 

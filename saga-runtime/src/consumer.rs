@@ -28,7 +28,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::KafkaConfig;
+use crate::config::{GroupProtocol, KafkaConfig};
 use crate::group::GroupContext;
 use crate::health::Health;
 use crate::kafka::{self, headers};
@@ -157,6 +157,7 @@ pub struct Subscription {
     /// (KIP-345) and, restarted under the same ID, takes its partitions
     /// back at once.
     pub instance_id: Option<String>,
+    pub protocol: crate::config::GroupProtocol,
     /// Real (prefixed) topic names.
     pub topics: Vec<String>,
 }
@@ -165,6 +166,17 @@ pub struct Subscription {
 pub type SagaConsumer = StreamConsumer<GroupContext>;
 
 impl Subscription {
+    /// A client for asking about the group's offsets (the progress watcher,
+    /// [`crate::group::watch_progress`]): the group's ID, never subscribed,
+    /// so never a member of it.
+    pub fn watcher(&self) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+        kafka::client_config(&self.kafka, self.service)
+            .set("group.id", self.kafka.group_id(self.service))
+            .set("enable.auto.commit", "false")
+            .create()
+            .context("creating the Kafka client that watches the group")
+    }
+
     /// A new consumer in the service's group, subscribed to the topics; a
     /// static member when the subscription has an instance ID.
     pub fn connect(&self) -> anyhow::Result<SagaConsumer> {
@@ -172,6 +184,21 @@ impl Subscription {
         let mut config = kafka::client_config(cfg, self.service);
         if let Some(id) = &self.instance_id {
             config.set("group.instance.id", id);
+        }
+        match &self.protocol {
+            GroupProtocol::Classic {
+                assignment_strategy,
+            } => {
+                config
+                    .set("group.protocol", "classic")
+                    .set("partition.assignment.strategy", assignment_strategy)
+                    .set("session.timeout.ms", "10000")
+                    .set("heartbeat.interval.ms", "1000");
+            }
+            // Session timeout and heartbeats are the broker's to set.
+            GroupProtocol::Consumer => {
+                config.set("group.protocol", "consumer");
+            }
         }
         let consumer: SagaConsumer = config
             .set("group.id", cfg.group_id(self.service))
@@ -182,8 +209,6 @@ impl Subscription {
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", cfg.fetch_wait_ms.to_string())
             .set("fetch.min.bytes", "1")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
             .set(
                 "statistics.interval.ms",
                 crate::group::STATS_EVERY.as_millis().to_string(),
@@ -297,21 +322,38 @@ impl<H: Handler> EventLoop<H> {
                 .observe(started.elapsed().as_secs_f64());
         }
         progress.abort_all();
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing stored since the last commit is the usual reason.
-            tracing::debug!(service = self.service, error = %e, "final offset commit");
+        // Closing commits what is stored and tells the group this member
+        // leaves (a dynamic one: its partitions move at once instead of
+        // after its session timeout). It waits on the broker: not on this
+        // task's thread, and the caller's grace period still bounds it.
+        let consumer = self.consumer;
+        let service = self.service;
+        let closed = tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                // Nothing stored since the last commit is the usual reason.
+                tracing::debug!(service, error = %e, "final offset commit");
+            }
+            drop(consumer);
+        });
+        if closed.await.is_err() {
+            tracing::warn!(service, "closing the Kafka consumer failed");
         }
-        self.consumer.unsubscribe();
     }
 
     /// The progress watcher of the current consumer (see [`crate::group`]).
     fn watch_progress(&self, shutdown: &CancellationToken) -> impl Future<Output = ()> + Send {
-        crate::group::watch_progress(
-            Arc::downgrade(&self.consumer),
-            self.service,
-            self.subscription.topics.clone(),
-            shutdown.child_token(),
-        )
+        let watcher = self.subscription.watcher();
+        let group = self.consumer.context().clone();
+        let topics = self.subscription.topics.clone();
+        let shutdown = shutdown.child_token();
+        async move {
+            match watcher {
+                Ok(watcher) => crate::group::watch_progress(group, watcher, topics, shutdown).await,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "no client to watch the group's progress: saga_consumer_partition_stalled_seconds stays unset");
+                }
+            }
+        }
     }
 
     /// After a fatal consumer error: replaces the consumer with a new one

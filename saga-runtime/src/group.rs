@@ -25,7 +25,7 @@
 //!   consumer received, so that a rebalance nobody asked for shows.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, PoisonError, Weak};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -213,46 +213,48 @@ impl ConsumerContext for GroupContext {
 }
 
 /// Every [`WATCH_EVERY`] until `shutdown`: asks the broker for the high
-/// watermark of every partition `consumer` holds (for the lag gauge), and
-/// for the group's committed offset on every partition of `topics` (for
-/// the stalled gauge). Holds the consumer only while it asks, so that it
-/// never keeps a consumer alive, and a member of its group, after the loop
-/// that owns it ended.
-pub async fn watch_progress<C>(
-    consumer: Weak<C>,
-    service: &'static str,
+/// watermark of every partition the consumer holds (what `group` says it
+/// holds; for the lag gauge), and for the group's committed offset on every
+/// partition of `topics` (for the stalled gauge). It asks through a client
+/// of its own (`watcher`: the group's ID, never subscribed, so never a
+/// member), never through the group's consumer: holding that one, even for
+/// a moment, could keep it alive past its loop's end, and its close is what
+/// tells the group it has left.
+pub async fn watch_progress(
+    group: std::sync::Arc<GroupContext>,
+    watcher: rdkafka::consumer::BaseConsumer,
     topics: Vec<String>,
     shutdown: tokio_util::sync::CancellationToken,
-) where
-    C: rdkafka::consumer::Consumer<GroupContext> + Send + Sync + 'static,
-{
+) {
+    use rdkafka::consumer::Consumer;
     let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watcher = std::sync::Arc::new(watcher);
     let progress = std::sync::Arc::new(Mutex::new(Progress::default()));
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let Some(consumer) = consumer.upgrade() else {
-            return;
-        };
-        let (topics, progress) = (topics.clone(), progress.clone());
+        let (group, watcher, topics, progress) = (
+            group.clone(),
+            watcher.clone(),
+            topics.clone(),
+            progress.clone(),
+        );
         // Blocking requests to the broker: off the runtime's threads.
         let asked = tokio::task::spawn_blocking(move || {
-            for (topic, partition) in consumer.context().assigned() {
+            for (topic, partition) in group.assigned() {
                 if let Ok((_, high)) =
-                    consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
+                    watcher.fetch_watermarks(&topic, partition, Duration::from_secs(1))
                 {
-                    consumer
-                        .context()
-                        .record_high_watermark(&topic, partition, high);
+                    group.record_high_watermark(&topic, partition, high);
                 }
             }
-            if let Some(offsets) = group_offsets(consumer.as_ref(), &topics) {
+            if let Some(offsets) = group_offsets(watcher.as_ref(), &topics) {
                 let mut progress = progress.lock().unwrap_or_else(PoisonError::into_inner);
                 let stalled = progress.observe(offsets, Instant::now());
-                publish_stalled(service, &stalled);
+                publish_stalled(group.service, &stalled);
             }
         });
         tokio::select! {
@@ -282,7 +284,7 @@ fn publish_stalled(service: &str, stalled: &HashMap<(String, i32), Duration>) {
 /// partition the group never committed on counts from its first offset.
 fn group_offsets<C>(consumer: &C, topics: &[String]) -> Option<HashMap<(String, i32), (i64, i64)>>
 where
-    C: rdkafka::consumer::Consumer<GroupContext>,
+    C: rdkafka::consumer::Consumer,
 {
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let timeout = Duration::from_secs(2);

@@ -684,6 +684,7 @@ fn service_config(prefix: &str, kafka: &KafkaConfig, w: Which) -> anyhow::Result
         kafka: kafka.clone(),
         shutdown_grace: Duration::from_secs(10),
         group_instance_id: None,
+        group_protocol: saga_runtime::config::GroupProtocol::default(),
         auth: None,
     })
 }
@@ -713,6 +714,8 @@ async fn launch(w: Which, mut config: ServiceConfig, options: Options) -> anyhow
 pub struct TopicMessage {
     pub partition: i32,
     pub offset: i64,
+    /// The message's Kafka timestamp (ms since the epoch), if it has one.
+    pub timestamp_ms: Option<i64>,
     pub key: Option<String>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, String)>,
@@ -749,6 +752,7 @@ fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
         .map(|m| TopicMessage {
             partition: m.partition(),
             offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
             headers: m

@@ -97,9 +97,10 @@ async fn start(replicas: usize) -> anyhow::Result<Arc<Cluster>> {
     start_with(replicas, 1).await
 }
 
-/// `replicas` of each service on `brokers` Kafka nodes (1 or 3).
-async fn start_with(replicas: usize, brokers: usize) -> anyhow::Result<Arc<Cluster>> {
-    let env: Vec<(String, String)> = std::env::var("CHAOS_ENV")
+/// `CHAOS_ENV` (`NAME=value,NAME=value`): extra environment for every
+/// service process.
+fn chaos_env() -> Vec<(String, String)> {
+    std::env::var("CHAOS_ENV")
         .ok()
         .map(|e| {
             e.split(',')
@@ -107,7 +108,12 @@ async fn start_with(replicas: usize, brokers: usize) -> anyhow::Result<Arc<Clust
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// `replicas` of each service on `brokers` Kafka nodes (1 or 3).
+async fn start_with(replicas: usize, brokers: usize) -> anyhow::Result<Arc<Cluster>> {
+    let env = chaos_env();
     let cluster = Cluster::start(ClusterOptions {
         replicas,
         brokers,
@@ -660,6 +666,140 @@ async fn three_brokers_lose_the_busiest_leader_and_take_it_back_under_load() -> 
         Ok(Vec::new())
     })
     .await
+}
+
+/// A measurement, not a check (run it by name with `--ignored`; see
+/// docs/performance.md): the pause orders see when a replica of
+/// payment-service leaves its group cleanly (SIGTERM), joins again, and is
+/// killed (`kill -9`, not restarted until the end), with two dynamic
+/// members per group and steady load. `CHAOS_ENV` picks the membership
+/// (`KAFKA_GROUP_PROTOCOL`, `KAFKA_PARTITION_ASSIGNMENT_STRATEGY`). Prints,
+/// for the orders created in each phase, the p50 and the worst saga time,
+/// from `order-events` (the `OrderCreated` and final events' Kafka
+/// timestamps); still ends with every chaos test's checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement: cargo test --test chaos -- --ignored --nocapture membership"]
+async fn membership_pauses_when_a_replica_leaves_joins_and_dies() -> anyhow::Result<()> {
+    let _serial = one_at_a_time().await;
+    let env = chaos_env();
+    let mut env_dynamic = env.clone();
+    env_dynamic.push(("KAFKA_GROUP_INSTANCE_ID".into(), String::new()));
+    let cluster = Cluster::start(ClusterOptions {
+        replicas: 2,
+        brokers: 1,
+        env: env_dynamic,
+    })
+    .await?;
+    cluster.stock("CHAOS-1", 1_000_000).await?;
+    cluster.stock("CHAOS-RARE", 20).await?;
+    let cluster = Arc::new(cluster);
+    let started = Instant::now();
+    let load = Load::start(&cluster);
+    let phase = Duration::from_secs(12);
+    let mut marks = vec![("steady", chrono::Utc::now())];
+    tokio::time::sleep(phase).await; // steady load first
+    let replica = cluster.process(Which::Payment, 1);
+    marks.push(("leaves (SIGTERM)", chrono::Utc::now()));
+    replica.lock().await.terminate(Duration::from_secs(15))?;
+    tokio::time::sleep(phase).await; // the group without it
+    marks.push(("joins again", chrono::Utc::now()));
+    replica.lock().await.restart(&cluster.http).await?;
+    tokio::time::sleep(phase).await; // the group with it again
+    let held = {
+        let url = replica.lock().await.url("/metrics");
+        let text = cluster.http.get(url).send().await?.text().await?;
+        text.lines()
+            .filter(|l| l.starts_with("saga_consumer_lag{"))
+            .count()
+    };
+    let described = describe_members(&cluster, "payment-service").await;
+    marks.push(("killed (kill -9)", chrono::Utc::now()));
+    replica.lock().await.kill9()?;
+    tokio::time::sleep(phase + Duration::from_secs(4)).await; // past the session timeout
+    let ids = load.finish().await?;
+    replica.lock().await.restart(&cluster.http).await?;
+    verify(cluster.clone(), &ids).await?;
+
+    let topic = format!("{}-order-events", cluster.prefix);
+    let brokers = cluster.broker.address();
+    let messages =
+        tokio::task::spawn_blocking(move || saga_tests::read_topic_at(&brokers, &topic)).await??;
+    let mut created = std::collections::HashMap::new();
+    let mut ended = std::collections::HashMap::new();
+    for m in &messages {
+        let (Some(key), Some(ts)) = (m.key.clone(), m.timestamp_ms) else {
+            continue;
+        };
+        match m.header("event_type") {
+            Some("OrderCreated") => {
+                created.insert(key, ts);
+            }
+            Some("OrderConfirmed" | "OrderFailed" | "OrderCancelled") => {
+                ended.entry(key).or_insert(ts);
+            }
+            _ => {}
+        }
+    }
+    let bounds: Vec<i64> = marks.iter().map(|(_, t)| t.timestamp_millis()).collect();
+    println!(
+        "membership ({}), {} orders over {:.0} s:",
+        if env.is_empty() {
+            "defaults".to_owned()
+        } else {
+            env.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for (i, (what, _)) in marks.iter().enumerate() {
+        let from = bounds[i];
+        let to = bounds.get(i + 1).copied().unwrap_or(i64::MAX);
+        let mut took: Vec<i64> = created
+            .iter()
+            .filter(|(_, &c)| c >= from && c < to)
+            .filter_map(|(k, &c)| ended.get(k).map(|&e| e - c))
+            .collect();
+        took.sort_unstable();
+        let p50 = took.get(took.len() / 2).copied().unwrap_or_default();
+        let worst = took.last().copied().unwrap_or_default();
+        println!(
+            "  {what:<18} {:>4} orders   p50 {p50:>6} ms   worst {worst:>6} ms",
+            took.len()
+        );
+    }
+    println!(
+        "  the killed replica reported lag for {held} partitions; {}\n  the group before the kill:\n{described}",
+        cluster.rebalances().await
+    );
+    Ok(())
+}
+
+/// `kafka-consumer-groups.sh --describe --members --verbose` of `service`'s
+/// group: who holds which partitions.
+async fn describe_members(cluster: &Cluster, service: &str) -> String {
+    let Some(home) = std::env::var_os("KAFKA_HOME") else {
+        return "(KAFKA_HOME not set)".into();
+    };
+    let tool = std::path::PathBuf::from(home).join("bin/kafka-consumer-groups.sh");
+    let args = [
+        "--bootstrap-server".to_owned(),
+        cluster.broker.address(),
+        "--describe".into(),
+        "--members".into(),
+        "--verbose".into(),
+        "--group".into(),
+        format!("{}-{service}", cluster.prefix),
+    ];
+    match tokio::task::spawn_blocking(move || std::process::Command::new(tool).args(args).output())
+        .await
+    {
+        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// A service down for longer than any session timeout while orders keep
