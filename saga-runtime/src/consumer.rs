@@ -157,7 +157,8 @@ pub struct Subscription {
     /// (KIP-345) and, restarted under the same ID, takes its partitions
     /// back at once.
     pub instance_id: Option<String>,
-    pub protocol: crate::config::GroupProtocol,
+    /// The group protocol and, for the classic one, the assignor.
+    pub protocol: GroupProtocol,
     /// Real (prefixed) topic names.
     pub topics: Vec<String>,
 }
@@ -257,7 +258,8 @@ impl<H: Handler> EventLoop<H> {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut poll_backoff = Duration::from_millis(100);
         // The watcher ends with this loop (the set aborts it when dropped,
-        // e.g. when the service's task is aborted), or with its consumer.
+        // e.g. when the service's task is aborted), or with its consumer
+        // when that is replaced.
         let mut progress = tokio::task::JoinSet::new();
         progress.spawn(self.watch_progress(&shutdown));
         let mut last_fatal: Option<std::time::Instant> = None;
@@ -281,6 +283,7 @@ impl<H: Handler> EventLoop<H> {
                             // Returning ends the service (exit 1).
                             return;
                         }
+                        progress.abort_all();
                         progress.spawn(self.watch_progress(&shutdown));
                         continue;
                     }
