@@ -94,6 +94,19 @@ up() {
     fi
     kafka_bin="$(kafka_home)/bin"
   fi
+  if [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then
+    echo "==> traces go to OTEL_EXPORTER_OTLP_ENDPOINT=$OTEL_EXPORTER_OTLP_ENDPOINT"
+  elif [ -f "$state/jaeger/jaeger.pid" ] && kill -0 "$(cat "$state/jaeger/jaeger.pid")" 2>/dev/null; then
+    echo "Jaeger already running"
+    export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318
+  elif command -v go >/dev/null 2>&1 || [ -n "${JAEGER_BIN:-}" ]; then
+    echo "==> Jaeger v2 on http://127.0.0.1:16686 (OTLP on 4317/4318; built once per machine, about 10 minutes)"
+    start_jaeger "$state/jaeger" 4317 4318 16686 16685
+    export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318
+  else
+    echo "warning: no Go here, so no Jaeger: the services run WITHOUT tracing." >&2
+    echo "warning: install Go 1.24+ (Debian: apt-get install golang-go) and run dev.sh up again, or use docker compose up." >&2
+  fi
   if [ "${DEV_AUTH:-}" = 1 ]; then
     echo "==> authentication on, with the development key set (dev/auth/jwks.json)"
     export AUTH_JWKS_FILE=$PWD/dev/auth/jwks.json AUTH_ISSUER=saga-dev AUTH_AUDIENCE=saga
@@ -159,6 +172,7 @@ down() {
   for s in "${services[@]}"; do
     stop_pidfile "$state/pids/$s"
   done
+  stop_jaeger "$state/jaeger"
   stop_kafka "$state/kafka"
   stop_postgres "$state/pg"
   echo "stopped (the database in .dev/pg and Kafka's topics in .dev/kafka stay; rm -rf .dev to start from scratch)"
@@ -166,9 +180,10 @@ down() {
 
 status() {
   local name pidfile
-  for name in "${services[@]}" kafka; do
+  for name in "${services[@]}" kafka jaeger; do
     pidfile="$state/pids/$name"
     [ "$name" = kafka ] && pidfile="$state/kafka/kafka.pid"
+    [ "$name" = jaeger ] && pidfile="$state/jaeger/jaeger.pid"
     if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
       echo "$name: running (pid $(cat "$pidfile"))"
     else
@@ -183,6 +198,7 @@ logs() {
   case $name in
     postgres) tail -f "$state/pg/postgres.log" ;;
     kafka | broker) tail -f "$state/kafka/kafka.log" ;;
+    jaeger) tail -f "$state/jaeger/jaeger.log" ;;
     *) tail -f "$state/logs/$name.log" ;;
   esac
 }

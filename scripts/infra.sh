@@ -438,6 +438,115 @@ stop_kafka() {
   stop_pidfile "$1/kafka.pid"
 }
 
+# ---------------------------------------------------------------------------
+# Jaeger v2 (the user's trace viewer), without Docker: built once per machine
+# from its Go module into a cache outside the tree.
+
+# The Jaeger release the project pins (the v1.75.0 module tag is Jaeger v2).
+JAEGER_MODULE_VERSION=v1.75.0
+
+# Path of a Jaeger v2 binary: $JAEGER_BIN, or the cache at
+# ~/.cache/saga-jaeger/<version>/jaeger, built there the first time with Go
+# (about 10 minutes on 2 cores, a 121 MB binary and 1.3 GB of Go module
+# cache). Fails, saying so, when Go is not installed.
+jaeger_bin() {
+  local dir build
+  if [ -n "${JAEGER_BIN:-}" ]; then
+    echo "$JAEGER_BIN"
+    return 0
+  fi
+  dir=${SAGA_JAEGER_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/saga-jaeger/$JAEGER_MODULE_VERSION}
+  if [ -x "$dir/jaeger" ]; then
+    echo "$dir/jaeger"
+    return 0
+  fi
+  if ! command -v go >/dev/null 2>&1; then
+    echo "error: Jaeger v2 is built from its Go module, and there is no go here (Debian: apt-get install golang-go, Go 1.24 or newer)" >&2
+    return 1
+  fi
+  echo "==> building Jaeger v2 ($JAEGER_MODULE_VERSION) into $dir once per machine (about 10 minutes)" >&2
+  mkdir -p "$dir"
+  build=$(mktemp -d "$dir/build.XXXXXX")
+  # A throwaway module: `go install pkg@version` refuses Jaeger's module
+  # because of its replace directives; `go get -tool` then `go build` works.
+  if ! (cd "$build" && go mod init saga-jaeger-build >/dev/null 2>&1 &&
+    go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_MODULE_VERSION" >&2 &&
+    go build -o "$dir/jaeger.tmp" github.com/jaegertracing/jaeger/cmd/jaeger >&2); then
+    rm -rf "$build"
+    echo "error: building Jaeger $JAEGER_MODULE_VERSION failed" >&2
+    return 1
+  fi
+  rm -rf "$build"
+  mv "$dir/jaeger.tmp" "$dir/jaeger"
+  echo "$dir/jaeger"
+}
+
+# start_jaeger DIR OTLP_GRPC OTLP_HTTP UI [QUERY_GRPC]: Jaeger v2 all-in-one
+# with in-memory storage, its OTLP receiver on 127.0.0.1:OTLP_GRPC (gRPC)
+# and OTLP_HTTP (HTTP), its UI and query API on 127.0.0.1:UI; pid in
+# DIR/jaeger.pid, output in DIR/jaeger.log. Waits until the UI answers.
+start_jaeger() {
+  local dir=$1 grpc=$2 http=$3 ui=$4 query_grpc=${5:-} bin pid
+  [ -n "$query_grpc" ] || query_grpc=$(free_port)
+  bin=$(jaeger_bin) || return 1
+  mkdir -p "$dir"
+  cat >"$dir/jaeger.yaml" <<YAML
+service:
+  extensions: [jaeger_storage, jaeger_query]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    metrics:
+      level: none
+    logs:
+      level: warn
+extensions:
+  jaeger_storage:
+    backends:
+      memstore:
+        memory:
+          max_traces: 100000
+  jaeger_query:
+    storage:
+      traces: memstore
+    http:
+      endpoint: 127.0.0.1:$ui
+    grpc:
+      endpoint: 127.0.0.1:$query_grpc
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:$grpc
+      http:
+        endpoint: 127.0.0.1:$http
+processors:
+  batch:
+    timeout: 200ms
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: memstore
+YAML
+  nohup "$bin" --config "$dir/jaeger.yaml" >>"$dir/jaeger.log" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid" >"$dir/jaeger.pid"
+  wait_for_port 127.0.0.1 "$ui" 60 || {
+    tail -n 30 "$dir/jaeger.log" >&2
+    return 1
+  }
+  wait_for_port 127.0.0.1 "$http" 30 || {
+    tail -n 30 "$dir/jaeger.log" >&2
+    return 1
+  }
+}
+
+stop_jaeger() {
+  stop_pidfile "$1/jaeger.pid"
+}
+
 stop_pidfile() {
   local pidfile=$1 pid
   [ -f "$pidfile" ] || return 0

@@ -52,6 +52,13 @@ need_openssl
 KAFKA_HOME=$(kafka_home)
 export KAFKA_HOME
 
+# The trace test sends the services' spans to a real Jaeger v2, built once
+# per machine from its Go module (about 10 minutes the first time).
+started=$SECONDS
+JAEGER_BIN=$(jaeger_bin)
+export JAEGER_BIN
+[ $((SECONDS - started)) -lt 5 ] || echo "==> Jaeger built in $((SECONDS - started)) s"
+
 if [ -z "${KAFKA_BROKERS:-}" ]; then
   kafka_port=$(free_port)
   echo "==> starting a throwaway Apache Kafka $(kafka_version) on 127.0.0.1:$kafka_port"

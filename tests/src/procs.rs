@@ -341,6 +341,50 @@ impl Drop for Broker {
     }
 }
 
+/// Jaeger v2 of the test's own (`start_jaeger` in `scripts/infra.sh`: the
+/// all-in-one binary with in-memory storage), on free ports.
+pub struct Jaeger {
+    dir: PathBuf,
+    /// OTLP over HTTP, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp_http: u16,
+    /// The UI and its query API (`/api/traces`).
+    pub ui: u16,
+}
+
+impl Jaeger {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let jaeger = Self {
+            dir: dir.join("jaeger"),
+            otlp_http: free_port()?,
+            ui: free_port()?,
+        };
+        infra_sh(&format!(
+            "start_jaeger '{}' {} {} {}",
+            jaeger.dir.display(),
+            free_port()?,
+            jaeger.otlp_http,
+            jaeger.ui
+        ))?;
+        Ok(jaeger)
+    }
+
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` for the services.
+    pub fn otlp_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.otlp_http)
+    }
+
+    /// The query API's URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ui)
+    }
+}
+
+impl Drop for Jaeger {
+    fn drop(&mut self) {
+        let _ = infra_sh(&format!("stop_jaeger '{}'", self.dir.display()));
+    }
+}
+
 /// Waits until process `pid` has exited with all its threads, so that
 /// its sockets are closed (a zombie left for its reaper counts as gone; a
 /// thread-group leader turns zombie before its other threads are gone).
@@ -394,9 +438,11 @@ impl ServiceProcess {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        // Telemetry goes only where the test says (not where the
+        // environment running the tests points).
         let child = Command::new(&self.bin)
-            .envs(&self.env)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(&self.env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
