@@ -212,10 +212,9 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// Every [`WATCH_EVERY`] until `shutdown`: asks the broker for the high
-/// watermark of every partition the consumer holds (what `group` says it
-/// holds; for the lag gauge), and for the group's committed offset on every
-/// partition of `topics` (for the stalled gauge). It asks through a client
+/// Every [`WATCH_EVERY`] until `shutdown`: asks the broker for the group's
+/// committed offset and the high watermark of every partition of `topics`,
+/// for the stalled gauge and for the lag of the partitions `group` holds. It asks through a client
 /// of its own (`watcher`: the group's ID, never subscribed, so never a
 /// member), never through the group's consumer: holding that one, even for
 /// a moment, could keep it alive past its loop's end, and its close is what
@@ -226,7 +225,6 @@ pub async fn watch_progress(
     topics: Vec<String>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use rdkafka::consumer::Consumer;
     let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let watcher = std::sync::Arc::new(watcher);
@@ -243,19 +241,20 @@ pub async fn watch_progress(
             progress.clone(),
         );
         // Blocking requests to the broker: off the runtime's threads.
+        // One round of questions serves both gauges: the high watermarks
+        // of the partitions held come from the same answers.
         let asked = tokio::task::spawn_blocking(move || {
-            for (topic, partition) in group.assigned() {
-                if let Ok((_, high)) =
-                    watcher.fetch_watermarks(&topic, partition, Duration::from_secs(1))
-                {
-                    group.record_high_watermark(&topic, partition, high);
+            let Some(offsets) = group_offsets(watcher.as_ref(), &topics) else {
+                return;
+            };
+            for key in group.assigned() {
+                if let Some(&(_, high)) = offsets.get(&key) {
+                    group.record_high_watermark(&key.0, key.1, high);
                 }
             }
-            if let Some(offsets) = group_offsets(watcher.as_ref(), &topics) {
-                let mut progress = progress.lock().unwrap_or_else(PoisonError::into_inner);
-                let stalled = progress.observe(offsets, Instant::now());
-                publish_stalled(group.service, &stalled);
-            }
+            let mut progress = progress.lock().unwrap_or_else(PoisonError::into_inner);
+            let stalled = progress.observe(offsets, Instant::now());
+            publish_stalled(group.service, &stalled);
         });
         tokio::select! {
             _ = asked => {}

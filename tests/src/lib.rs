@@ -82,6 +82,30 @@ static TELEMETRY: std::sync::OnceLock<saga_runtime::telemetry::TelemetryGuard> =
 /// How long a saga may take in tests before we call it stuck.
 pub const SAGA_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Runs one of Apache Kafka's tools from `$KAFKA_HOME/bin` (the wrappers
+/// `scripts/infra.sh` writes beside Kafka's jars; `scripts/test.sh`
+/// exports `KAFKA_HOME`): its standard output, or an error with both
+/// outputs.
+pub async fn kafka_tool(tool: &str, args: Vec<String>) -> anyhow::Result<String> {
+    let home = std::env::var_os("KAFKA_HOME").context(
+        "KAFKA_HOME is not set: run the tests with ./scripts/test.sh, which fetches Kafka and its CLI",
+    )?;
+    let path = std::path::PathBuf::from(home).join("bin").join(tool);
+    let out =
+        tokio::task::spawn_blocking(move || std::process::Command::new(&path).args(&args).output())
+            .await?
+            .with_context(|| format!("running {tool}"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} exited {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The sum of every series of metric `name` in a Prometheus text
 /// exposition (0 when there is none).
 pub fn metric_sum(text: &str, name: &str) -> f64 {
@@ -600,7 +624,7 @@ impl System {
     pub async fn read_topic(&self, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
         let brokers = self.kafka.brokers.clone();
         let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || read_all(&brokers, &topic)).await?
+        tokio::task::spawn_blocking(move || read_topic_at(&brokers, &topic)).await?
     }
 
     /// The messages of `topic` once there are at least `want`.
@@ -734,10 +758,6 @@ impl TopicMessage {
 /// Every message of `topic` on the broker(s) at `brokers`, read from the
 /// start. Blocking.
 pub fn read_topic_at(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
-    read_all(brokers, topic)
-}
-
-fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
     let cfg = KafkaConfig {
         brokers: brokers.to_owned(),
         topic_prefix: String::new(),

@@ -227,19 +227,11 @@ impl Broker {
         Ok(Self { nodes })
     }
 
-    /// Starts every node that is not running (after [`Broker::kill9`] or
-    /// [`Broker::down`]) on its port and data, and waits until it answers.
+    /// Starts every node that is not running (after [`Broker::kill9`]) on
+    /// its port and data, and waits until it answers.
     pub fn up(&self) -> anyhow::Result<()> {
         for node in self.nodes.iter().filter(|n| !n.alive()) {
             infra_sh(&format!("kafka_run '{}'", node.dir.display()))?;
-        }
-        Ok(())
-    }
-
-    /// `SIGTERM` to every node, as `stop_kafka` sends it: controlled shutdowns.
-    pub fn down(&self) -> anyhow::Result<()> {
-        for node in &self.nodes {
-            infra_sh(&format!("stop_kafka '{}'", node.dir.display()))?;
         }
         Ok(())
     }
@@ -1052,7 +1044,8 @@ impl Cluster {
             let topic = format!("{}-{t}", self.prefix);
             let brokers = self.broker.address();
             let messages =
-                tokio::task::spawn_blocking(move || crate::read_all(&brokers, &topic)).await??;
+                tokio::task::spawn_blocking(move || crate::read_topic_at(&brokers, &topic))
+                    .await??;
             for m in messages {
                 let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
                     bail!("unparseable message on {t}: {:?}", m.key);

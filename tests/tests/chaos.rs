@@ -780,11 +780,7 @@ async fn membership_pauses_when_a_replica_leaves_joins_and_dies() -> anyhow::Res
 /// `kafka-consumer-groups.sh --describe --members --verbose` of `service`'s
 /// group: who holds which partitions.
 async fn describe_members(cluster: &Cluster, service: &str) -> String {
-    let Some(home) = std::env::var_os("KAFKA_HOME") else {
-        return "(KAFKA_HOME not set)".into();
-    };
-    let tool = std::path::PathBuf::from(home).join("bin/kafka-consumer-groups.sh");
-    let args = [
+    let args = vec![
         "--bootstrap-server".to_owned(),
         cluster.broker.address(),
         "--describe".into(),
@@ -793,13 +789,9 @@ async fn describe_members(cluster: &Cluster, service: &str) -> String {
         "--group".into(),
         format!("{}-{service}", cluster.prefix),
     ];
-    match tokio::task::spawn_blocking(move || std::process::Command::new(tool).args(args).output())
+    saga_tests::kafka_tool("kafka-consumer-groups.sh", args)
         .await
-    {
-        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout).into_owned(),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => e.to_string(),
-    }
+        .unwrap_or_else(|e| format!("{e:#}"))
 }
 
 /// A service down for longer than any session timeout while orders keep

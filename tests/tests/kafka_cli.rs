@@ -5,37 +5,12 @@
 //! `scripts/infra.sh` writes beside Kafka's jars (`$KAFKA_HOME/bin`, which
 //! `scripts/test.sh` exports).
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use saga_tests::{poll, System};
+use anyhow::Context;
+use saga_tests::{kafka_tool, poll, System};
 
-/// `$KAFKA_HOME/bin`.
-fn kafka_bin() -> anyhow::Result<PathBuf> {
-    let home = std::env::var_os("KAFKA_HOME")
-        .context("KAFKA_HOME is not set: run the tests with ./scripts/test.sh, which fetches Kafka and its CLI")?;
-    Ok(PathBuf::from(home).join("bin"))
-}
-
-/// Runs one of Kafka's tools; its standard output, or an error with both.
-async fn run(tool: &str, args: Vec<String>) -> anyhow::Result<String> {
-    let path = kafka_bin()?.join(tool);
-    let out = tokio::task::spawn_blocking(move || Command::new(&path).args(&args).output())
-        .await?
-        .with_context(|| format!("running {tool}"))?;
-    if !out.status.success() {
-        bail!(
-            "{tool} exited {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
+/// Owned arguments for [`kafka_tool`].
 fn owned(args: &[&str]) -> Vec<String> {
     args.iter().map(|&a| a.to_owned()).collect()
 }
@@ -54,7 +29,7 @@ async fn kafkas_console_consumer_and_group_tool_show_the_saga() -> anyhow::Resul
     // The README's tail: every event of the order, keyed by its ID, with
     // its headers.
     let topic = sys.topic("order-events");
-    let tail = run(
+    let tail = kafka_tool(
         "kafka-console-consumer.sh",
         owned(&[
             "--bootstrap-server",
@@ -115,7 +90,7 @@ async fn kafkas_console_consumer_and_group_tool_show_the_saga() -> anyhow::Resul
     poll(
         Duration::from_millis(500),
         || async move {
-            let described = run("kafka-consumer-groups.sh", args.clone()).await?;
+            let described = kafka_tool("kafka-consumer-groups.sh", args.clone()).await?;
             Ok(match lag_zero(&described, groups) {
                 Ok(()) => Ok(()),
                 Err(why) => Err(format!("{why}\n{described}")),
