@@ -424,12 +424,17 @@ start_kafka_cluster() {
   fi
   # No node serves clients before the quorum has a leader, which takes two
   # voters: start the three together, then wait for each.
+  local -a starting=()
   for i in 1 2 3; do
     kafka_run "$dir/node$i" &
+    starting+=("$!")
   done
-  for i in 1 2 3; do
-    wait -n || failed=1
+  for i in "${starting[@]}"; do
+    wait "$i" || failed=1
   done
+  if [ "$failed" -ne 0 ]; then
+    echo "error: the three-node Kafka cluster in $dir did not start (logs in $dir/node*/kafka.log)" >&2
+  fi
   return "$failed"
 }
 
