@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
@@ -166,14 +167,36 @@ pub mod headers {
 /// tools, tests): nothing is committed, and it reports reaching the end of
 /// each partition: the high watermark the broker sends with each fetch
 /// answer, as of that answer.
-fn reader(cfg: &KafkaConfig) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+fn reader(cfg: &KafkaConfig) -> anyhow::Result<BaseConsumer<ReaderContext>> {
     client_config(cfg, "saga-reader")
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
-        .create()
+        .create_with_context(ReaderContext)
         .context("creating a Kafka reader")
+}
+
+/// The reader's client context. librdkafka hands each end-of-partition
+/// event to the context as an error as well as to `poll`; for the reader it
+/// is the answer it asked for, so only real errors are logged.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !is_partition_eof(&error) {
+            tracing::error!(%error, reason, "Kafka reader error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+fn is_partition_eof(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+    )
 }
 
 /// Every message now in `topic`, all partitions from the start, each
@@ -256,4 +279,23 @@ pub fn read_one(
         }
     }
     anyhow::bail!("{topic}/{partition}@{offset}: no answer within {timeout:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_end_of_a_partition_is_quiet_in_the_reader() {
+        assert!(is_partition_eof(&KafkaError::PartitionEOF(3)));
+        assert!(is_partition_eof(&KafkaError::Global(
+            RDKafkaErrorCode::PartitionEOF
+        )));
+        assert!(!is_partition_eof(&KafkaError::Global(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(!is_partition_eof(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::OffsetOutOfRange
+        )));
+    }
 }

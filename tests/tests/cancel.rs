@@ -390,12 +390,22 @@ async fn immediate_cancels_through_another_replica_keep_each_orders_events_in_or
         }
         m
     };
-    for (topic, want) in [
-        ("order-events", ["OrderCreated", "OrderCancelled"]),
-        ("payment-events", ["PaymentSucceeded", "PaymentRefunded"]),
+    // On a fast broker a saga can finish between the accept and the
+    // cancel; a CONFIRMED order is cancelled too, so its confirmation may
+    // come between the two, never after the cancel.
+    let order_events: &[&[&str]] = &[
+        &["OrderCreated", "OrderCancelled"],
+        &["OrderCreated", "OrderConfirmed", "OrderCancelled"],
+    ];
+    for (topic, wants) in [
+        ("order-events", order_events),
+        (
+            "payment-events",
+            &[&["PaymentSucceeded", "PaymentRefunded"][..]][..],
+        ),
         (
             "inventory-events",
-            ["InventoryReserved", "InventoryReleased"],
+            &[&["InventoryReserved", "InventoryReleased"][..]][..],
         ),
     ] {
         let msgs = by_key(sys.read_topic(&sys.topic(topic)).await?);
@@ -404,7 +414,10 @@ async fn immediate_cancels_through_another_replica_keep_each_orders_events_in_or
                 .get(id)
                 .map(|v| v.iter().filter_map(|m| m.header("event_type")).collect())
                 .unwrap_or_default();
-            assert_eq!(got, want, "order {id} on {topic}");
+            assert!(
+                wants.contains(&got.as_slice()),
+                "order {id} on {topic}: {got:?}, want one of {wants:?}"
+            );
         }
     }
     assert_eq!(sys.stock_levels("SKU-RACE").await?, (1_000, 0));
