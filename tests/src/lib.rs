@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 pub mod contract;
 pub mod jwt;
-pub mod otlp;
 pub mod procs;
 
 pub use contract::Contract;

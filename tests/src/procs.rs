@@ -337,7 +337,9 @@ impl Drop for Broker {
 /// all-in-one binary with in-memory storage), on free ports.
 pub struct Jaeger {
     dir: PathBuf,
-    /// OTLP over HTTP, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    /// OTLP over gRPC.
+    pub otlp_grpc: u16,
+    /// OTLP over HTTP (protobuf or JSON).
     pub otlp_http: u16,
     /// The UI and its query API (`/api/traces`).
     pub ui: u16,
@@ -347,22 +349,28 @@ impl Jaeger {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
         let jaeger = Self {
             dir: dir.join("jaeger"),
+            otlp_grpc: free_port()?,
             otlp_http: free_port()?,
             ui: free_port()?,
         };
         infra_sh(&format!(
             "start_jaeger '{}' {} {} {}",
             jaeger.dir.display(),
-            free_port()?,
+            jaeger.otlp_grpc,
             jaeger.otlp_http,
             jaeger.ui
         ))?;
         Ok(jaeger)
     }
 
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT` for the services.
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` for the services over HTTP.
     pub fn otlp_endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.otlp_http)
+    }
+
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` for the services over gRPC.
+    pub fn otlp_grpc_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.otlp_grpc)
     }
 
     /// The query API's URL of `path`.
@@ -606,6 +614,8 @@ pub struct ClusterOptions {
     pub brokers: usize,
     /// Extra environment for every service process.
     pub env: Vec<(String, String)>,
+    /// Extra environment for one service's processes, after `env`.
+    pub service_env: Vec<(Which, String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -614,6 +624,7 @@ impl Default for ClusterOptions {
             replicas: 1,
             brokers: 1,
             env: Vec::new(),
+            service_env: Vec::new(),
         }
     }
 }
@@ -666,6 +677,12 @@ impl Cluster {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect();
                 env.extend(opts.env.iter().cloned());
+                env.extend(
+                    opts.service_env
+                        .iter()
+                        .filter(|(w, _, _)| *w == which)
+                        .map(|(_, k, v)| (k.clone(), v.clone())),
+                );
                 let mut p = ServiceProcess {
                     which,
                     replica,

@@ -118,6 +118,7 @@ async fn start_with(replicas: usize, brokers: usize) -> anyhow::Result<Arc<Clust
         replicas,
         brokers,
         env,
+        ..ClusterOptions::default()
     })
     .await?;
     cluster.stock("CHAOS-1", 1_000_000).await?;
@@ -688,6 +689,7 @@ async fn membership_pauses_when_a_replica_leaves_joins_and_dies() -> anyhow::Res
         replicas: 2,
         brokers: 1,
         env: env_dynamic,
+        ..ClusterOptions::default()
     })
     .await?;
     cluster.stock("CHAOS-1", 1_000_000).await?;
