@@ -249,6 +249,8 @@ struct Interrupted;
 
 /// The consumer's name in [`Health`]: waiting out a database outage.
 pub(crate) const HEALTH_COMPONENT: &str = "consumer";
+/// What `/ready` calls a consumer stuck on a dead-letter copy.
+const DLQ_HEALTH_COMPONENT: &str = "dead-letters";
 
 /// A second fatal consumer error within this long stops the service (see
 /// [`EventLoop::replace_fenced_consumer`]).
@@ -706,11 +708,16 @@ impl<H: Handler> EventLoop<H> {
     ) -> Result<(), Interrupted> {
         let mut truncated = false;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Only a copy that reported its trouble clears it.
+        let mut reported = false;
         loop {
             let record = position.record(msg, topic, truncated);
             match self.producer.send(record, Duration::from_secs(5)).await {
                 Ok(_) => {
                     metrics::global().dead_lettered.get_or_create(labels).inc();
+                    if reported {
+                        self.health.recover(DLQ_HEALTH_COMPONENT);
+                    }
                     return Ok(());
                 }
                 Err((e, _)) if !truncated && kafka::is_too_large(&e) => {
@@ -722,6 +729,17 @@ impl<H: Handler> EventLoop<H> {
                         .dead_letter_failed
                         .get_or_create(labels)
                         .inc();
+                    // The partition waits behind this copy: not ready.
+                    reported = true;
+                    self.health.degrade(
+                        DLQ_HEALTH_COMPONENT,
+                        format!(
+                            "cannot copy {}/{}@{} to its dead-letter topic {topic}: {e}",
+                            msg.topic(),
+                            msg.partition(),
+                            msg.offset()
+                        ),
+                    );
                     if kafka::is_permanent(&e) {
                         tracing::error!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), dlq = topic, error = %e, "the broker refuses the dead-letter copy; retrying until it takes it (check the topic and its ACLs)");
                     } else {

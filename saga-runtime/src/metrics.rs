@@ -95,6 +95,7 @@ pub struct Metrics {
     pub outbox_published: Family<ServiceLabels, Counter>,
     pub outbox_publish_seconds: Histograms<ServiceLabels>,
     pub outbox_backlog: Family<ServiceLabels, Gauge>,
+    pub outbox_refused: Family<ServiceLabels, Gauge>,
     pub outbox_publish_failures: Family<FailureLabels, Counter>,
     pub orders_finished: Family<OutcomeLabels, Counter>,
     pub saga_seconds: Histograms<OutcomeLabels>,
@@ -122,6 +123,7 @@ impl Metrics {
             outbox_published: Family::default(),
             outbox_publish_seconds: Family::new_with_constructor(latency_histogram),
             outbox_backlog: Family::default(),
+            outbox_refused: Family::default(),
             outbox_publish_failures: Family::default(),
             orders_finished: Family::default(),
             saga_seconds: Family::new_with_constructor(latency_histogram),
@@ -199,8 +201,13 @@ impl Metrics {
         );
         registry.register(
             "outbox_backlog",
-            "Outbox rows waiting to be published",
+            "Outbox rows waiting to be published: the whole table, measured once a second (every replica reports the same table; aggregate with max)",
             m.outbox_backlog.clone(),
+        );
+        registry.register(
+            "outbox_refused",
+            "Outbox rows the broker refused for good (too large, no ACL, no topic): their orders' events wait until the cause is fixed",
+            m.outbox_refused.clone(),
         );
         registry.register(
             "orders_finished",

@@ -32,10 +32,15 @@
 //! - a sweep takes a row only with every earlier row of its key, and
 //!   sweeps of several replicas claim one at a time (an advisory lock).
 //!
-//! Nothing is ever set aside: a row the broker refuses (wrong ACLs, topic
-//! missing) stays in the outbox and is retried with backoff, logged and
-//! counted in `saga_outbox_publish_failures_total`, until someone fixes
-//! the broker.
+//! Nothing is ever set aside: a row the broker refuses for good (too large,
+//! wrong ACLs, topic missing) stays in the outbox, marked `refused_at`,
+//! logged with its order, counted in `saga_outbox_publish_failures_total`
+//! and `saga_outbox_refused`. Only its own order waits: the in-memory relays
+//! leave that order's rows in the table, and the sweep (any replica's)
+//! retries them in order once a second until someone fixes the cause;
+//! every other order's rows keep flowing. A sweep's age threshold counts
+//! from when a sweep first saw the row committed (`seen_at`), not from its
+//! transaction's start.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -59,9 +64,14 @@ use crate::{metrics, telemetry};
 const BATCH_SIZE: i64 = 500;
 /// How often rows no relay holds in memory are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// How old an unpublished row must be before a sweep takes it: younger ones
-/// are normally on their way through the relay that wrote them.
+/// How long after a sweep first saw it committed an unpublished row must
+/// wait before a sweep takes it: until then it is normally on its way
+/// through the relay that wrote it.
 const ORPHAN_AFTER: &str = "5 seconds";
+/// Rows younger than this (by their transaction's start) are not even
+/// looked at: nearly all of them are published and deleted within
+/// milliseconds, and stamping them would only add writes.
+const SEE_AFTER: &str = "1 second";
 /// How long a sweep's claim on its rows lasts: longer than a send can take
 /// (`message.timeout.ms`, 30 s) plus the delete.
 const CLAIM_FOR: &str = "60 seconds";
@@ -101,6 +111,10 @@ struct Held {
     /// Rows a sweep of this process took, and when: a hand-over that comes
     /// after the sweep drops them instead of publishing them again.
     swept: HashMap<i64, Instant>,
+    /// Orders (message keys) with a row the broker refused, and since when:
+    /// their rows stay in the table for the sweep instead of being held
+    /// here, so that they wait without holding anything else up.
+    refused: HashMap<String, Instant>,
 }
 
 /// Rows a transaction wrote to the outbox. Give them to
@@ -252,14 +266,19 @@ impl Outbox {
             return;
         }
         let mut held = self.held();
-        let Held { queue, swept } = &mut *held;
+        let Held {
+            queue,
+            swept,
+            refused,
+        } = &mut *held;
         // While the broker is away the queue would only grow; rows beyond
         // the cap stay in the table, where the sweep finds them.
         let room = MAX_HELD.saturating_sub(queue.len());
         let fresh = staged
             .0
             .into_iter()
-            .filter(|row| swept.is_empty() || swept.remove(&row.id).is_none());
+            .filter(|row| swept.is_empty() || swept.remove(&row.id).is_none())
+            .filter(|row| refused.is_empty() || !refused.contains_key(&row.message_key));
         queue.extend(fresh.take(room));
         drop(held);
         self.handoff.wake.notify_one();
@@ -283,6 +302,22 @@ impl Outbox {
         rows.append(&mut held.queue);
         rows.truncate(MAX_HELD);
         held.queue = rows;
+    }
+
+    /// Leaves the orders of `keys` to the sweep: their rows leave the queue
+    /// (they stay in the table), and later hand-overs of theirs are not
+    /// held either, for a while (after that, the relay learns it again
+    /// from the table, see [`Relay::unblocked`]).
+    fn leave_to_sweep(&self, keys: &HashSet<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut held = self.held();
+        held.refused
+            .retain(|_, at| now.duration_since(*at) < REMEMBER_SWEPT);
+        held.queue.retain(|r| !keys.contains(&r.message_key));
+        held.refused.extend(keys.iter().map(|k| (k.clone(), now)));
     }
 
     /// The IDs of the rows held in memory.
@@ -348,10 +383,6 @@ impl Relay {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        let backlog = metrics::global()
-            .outbox_backlog
-            .get_or_create(&metrics::Metrics::service(self.service))
-            .clone();
         loop {
             // The sweep keeps its schedule whatever the load: under a steady
             // stream of hand-overs the queue is never empty, and the rows
@@ -361,7 +392,6 @@ impl Relay {
                 self.sweep_and_log().await;
             }
             let rows = self.outbox.take();
-            backlog.set(rows.len() as i64);
             if !rows.is_empty() {
                 match self.publish(rows).await {
                     Ok(Progress::Published) => backoff.reset(),
@@ -408,6 +438,26 @@ impl Relay {
         if let Err(e) = self.sweep().await {
             tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox sweep failed; will retry");
         }
+        if let Err(e) = self.measure().await {
+            tracing::warn!(service = self.service, error = %e, "could not measure the outbox");
+        }
+    }
+
+    /// Sets `saga_outbox_backlog` and `saga_outbox_refused` from the table,
+    /// which holds every unpublished row: those in some relay's memory, a
+    /// dead replica's, those past the in-memory cap, refused ones. Every
+    /// replica reports the same table: aggregate with `max`, not `sum`.
+    async fn measure(&self) -> Result<(), sqlx::Error> {
+        let (rows, refused): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE refused_at IS NOT NULL) FROM outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let m = metrics::global();
+        let labels = metrics::Metrics::service(self.service);
+        m.outbox_backlog.get_or_create(&labels).set(rows);
+        m.outbox_refused.get_or_create(&labels).set(refused);
+        Ok(())
     }
 
     /// Publishes rows handed over in memory and deletes those the broker
@@ -438,6 +488,16 @@ impl Relay {
         }
         self.record(&outcome);
         let mut again = std::mem::take(&mut outcome.retry);
+        if !outcome.refused.is_empty() {
+            // Their orders wait in the table, for the sweep; nothing else
+            // waits for them.
+            let keys: HashSet<String> = outcome.refused.iter().map(|r| r.key.clone()).collect();
+            if let Err(e) = self.mark_refused(&outcome.refused).await {
+                tracing::warn!(service = self.service, error = %e, "could not mark refused outbox rows");
+            }
+            again.retain(|r| !keys.contains(&r.message_key));
+            self.outbox.leave_to_sweep(&keys);
+        }
         if !blocked.is_empty() {
             // Both lists are in commit order, and no key is in both.
             again.extend(blocked);
@@ -446,11 +506,37 @@ impl Relay {
         if !again.is_empty() {
             self.outbox.requeue(again);
         }
-        outcome.error.map_or(Ok(Progress::Published), Err)
+        // Back off only when the round got nothing out and something may
+        // clear by itself: a refused row is not retried from here, and
+        // healthy rows must not wait for it.
+        match outcome.error {
+            Some(e) if outcome.sent.is_empty() && outcome.transient_failures > 0 => Err(e),
+            Some(e) => {
+                tracing::debug!(service = self.service, error = %format!("{e:#}"), "some outbox rows will be retried");
+                Ok(Progress::Published)
+            }
+            None => Ok(Progress::Published),
+        }
+    }
+
+    /// Records on each row that the broker refused it, and why.
+    async fn mark_refused(&self, refused: &[Refused]) -> Result<(), sqlx::Error> {
+        let ids: Vec<i64> = refused.iter().map(|r| r.id).collect();
+        let why: Vec<&str> = refused.iter().map(|r| r.error.as_str()).collect();
+        sqlx::query(
+            "UPDATE outbox o SET refused_at = coalesce(o.refused_at, now()), last_error = r.why
+             FROM unnest($1::bigint[], $2::text[]) AS r(id, why) WHERE o.id = r.id",
+        )
+        .bind(&ids)
+        .bind(&why)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Splits rows into those free to go and those behind an earlier row of
-    /// their key that is still in the table but not among `rows`.
+    /// their key that is still in the table but not among `rows`. Rows
+    /// behind a refused row are left to the sweep (dropped from memory).
     async fn unblocked(
         &self,
         rows: Vec<Row>,
@@ -468,8 +554,8 @@ impl Relay {
         keys.sort_unstable();
         keys.dedup();
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        let earliest: Result<Vec<(String, i64)>, sqlx::Error> = sqlx::query_as(
-            "SELECT message_key, min(id) FROM outbox
+        let earliest: Result<Vec<(String, i64, bool)>, sqlx::Error> = sqlx::query_as(
+            "SELECT message_key, min(id), bool_or(refused_at IS NOT NULL) FROM outbox
              WHERE message_key = ANY($1) AND id NOT IN (SELECT unnest($2::bigint[]))
              GROUP BY message_key",
         )
@@ -477,10 +563,28 @@ impl Relay {
         .bind(&ids)
         .fetch_all(&self.pool)
         .await;
-        match earliest {
-            Ok(earliest) => Ok(split_blocked(rows, &earliest.into_iter().collect())),
-            Err(e) => Err((e, rows)),
+        let earliest = match earliest {
+            Ok(earliest) => earliest,
+            Err(e) => return Err((e, rows)),
+        };
+        let refused: HashSet<String> = earliest
+            .iter()
+            .filter(|(_, _, refused)| *refused)
+            .map(|(key, _, _)| key.clone())
+            .collect();
+        let (go, blocked) = split_blocked(
+            rows,
+            &earliest.into_iter().map(|(key, id, _)| (key, id)).collect(),
+        );
+        if refused.is_empty() {
+            return Ok((go, blocked));
         }
+        self.outbox.leave_to_sweep(&refused);
+        let blocked = blocked
+            .into_iter()
+            .filter(|r| !refused.contains(&r.message_key))
+            .collect();
+        Ok((go, blocked))
     }
 
     /// Publishes rows nobody holds in memory (see the module docs): claims
@@ -488,11 +592,12 @@ impl Relay {
     /// those the broker took and releases the others for the next sweep.
     async fn sweep(&self) -> anyhow::Result<()> {
         static CLAIM: LazyLock<String> = LazyLock::new(|| {
-            // A row the sweep may take: unclaimed, old enough, not in memory.
+            // A row the sweep may take: unclaimed, seen committed long
+            // enough ago, not in memory.
             let free = |t: &str| {
                 format!(
                     "({t}.claimed_until IS NULL OR {t}.claimed_until < now())
-                     AND {t}.created_at < now() - interval '{ORPHAN_AFTER}'
+                     AND {t}.seen_at < now() - interval '{ORPHAN_AFTER}'
                      AND {t}.id NOT IN (SELECT unnest($2::bigint[]))"
                 )
             };
@@ -510,10 +615,26 @@ impl Relay {
                 free("e")
             )
         });
+        // Rows this sweep sees committed for the first time: their age
+        // starts now (the claim, in the same transaction, cannot take them).
+        static SEE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE outbox o SET seen_at = now()
+                 FROM (SELECT id FROM outbox
+                       WHERE seen_at IS NULL AND created_at < now() - interval '{SEE_AFTER}'
+                             AND id NOT IN (SELECT unnest($1::bigint[]))
+                       FOR UPDATE SKIP LOCKED) s
+                 WHERE o.id = s.id"
+            )
+        });
         let held = self.outbox.held_ids();
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(SWEEP_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(SEE.as_str())
+            .bind(&held)
             .execute(&mut *tx)
             .await?;
         let mut rows: Vec<Row> = sqlx::query_as(CLAIM.as_str())
@@ -595,9 +716,18 @@ impl Relay {
             match self.producer.send_result(record) {
                 Ok(delivery) => pending.push((row, span, delivery)),
                 Err((e, _)) => {
-                    // Queue full or similar: publish what is enqueued, retry the rest.
                     telemetry::mark_error(&span, &e.to_string());
-                    outcome.failed(kafka::is_permanent(&e));
+                    let permanent = kafka::is_permanent(&e);
+                    if permanent {
+                        // This row alone (too large, say): the rest of the
+                        // wave goes on.
+                        self.refused(&row, &e, outcome);
+                        failed.push(row);
+                        continue;
+                    }
+                    // The producer's queue is full, or similar: publish what
+                    // is enqueued, retry the rest.
+                    outcome.failed(false);
                     outcome.error = Some(anyhow::Error::new(e).context("enqueueing outbox row"));
                     failed.push(row);
                     break;
@@ -619,17 +749,16 @@ impl Relay {
                 }
                 Ok(Err((e, _))) => {
                     telemetry::mark_error(&span, &e.to_string());
-                    let permanent = kafka::is_permanent(&e);
-                    if permanent {
+                    if kafka::is_permanent(&e) {
                         // Wrong ACLs, a missing topic: nothing a retry
-                        // cures by itself, but an operator can. The row
-                        // stays and is retried with backoff meanwhile.
-                        tracing::error!(service = self.service, outbox_id = row.id, topic = %row.topic, error = %e, "the broker refuses this outbox row; keeping it and retrying (check the topic and its ACLs)");
+                        // cures by itself, but an operator can.
+                        self.refused(&row, &e, outcome);
+                    } else {
+                        outcome.failed(false);
+                        outcome.error.get_or_insert_with(|| {
+                            anyhow::Error::new(e).context("publishing outbox row")
+                        });
                     }
-                    outcome.failed(permanent);
-                    outcome.error.get_or_insert_with(|| {
-                        anyhow::Error::new(e).context("publishing outbox row")
-                    });
                     failed.push(row);
                 }
                 Err(_canceled) => {
@@ -643,6 +772,29 @@ impl Relay {
             }
         }
         failed
+    }
+
+    /// Notes a row the broker refuses for good: logged with its order,
+    /// counted, and kept (see the module docs).
+    fn refused(&self, row: &Row, e: &rdkafka::error::KafkaError, outcome: &mut Outcome) {
+        tracing::error!(
+            service = self.service,
+            outbox_id = row.id,
+            order_id = %row.message_key,
+            event_type = %row.event_type,
+            topic = %row.topic,
+            error = %e,
+            "the broker refuses this outbox row; its order's events wait in the outbox (retried once a second) until the cause is fixed, the other orders' go on"
+        );
+        outcome.failed(true);
+        outcome.refused.push(Refused {
+            id: row.id,
+            key: row.message_key.clone(),
+            error: e.to_string(),
+        });
+        outcome.error.get_or_insert_with(|| {
+            anyhow::anyhow!("the broker refused outbox row {}: {e}", row.id)
+        });
     }
 
     /// A producer span per message, child of the span that wrote the row;
@@ -738,6 +890,13 @@ fn split_blocked(rows: Vec<Row>, earliest: &HashMap<String, i64>) -> (Vec<Row>, 
     })
 }
 
+/// A row the broker refused for good.
+struct Refused {
+    id: i64,
+    key: String,
+    error: String,
+}
+
 /// What became of a batch of rows.
 #[derive(Default)]
 struct Outcome {
@@ -745,6 +904,8 @@ struct Outcome {
     sent: Vec<(i64, chrono::DateTime<chrono::Utc>)>,
     /// To try again, in their original order.
     retry: Vec<Row>,
+    /// Refused by the broker for good (also in `retry`).
+    refused: Vec<Refused>,
     /// Failures the broker will repeat until someone fixes it, and others.
     permanent_failures: u64,
     transient_failures: u64,
@@ -786,12 +947,15 @@ impl Outcome {
         }
         let ids: Vec<i64> = self.retry.iter().map(|r| r.id).collect();
         let why = self.error.as_ref().map(|e| format!("{e:#}"));
+        let refused: Vec<i64> = self.refused.iter().map(|r| r.id).collect();
         sqlx::query(
-            "UPDATE outbox SET claimed_until = NULL, last_error = COALESCE($2, last_error)
+            "UPDATE outbox SET claimed_until = NULL, last_error = COALESCE($2, last_error),
+                    refused_at = CASE WHEN id = ANY($3) THEN coalesce(refused_at, now()) END
              WHERE id = ANY($1)",
         )
         .bind(&ids)
         .bind(why)
+        .bind(&refused)
         .execute(&mut *conn)
         .await?;
         Ok(())

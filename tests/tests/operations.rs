@@ -290,7 +290,7 @@ async fn every_dashboard_expression_returns_series_from_a_real_prometheus() -> a
         .flatten()
         .flat_map(|g| g["rules"].as_array().into_iter().flatten())
         .collect();
-    assert_eq!(rules.len(), 6, "{rules:?}");
+    assert_eq!(rules.len(), 9, "{rules:?}");
     for r in &rules {
         assert_eq!(r["health"], "ok", "rule {}: {}", r["name"], r["lastError"]);
     }

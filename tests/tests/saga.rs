@@ -472,6 +472,68 @@ async fn a_message_too_large_for_its_dead_letter_topic_goes_there_without_its_va
     sys.shutdown().await
 }
 
+/// Sets one configuration entry of `topic`, as `kafka-configs.sh --alter`
+/// does.
+async fn set_topic_config(sys: &System, topic: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        saga_runtime::kafka::client_config(sys.kafka(), "saga-tests-admin").create()?;
+    let change = AlterConfig::new(ResourceSpecifier::Topic(topic)).set(key, value);
+    for result in admin.alter_configs(&[change], &AdminOptions::new()).await? {
+        result.map_err(|(what, e)| anyhow::anyhow!("altering {what:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A dead-letter topic that refuses even the copy without its value (here
+/// its `max.message.bytes` is below any record) holds its consumer on that
+/// copy: the copy is retried, the message never skipped, and `/ready` says
+/// why until the topic takes it; then the saga goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_stuck_on_a_dead_letter_copy_is_not_ready_until_the_copy_goes(
+) -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let order_topic = sys.topic("order-events");
+    let dlq = format!("{order_topic}.dlq");
+    set_topic_config(&sys, &dlq, "max.message.bytes", "64").await?;
+    sys.produce_raw(
+        &order_topic,
+        "stuck-poison",
+        b"{not json",
+        rdkafka::message::OwnedHeaders::new(),
+    )
+    .await?;
+    let why = saga_tests::poll(
+        std::time::Duration::from_millis(100),
+        || async {
+            let (status, body) = sys.get_json(Which::Payment, "/ready").await?;
+            Ok(if status == 503 && body.to_string().contains(&dlq) {
+                Ok(body)
+            } else {
+                Err((status, body))
+            })
+        },
+        |now| anyhow::anyhow!("payment-service's /ready does not name the stuck copy: {now:?}"),
+    )
+    .await?;
+    assert!(why.to_string().contains("dead-letter"), "{why}");
+
+    set_topic_config(&sys, &dlq, "max.message.bytes", "1048588").await?;
+    let copies = sys.wait_topic(&dlq, 1).await?;
+    assert_eq!(copies[0].key.as_deref(), Some("stuck-poison"));
+    saga_tests::poll(
+        std::time::Duration::from_millis(100),
+        || async {
+            let (status, body) = sys.get_json(Which::Payment, "/ready").await?;
+            Ok(if status == 200 { Ok(()) } else { Err(body) })
+        },
+        |body| anyhow::anyhow!("payment-service not ready again: {body}"),
+    )
+    .await?;
+    sys.confirm_orders(2).await?;
+    sys.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_a_handler_refuses_are_dead_lettered_alone_and_stay_replayable() -> anyhow::Result<()>
 {
