@@ -95,7 +95,8 @@ static CREATE: LazyLock<String> = LazyLock::new(|| {
              INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
              SELECT h.* FROM unnest($9::uuid[], $10::uuid[], $11::text[], $12::timestamptz[], $13::jsonb[])
                   AS h(order_id, event_id, event_type, occurred_at, data)
-             WHERE h.order_id IN (SELECT order_id FROM new)),
+             WHERE h.order_id IN (SELECT order_id FROM new)
+             ON CONFLICT (order_id, event_id) DO NOTHING),
          events AS ({} {})
          SELECT order_id, NULL::bigint, NULL::uuid, NULL::bool FROM new
          UNION ALL SELECT NULL, id, event_id, behind FROM events",
@@ -374,7 +375,8 @@ pub async fn count_pending_since<'e>(
         .await
 }
 
-/// Writes back the `changed` orders and appends `history`, in one statement.
+/// Writes back the `changed` orders and appends `history`, in one
+/// statement; an event already in its order's history is not added again.
 pub async fn save<'o>(
     conn: &mut PgConnection,
     orders: impl Iterator<Item = &'o OrderState>,
@@ -402,7 +404,9 @@ pub async fn save<'o>(
                   AS c(order_id, status, failure_reason, refunded, stock_released)
              WHERE o.order_id = c.order_id)
          INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[])",
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[])
+         -- Recorded already: an event the inbox had forgotten.
+         ON CONFLICT (order_id, event_id) DO NOTHING",
     )
     .bind(&h.order_ids)
     .bind(&h.event_ids)

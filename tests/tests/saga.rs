@@ -472,6 +472,71 @@ async fn a_message_too_large_for_its_dead_letter_topic_goes_there_without_its_va
     sys.shutdown().await
 }
 
+/// An event the inbox no longer remembers (its row purged after the
+/// retention, as after a dead-letter redrive or a group reset weeks later)
+/// is not recorded twice in its order's history: the schema refuses a
+/// second row for one event, and the write skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_is_recorded_once_in_its_orders_history_even_after_the_inbox_forgot_it(
+) -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let id = sys
+        .place(json!([{"sku": "SKU-1", "quantity": 1, "unit_price": "4.00"}]))
+        .await?;
+    assert_eq!(sys.wait_terminal(&id).await?["status"], "CONFIRMED");
+    let before = history_types(&sys.order(&id).await?);
+
+    let topic = sys.topic("inventory-events");
+    let reserved = sys
+        .read_topic(&topic)
+        .await?
+        .into_iter()
+        .find(|m| {
+            m.key.as_deref() == Some(id.as_str())
+                && m.header("event_type") == Some("InventoryReserved")
+        })
+        .expect("InventoryReserved on the topic");
+    let event_id: uuid::Uuid = reserved.header("event_id").expect("event_id").parse()?;
+    // The inbox's retention purged it.
+    let forgotten = sqlx::query("DELETE FROM processed_events WHERE event_id = $1")
+        .bind(event_id)
+        .execute(sys.db(Which::Order))
+        .await?
+        .rows_affected();
+    assert_eq!(forgotten, 1);
+    let mut headers = rdkafka::message::OwnedHeaders::new();
+    for (k, v) in &reserved.headers {
+        headers = headers.insert(rdkafka::message::Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    let (p, o) = sys
+        .produce_raw(&topic, &id, &reserved.payload, headers)
+        .await?;
+    sys.wait_committed(Which::Order, &topic, p, o).await?;
+    let order = sys.order(&id).await?;
+    assert_eq!(history_types(&order), before, "history changed: {order}");
+
+    // The schema itself refuses a second row for the event.
+    let again = sqlx::query(
+        "INSERT INTO order_history (order_id, event_id, event_type, occurred_at, data)
+         SELECT order_id, event_id, event_type, occurred_at, data FROM order_history
+         WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .execute(sys.db(Which::Order))
+    .await;
+    let code = again
+        .as_ref()
+        .err()
+        .and_then(|e| e.as_database_error())
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("23505"), "{again:?}");
+    sys.shutdown().await
+}
+
 /// Sets one configuration entry of `topic`, as `kafka-configs.sh --alter`
 /// does.
 async fn set_topic_config(sys: &System, topic: &str, key: &str, value: &str) -> anyhow::Result<()> {
