@@ -94,6 +94,27 @@ need_openssl() {
   command -v openssl >/dev/null 2>&1 || apt_install "openssl (test keys)" openssl
 }
 
+# Path of Debian's libfaketime (the clock test runs a service whose host
+# clock is off), installing the package when it is missing.
+faketime_lib() {
+  local lib
+  for lib in /usr/lib/*/faketime/libfaketime.so.1; do
+    if [ -e "$lib" ]; then
+      echo "$lib"
+      return 0
+    fi
+  done
+  apt_install "libfaketime (a skewed clock for the deadline test)" libfaketime || return 1
+  for lib in /usr/lib/*/faketime/libfaketime.so.1; do
+    if [ -e "$lib" ]; then
+      echo "$lib"
+      return 0
+    fi
+  done
+  echo "error: libfaketime is installed but libfaketime.so.1 is not where Debian puts it" >&2
+  return 1
+}
+
 # url_with_db URL DB: URL (postgres://user:pass@host:port[/db][?params]) with
 # its database replaced by DB.
 url_with_db() {

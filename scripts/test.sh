@@ -45,6 +45,9 @@ export PROMETHEUS_BIN
 CHROMIUM_BIN=${CHROMIUM_BIN:-$(chromium_bin)}
 export CHROMIUM_BIN
 need_openssl
+# The clock test runs order-service with its host clock set back.
+FAKETIME_LIB=${FAKETIME_LIB:-$(faketime_lib)}
+export FAKETIME_LIB
 
 # The chaos tests start brokers of their own (to freeze, kill and restart
 # them), so Kafka's jars must be here even when KAFKA_BROKERS points at

@@ -6,7 +6,10 @@
 //! due orders a few times a second through a partial index on PENDING
 //! orders, so a deadline fires after a restart, and fires once however many
 //! replicas look (the due orders are locked with `SKIP LOCKED` and
-//! re-checked under the lock).
+//! re-checked under the lock). Both ends of the comparison are the
+//! database's clock (`created_at` is its `now()` at the insert, and "now"
+//! is asked of it), so a replica whose host clock is off expires orders
+//! neither early nor late.
 
 use std::time::Duration;
 
@@ -47,8 +50,12 @@ pub async fn run(pool: PgPool, outbox: Outbox, deadline: Duration, shutdown: Can
                 }
             }
             _ = gauge.tick() => {
-                let cutoff = OrderState::due_cutoff(chrono::Utc::now(), deadline / 2);
-                match store::count_pending_since(&pool, cutoff).await {
+                let counted = async {
+                    let mut conn = pool.acquire().await?;
+                    let cutoff = OrderState::due_cutoff(store::db_now(&mut conn).await?, deadline / 2);
+                    store::count_pending_since(&mut *conn, cutoff).await
+                };
+                match counted.await {
                     Ok(n) => {
                         overdue.set(n);
                     }

@@ -49,16 +49,17 @@ pub async fn cancel(
 /// Most orders one expiry transaction ends.
 const EXPIRE_BATCH: i64 = 500;
 
-/// Ends every order still PENDING `deadline` after its creation (at most
-/// [`EXPIRE_BATCH`] per call); returns how many it ended.
+/// Ends every order still PENDING `deadline` after its creation, both by
+/// the database's clock (at most [`EXPIRE_BATCH`] per call); returns how
+/// many it ended.
 pub async fn expire_due(
     pool: &PgPool,
     outbox: &Outbox,
     deadline: Duration,
 ) -> Result<usize, sqlx::Error> {
-    let now = chrono::Utc::now();
-    let cutoff = OrderState::due_cutoff(now, deadline);
     let mut tx = pool.begin().await?;
+    let now = store::db_now(&mut tx).await?;
+    let cutoff = OrderState::due_cutoff(now, deadline);
     let mut orders = store::lock_due(&mut tx, cutoff, EXPIRE_BATCH).await?;
     let mut ended_now = Vec::with_capacity(orders.len());
     for order in orders.values_mut() {

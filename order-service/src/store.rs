@@ -364,6 +364,13 @@ pub async fn lock_due(
     states(rows)
 }
 
+/// The database's clock, as of the transaction's start: deadlines compare
+/// it with `created_at`, which the database set, so a skewed application
+/// host expires orders neither early nor late.
+pub async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, sqlx::Error> {
+    sqlx::query_scalar("SELECT now()").fetch_one(conn).await
+}
+
 /// How many orders are PENDING since before `cutoff`.
 pub async fn count_pending_since<'e>(
     db: impl PgExecutor<'e>,

@@ -69,9 +69,15 @@ fn signal(pid: u32, sig: Signal) -> anyhow::Result<()> {
 
 /// Runs `source scripts/infra.sh; <script>` in bash.
 fn infra_sh(script: &str) -> anyhow::Result<()> {
+    infra_sh_with(script, &[])
+}
+
+/// [`infra_sh`] with extra environment for the script and what it starts.
+fn infra_sh_with(script: &str, env: &[(String, String)]) -> anyhow::Result<()> {
     let out = Command::new("bash")
         .arg("-c")
         .arg(format!("set -e; source scripts/infra.sh; {script}"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(repo_root())
         .output()
         .context("running bash")?;
@@ -89,13 +95,21 @@ fn infra_sh(script: &str) -> anyhow::Result<()> {
 pub struct Postgres {
     dir: PathBuf,
     pub port: u16,
+    /// Extra environment for the server process.
+    env: Vec<(String, String)>,
 }
 
 impl Postgres {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, Vec::new())
+    }
+
+    /// A server whose process gets `env` too (a skewed clock, say).
+    pub fn start_with(dir: &Path, env: Vec<(String, String)>) -> anyhow::Result<Self> {
         let pg = Self {
             dir: dir.join("pg"),
             port: free_port()?,
+            env,
         };
         pg.up()?;
         Ok(pg)
@@ -103,11 +117,10 @@ impl Postgres {
 
     /// Starts the (stopped) server again on the same port and data.
     pub fn up(&self) -> anyhow::Result<()> {
-        infra_sh(&format!(
-            "start_postgres '{}' {}",
-            self.dir.display(),
-            self.port
-        ))
+        infra_sh_with(
+            &format!("start_postgres '{}' {}", self.dir.display(), self.port),
+            &self.env,
+        )
     }
 
     /// `pg_ctl stop -m fast`: every session is ended, the server is gone.
@@ -616,6 +629,8 @@ pub struct ClusterOptions {
     pub env: Vec<(String, String)>,
     /// Extra environment for one service's processes, after `env`.
     pub service_env: Vec<(Which, String, String)>,
+    /// Extra environment for the PostgreSQL server.
+    pub pg_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -625,6 +640,7 @@ impl Default for ClusterOptions {
             brokers: 1,
             env: Vec::new(),
             service_env: Vec::new(),
+            pg_env: Vec::new(),
         }
     }
 }
@@ -643,7 +659,7 @@ impl Cluster {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         }
-        let pg = Postgres::start(dir.path())?;
+        let pg = Postgres::start_with(dir.path(), opts.pg_env.clone())?;
         let broker = if opts.brokers >= 3 {
             Broker::start_three(dir.path())?
         } else {
