@@ -442,17 +442,43 @@ async fn restock(http: &reqwest::Client, inventory_url: &str) -> anyhow::Result<
         .collect();
     products.push((EMPTY_SKU.to_owned(), 0));
     for (sku, available) in products {
-        let resp = http
-            .put(format!("{inventory_url}/products/{sku}"))
-            .json(&serde_json::json!({"name": "Benchmark stock", "available": available}))
-            .send()
+        set_stock(http, inventory_url, &sku, available)
             .await
             .with_context(|| format!("restocking {sku} at {inventory_url}"))?;
-        if !resp.status().is_success() {
-            bail!("restocking {sku}: {}", resp.status());
-        }
     }
     Ok(())
+}
+
+/// Sets `sku`'s available units: creates it, or sets it at the version
+/// just read (`If-Match`), reading again if a reservation moved it on.
+async fn set_stock(
+    http: &reqwest::Client,
+    inventory_url: &str,
+    sku: &str,
+    available: i64,
+) -> anyhow::Result<()> {
+    let url = format!("{inventory_url}/products/{sku}");
+    for _ in 0..5 {
+        let read = http.get(&url).send().await?;
+        let version = match read.status() {
+            reqwest::StatusCode::NOT_FOUND => None,
+            s if s.is_success() => read.headers().get("etag").cloned(),
+            s => bail!("GET {url}: {s}"),
+        };
+        let mut put = http
+            .put(&url)
+            .json(&serde_json::json!({"name": "Benchmark stock", "available": available}));
+        if let Some(v) = version {
+            put = put.header("If-Match", v);
+        }
+        let resp = put.send().await?;
+        match resp.status() {
+            s if s.is_success() => return Ok(()),
+            reqwest::StatusCode::CONFLICT => continue,
+            s => bail!("PUT {url}: {s}"),
+        }
+    }
+    bail!("PUT {url}: the product kept changing under us")
 }
 
 /// Where every partition of `topics` ends now, as the broker answers

@@ -230,12 +230,55 @@ fn stale(sku: &Sku, expected: i64, current: Option<i64>) -> ApiError {
     )
 }
 
+/// What a `PUT /products/{sku}` does, decided from the product as it is
+/// (read under a row lock) and the version the caller sent.
+#[derive(Debug, PartialEq, Eq)]
+enum PutPlan {
+    /// No such product and no version: create it; the ledger books its
+    /// units.
+    Create,
+    /// The caller's version is the product's: set it; the ledger books the
+    /// change of units.
+    Update { delta: i64 },
+    /// The product exists and the caller sent no version: a blind write
+    /// would overwrite what reservations did meanwhile.
+    VersionRequired { current: i64 },
+    /// The caller's version is not the product's (`None`: no product).
+    Stale { current: Option<i64> },
+}
+
+/// `current` is the product's `(available, version)`, if it exists.
+fn plan_put(current: Option<(i64, i64)>, expected: Option<i64>, available: i64) -> PutPlan {
+    match (current, expected) {
+        (None, None) => PutPlan::Create,
+        (None, Some(_)) => PutPlan::Stale { current: None },
+        (Some((_, version)), None) => PutPlan::VersionRequired { current: version },
+        (Some((_, version)), Some(e)) if version != e => PutPlan::Stale {
+            current: Some(version),
+        },
+        (Some((was, _)), Some(_)) => PutPlan::Update {
+            delta: available - was,
+        },
+    }
+}
+
+fn version_required(sku: &Sku, current: i64) -> ApiError {
+    ApiError::new(
+        StatusCode::PRECONDITION_REQUIRED,
+        "precondition_required",
+        format!(
+            "product {sku} exists (version {current}): send If-Match with the version you read (its ETag), or add units with POST /products/{sku}/restock"
+        ),
+    )
+}
+
 /// Create or set a product (operators).
 ///
-/// Creates the product, or sets its name and available units. With a
-/// version (`If-Match` or `version`), only if the product is still at it,
-/// so a read-modify-write cannot overwrite reservations made in between;
-/// to add units, prefer `POST /products/{sku}/restock`.
+/// Creates the product (no `If-Match` needed), or sets its name and
+/// available units: that needs the version read (`If-Match` or `version`),
+/// and happens only if the product is still at it, so a read-modify-write
+/// cannot overwrite reservations made in between. To add units, prefer
+/// `POST /products/{sku}/restock`.
 #[utoipa::path(put, path = "/products/{sku}", tag = "catalog", operation_id = "put_product",
     request_body = UpsertRequest,
     params(
@@ -249,9 +292,10 @@ fn stale(sku: &Sku, expected: i64, current: Option<i64>) -> ApiError {
             headers(("ETag" = String, description = "The new version"))),
         (status = 400, description = "Malformed JSON, SKU or `If-Match`", body = ErrorBody),
         (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
-        (status = 409, description = "`version_conflict`: the product changed since the given version", body = ErrorBody),
+        (status = 409, description = "`version_conflict`: the product changed since the given version, or another request created it meanwhile", body = ErrorBody),
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "A field breaks a rule", body = ErrorBody),
+        (status = 428, description = "`precondition_required`: the product exists and no version was given", body = ErrorBody),
     ))]
 async fn upsert(
     State(pool): State<PgPool>,
@@ -275,34 +319,65 @@ async fn upsert(
         )));
     }
     let expected = expected_version(&headers, body.version)?;
-    // One statement: lock the current row (if any), write unless the
-    // version is stale, book the change of units in the ledger.
-    let (written, created, current): (bool, bool, i64) = sqlx::query_as(
-        "WITH cur AS (SELECT available, version FROM products WHERE sku = $1 FOR UPDATE),
-              up AS (
-                  INSERT INTO products (sku, name, available)
-                  SELECT $1, $2, $3 WHERE $4::bigint IS NULL OR $4 = (SELECT version FROM cur)
-                  ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name, available = EXCLUDED.available,
-                      version = products.version + 1, updated_at = now()
-                  RETURNING (xmax = 0) AS created),
-              booked AS (
-                  INSERT INTO stock_ledger (sku, delta, reason)
-                  SELECT $1, $3 - COALESCE((SELECT available FROM cur), 0), 'put'
-                  WHERE EXISTS (SELECT 1 FROM up) AND $3 <> COALESCE((SELECT available FROM cur), 0))
-         SELECT true, created, 0::bigint FROM up
-         UNION ALL
-         SELECT false, false, COALESCE((SELECT version FROM cur), 0) WHERE NOT EXISTS (SELECT 1 FROM up)",
-    )
-    .bind(sku.as_str())
-    .bind(name)
-    .bind(body.available)
-    .bind(expected)
-    .fetch_one(&pool)
-    .await?;
-    if !written {
-        let expected = expected.unwrap_or_default();
-        return Err(stale(&sku, expected, (current > 0).then_some(current)));
-    }
+    // Read and lock the product, decide, write it and book the change of
+    // units in the ledger in one statement, commit.
+    let mut tx = pool.begin().await?;
+    let current: Option<(i64, i64)> =
+        sqlx::query_as("SELECT available, version FROM products WHERE sku = $1 FOR UPDATE")
+            .bind(sku.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+    let created = match plan_put(current, expected, body.available) {
+        PutPlan::VersionRequired { current } => return Err(version_required(&sku, current)),
+        PutPlan::Stale { current } => {
+            return Err(stale(&sku, expected.unwrap_or_default(), current))
+        }
+        PutPlan::Create => {
+            let created: i64 = sqlx::query_scalar(
+                "WITH up AS (
+                     INSERT INTO products (sku, name, available) VALUES ($1, $2, $3)
+                     ON CONFLICT (sku) DO NOTHING
+                     RETURNING sku),
+                 booked AS (
+                     INSERT INTO stock_ledger (sku, delta, reason)
+                     SELECT sku, $3, 'put' FROM up WHERE $3 <> 0)
+                 SELECT count(*) FROM up",
+            )
+            .bind(sku.as_str())
+            .bind(name)
+            .bind(body.available)
+            .fetch_one(&mut *tx)
+            .await?;
+            if created == 0 {
+                // Another request created it since we looked.
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "version_conflict",
+                    format!("product {sku} was created meanwhile by another request; read it and retry with If-Match"),
+                ));
+            }
+            true
+        }
+        PutPlan::Update { delta } => {
+            sqlx::query(
+                "WITH up AS (
+                     UPDATE products SET name = $2, available = $3, version = version + 1,
+                                         updated_at = now()
+                     WHERE sku = $1
+                     RETURNING sku)
+                 INSERT INTO stock_ledger (sku, delta, reason)
+                 SELECT sku, $4, 'put' FROM up WHERE $4 <> 0",
+            )
+            .bind(sku.as_str())
+            .bind(name)
+            .bind(body.available)
+            .bind(delta)
+            .execute(&mut *tx)
+            .await?;
+            false
+        }
+    };
+    tx.commit().await?;
     let row = find(&pool, &sku)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))?;
@@ -393,6 +468,28 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::IF_MATCH, HeaderValue::from_str(v).expect("header"));
         h
+    }
+
+    #[test]
+    fn a_put_creates_without_a_version_and_sets_only_with_the_current_one() {
+        assert_eq!(plan_put(None, None, 7), PutPlan::Create);
+        assert_eq!(plan_put(None, Some(1), 7), PutPlan::Stale { current: None });
+        assert_eq!(
+            plan_put(Some((7, 2)), None, 1_000),
+            PutPlan::VersionRequired { current: 2 }
+        );
+        assert_eq!(
+            plan_put(Some((7, 2)), Some(1), 1_000),
+            PutPlan::Stale { current: Some(2) }
+        );
+        assert_eq!(
+            plan_put(Some((7, 2)), Some(2), 1_000),
+            PutPlan::Update { delta: 993 }
+        );
+        assert_eq!(
+            plan_put(Some((7, 2)), Some(2), 3),
+            PutPlan::Update { delta: -4 }
+        );
     }
 
     #[test]

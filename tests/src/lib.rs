@@ -543,18 +543,26 @@ impl System {
     }
 
     /// `PUT /products/{sku}`.
+    /// Creates `sku`, or sets it at the version just read (`If-Match`).
     pub async fn stock(&self, sku: &str, available: i64) -> anyhow::Result<()> {
-        let req = self
-            .http
-            .put(self.url(Which::Inventory, &format!("/products/{sku}")))
-            .json(
+        let url = self.url(Which::Inventory, &format!("/products/{sku}"));
+        for _ in 0..5 {
+            let read = self.send(Which::Inventory, self.http.get(&url)).await?;
+            let mut req = self.http.put(&url).json(
                 &serde_json::json!({"name": format!("Test product {sku}"), "available": available}),
             );
-        let a = self.send(Which::Inventory, req).await?;
-        if !(200..300).contains(&a.status) {
-            bail!("PUT /products/{sku} answered {}: {}", a.status, a.body);
+            if let Some(etag) = read.header("etag").filter(|_| read.status == 200) {
+                req = req.header("If-Match", etag);
+            }
+            let a = self.send(Which::Inventory, req).await?;
+            match a.status {
+                200..=299 => return Ok(()),
+                // A reservation moved it on since the read.
+                409 => continue,
+                _ => bail!("PUT /products/{sku} answered {}: {}", a.status, a.body),
+            }
         }
-        Ok(())
+        bail!("PUT /products/{sku}: the product kept changing")
     }
 
     pub async fn product(&self, sku: &str) -> anyhow::Result<Value> {

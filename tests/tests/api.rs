@@ -247,6 +247,12 @@ async fn every_operation_answers_as_its_document_says() -> anyhow::Result<()> {
         400
     );
     assert_eq!(
+        send(i, put(json!({"name": "API", "available": 5})))
+            .await?
+            .status,
+        428
+    );
+    assert_eq!(
         send(i, put(json!({"name": "", "available": 5})))
             .await?
             .status,

@@ -192,6 +192,75 @@ async fn catalog_writes_cannot_overwrite_reservations() -> anyhow::Result<()> {
     sys.shutdown().await
 }
 
+/// The stock ledger books exactly what each catalog write changed, so the
+/// audit stays clean whatever the sequence: a blind `PUT` of an existing
+/// product is refused with `428` and changes nothing, a `PUT` at the
+/// current version books the difference, and of 20 requests creating one
+/// product at once exactly one creates it (and books its units) while the
+/// others are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn catalog_writes_book_exactly_what_they_change() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let url = sys.url(Which::Inventory, "/products/SKU-BOOK");
+    let put = |available: i64, if_match: Option<String>| {
+        let mut req = sys
+            .http
+            .put(&url)
+            .json(&json!({"name": "Booked", "available": available}));
+        if let Some(tag) = if_match {
+            req = req.header("If-Match", tag);
+        }
+        sys.send(Which::Inventory, req)
+    };
+    let created = put(7, None).await?;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let etag = created.header("etag").unwrap_or_default().to_owned();
+    let blind = put(1_000, None).await?;
+    assert_eq!(blind.status, 428, "{}", blind.body);
+    assert_eq!(blind.body["error"]["code"], "precondition_required");
+    assert_eq!(sys.stock_levels("SKU-BOOK").await?, (7, 0));
+    let set = put(1_000, Some(etag)).await?;
+    assert_eq!(set.status, 200, "{}", set.body);
+    let p = sys.product("SKU-BOOK").await?;
+    assert_eq!(
+        (p["available"].as_i64(), p["stocked"].as_i64()),
+        (Some(1_000), Some(1_000)),
+        "{p}"
+    );
+
+    let url = sys.url(Which::Inventory, "/products/SKU-RACE-NEW");
+    let answers = futures::future::try_join_all((0..20).map(|_| {
+        sys.send(
+            Which::Inventory,
+            sys.http
+                .put(&url)
+                .json(&json!({"name": "Raced", "available": 10})),
+        )
+    }))
+    .await?;
+    let mut statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| [201, 409, 428].contains(s)),
+        "{statuses:?}"
+    );
+    let p = sys.product("SKU-RACE-NEW").await?;
+    assert_eq!(
+        (p["available"].as_i64(), p["stocked"].as_i64()),
+        (Some(10), Some(10)),
+        "{p}"
+    );
+
+    let (_, violations) = run_audit(&sys, 50).await?;
+    assert!(violations.is_empty(), "{violations:?}");
+    sys.shutdown().await
+}
+
 fn audit_options(sys: &System, page_size: u16) -> Options {
     sys.audit_options(page_size)
 }
