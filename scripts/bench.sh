@@ -39,9 +39,9 @@ ext_pg=${BENCH_DATABASE_URL:-${DATABASE_URL:-}}
 unset KAFKA_TOPIC_PREFIX
 auth=${BENCH_AUTH:-}
 if [ "$auth" = 1 ]; then
-  export AUTH_JWKS_FILE=$PWD/dev/auth/jwks.json AUTH_ISSUER=saga-dev AUTH_AUDIENCE=saga
+  export AUTH_JWKS_FILE=$PWD/dev/auth/jwks.json AUTH_ISSUER=saga-dev AUTH_AUDIENCE=saga AUTH_ALLOW_DEV_KEY=true
 else
-  unset AUTH_JWKS_FILE AUTH_JWKS_URL AUTH_ISSUER AUTH_AUDIENCE
+  unset AUTH_JWKS_FILE AUTH_JWKS_URL AUTH_ISSUER AUTH_AUDIENCE AUTH_ALLOW_DEV_KEY
 fi
 run_id=$(date +%s)
 work=$(mktemp -d "${TMPDIR:-/tmp}/saga-bench.XXXXXX")

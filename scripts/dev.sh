@@ -109,7 +109,8 @@ up() {
   fi
   if [ "${DEV_AUTH:-}" = 1 ]; then
     echo "==> authentication on, with the development key set (dev/auth/jwks.json)"
-    export AUTH_JWKS_FILE=$PWD/dev/auth/jwks.json AUTH_ISSUER=saga-dev AUTH_AUDIENCE=saga
+    # The development key is refused unless this switch says otherwise.
+    export AUTH_JWKS_FILE=$PWD/dev/auth/jwks.json AUTH_ISSUER=saga-dev AUTH_AUDIENCE=saga AUTH_ALLOW_DEV_KEY=true
   fi
   echo "==> building release binaries"
   cargo build --release --locked --bins

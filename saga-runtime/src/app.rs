@@ -52,8 +52,11 @@ impl Infra {
     /// The key set of authentication is read first, so that a wrong
     /// `AUTH_*` setting stops start-up at once.
     pub async fn connect(config: ServiceConfig, migrations: Migrator) -> anyhow::Result<Self> {
+        let health = Health::default();
         let auth = match &config.auth {
-            Some(auth) => Some(Verifier::load(config.service_name, auth.clone()).await?),
+            Some(auth) => {
+                Some(Verifier::load(config.service_name, auth.clone(), health.clone()).await?)
+            }
             None => {
                 tracing::warn!(
                     "authentication is off: every API route is open to anyone who can reach \
@@ -85,7 +88,7 @@ impl Infra {
             background,
             producer,
             outbox,
-            health: Health::default(),
+            health,
             auth,
         })
     }

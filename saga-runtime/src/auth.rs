@@ -14,8 +14,20 @@
 //! A token that passed is remembered until it expires ([`Verified`]), so a
 //! client sending the same token again is not checked again: an ES256
 //! signature check costs about as much CPU as the rest of `POST /orders`.
-//! Reading the set again forgets them all, so a key taken out of the set
-//! stops working at once.
+//! A read that finds the set changed forgets them all, so a key taken out
+//! of the set stops working at once; a read that finds the same set (the
+//! periodic refresh, a token naming a `kid` nobody has) forgets nothing.
+//!
+//! Keys that cannot be read again are trusted for at most
+//! `AUTH_JWKS_MAX_STALE_SECS` after the last good read: then the API
+//! answers 503 and `/ready` says why, rather than accept tokens the issuer
+//! may have revoked meanwhile.
+//!
+//! Two development switches, off by default: `AUTH_JWKS_ALLOW_HTTP` lets
+//! `AUTH_JWKS_URL` be plain `http://` (else an attacker on the path could
+//! hand the services keys of their own), and `AUTH_ALLOW_DEV_KEY` accepts
+//! the repository's development key (`dev/auth/`, whose private half is
+//! public), which is otherwise dropped from any key set it appears in.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,12 +44,22 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ConfigError};
+use crate::health::Health;
 use crate::http::ApiError;
+
+/// What `/ready` calls authentication whose keys went stale.
+const HEALTH_COMPONENT: &str = "auth";
 
 /// The `scope` an operator's token carries.
 pub const ADMIN_SCOPE: &str = "saga:admin";
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
+/// The repository's development key (`dev/auth/jwks.json`): its `kid` and
+/// public point. Its private key is in the repository, so it is refused
+/// unless `AUTH_ALLOW_DEV_KEY` is on.
+pub const DEV_KEY_KID: &str = "saga-dev-es256";
+const DEV_KEY_X: &str = "ApjpUTLcYhuZDAYz64fQFKLOlaK8ZU3rHMU8LkaVxaM";
+const DEV_KEY_Y: &str = "mNnnH5h0W9P0pjacH5mkvqZCoLltUbBc-DPki0Vo2k8";
 /// A token naming an unknown `kid` makes the set be read again, at most
 /// this often.
 pub const MIN_REFETCH: Duration = Duration::from_secs(2);
@@ -92,6 +114,12 @@ pub struct AuthConfig {
     pub audience: String,
     /// `AUTH_JWKS_REFRESH_SECS` (default 300): how often the set is read again.
     pub refresh: Duration,
+    /// `AUTH_JWKS_MAX_STALE_SECS` (default 3600): how long after the last
+    /// good read the keys in hand are still trusted.
+    pub max_stale: Duration,
+    /// `AUTH_ALLOW_DEV_KEY` (default false): accept the repository's
+    /// development key.
+    pub allow_dev_key: bool,
 }
 
 impl AuthConfig {
@@ -111,11 +139,21 @@ impl AuthConfig {
                 })
             }
             (Some(u), None) => {
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                let allow_http = config::flag("AUTH_JWKS_ALLOW_HTTP")?;
+                let reason = if u.starts_with("https://") {
+                    None
+                } else if u.starts_with("http://") {
+                    (!allow_http).then_some(
+                        "must be https:// (over plain http an attacker on the path could hand                          the services keys of their own); for development only, set                          AUTH_JWKS_ALLOW_HTTP=true",
+                    )
+                } else {
+                    Some("must be an https:// URL")
+                };
+                if let Some(reason) = reason {
                     return Err(ConfigError::Invalid {
                         var: "AUTH_JWKS_URL".into(),
                         value: u,
-                        reason: "must be an http:// or https:// URL".into(),
+                        reason: reason.into(),
                     });
                 }
                 JwksSource::Url(u)
@@ -146,11 +184,22 @@ impl AuthConfig {
                 Err("must be at least 1 (whole seconds)".into())
             }
         })?;
+        let max_stale: u64 = config::parsed_with("AUTH_JWKS_MAX_STALE_SECS", 3600, |s| {
+            if *s >= secs {
+                Ok(())
+            } else {
+                Err(format!(
+                    "must be at least AUTH_JWKS_REFRESH_SECS ({secs}), or every refresh would be late"
+                ))
+            }
+        })?;
         Ok(Some(Self {
             jwks,
             issuer,
             audience,
             refresh: Duration::from_secs(secs),
+            max_stale: Duration::from_secs(max_stale),
+            allow_dev_key: config::flag("AUTH_ALLOW_DEV_KEY")?,
         }))
     }
 }
@@ -227,6 +276,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 pub enum TokenError {
     #[error("missing bearer token: send Authorization: Bearer <JWT>")]
     Missing,
+    /// Not the token's fault: the keys could not be read again for too
+    /// long. Answered 503.
+    #[error("{0}")]
+    KeysStale(String),
     #[error("the Authorization header is not \"Bearer <JWT>\"")]
     NotBearer,
     #[error("malformed token: {0}")]
@@ -315,24 +368,43 @@ struct Key {
 #[derive(Clone, Default)]
 struct KeySet {
     keys: HashMap<Option<String>, Key>,
+    /// The usable keys' JWKs, sorted: two reads that give the same
+    /// fingerprint give the same keys.
+    fingerprint: Vec<String>,
 }
 
 impl KeySet {
-    /// The usable signing keys of `set`; an error when there is none.
-    fn from_jwks(set: &JwkSet) -> Result<Self, String> {
+    /// The usable signing keys of `set` (without the development key
+    /// unless `allow_dev_key`); an error when there is none.
+    fn from_jwks(set: &JwkSet, allow_dev_key: bool) -> Result<Self, String> {
         let mut keys = HashMap::new();
+        let mut fingerprint = Vec::new();
         for jwk in &set.keys {
+            if !allow_dev_key && is_dev_key(jwk) {
+                tracing::warn!(
+                    kid = ?jwk.common.key_id,
+                    "the key set holds the repository's development key, whose private key is public; it is refused (AUTH_ALLOW_DEV_KEY=true accepts it, for development only)"
+                );
+                continue;
+            }
             if let Some(key) = usable(jwk) {
                 keys.insert(jwk.common.key_id.clone(), key);
+                fingerprint.push(serde_json::to_string(jwk).unwrap_or_default());
             }
         }
         if keys.is_empty() {
             return Err(format!(
-                "no usable signing key among its {} keys (RSA or EC keys for signatures)",
-                set.keys.len()
+                "no usable signing key among its {} keys (RSA or EC keys for signatures{})",
+                set.keys.len(),
+                if allow_dev_key {
+                    ""
+                } else {
+                    "; the development key is refused"
+                }
             ));
         }
-        Ok(Self { keys })
+        fingerprint.sort_unstable();
+        Ok(Self { keys, fingerprint })
     }
 
     fn find(&self, kid: Option<&str>) -> Result<&Key, TokenError> {
@@ -344,6 +416,16 @@ impl KeySet {
             None if self.keys.len() == 1 => self.keys.values().next().ok_or(TokenError::NoKid),
             None => Err(TokenError::NoKid),
         }
+    }
+}
+
+/// The repository's development key, whatever `kid` it is given.
+fn is_dev_key(jwk: &Jwk) -> bool {
+    match &jwk.algorithm {
+        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec) => {
+            ec.x == DEV_KEY_X && ec.y == DEV_KEY_Y
+        }
+        _ => false,
     }
 }
 
@@ -433,6 +515,9 @@ struct Inner {
     verified: Mutex<Verified>,
     /// When the set was last read (successfully or not).
     read_at: tokio::sync::Mutex<Instant>,
+    /// When the set was last read successfully.
+    read_ok_at: Mutex<Instant>,
+    health: Health,
     http: reqwest::Client,
 }
 
@@ -447,12 +532,16 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// Reads the key set; a set that cannot be read or holds no usable key
     /// is a [`ConfigError`] naming the variable.
-    pub async fn load(service: &'static str, config: AuthConfig) -> Result<Self, ConfigError> {
+    pub async fn load(
+        service: &'static str,
+        config: AuthConfig,
+        health: Health,
+    ) -> Result<Self, ConfigError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| invalid(&config.jwks, format!("HTTP client: {e}")))?;
-        let keys = read_set(&http, &config.jwks)
+        let keys = read_set(&http, &config.jwks, config.allow_dev_key)
             .await
             .map_err(|e| invalid(&config.jwks, e))?;
         tracing::info!(
@@ -469,6 +558,8 @@ impl Verifier {
                 keys: RwLock::new(keys),
                 verified: Mutex::new(Verified::default()),
                 read_at: tokio::sync::Mutex::new(Instant::now()),
+                read_ok_at: Mutex::new(Instant::now()),
+                health,
                 http,
             }),
         })
@@ -477,6 +568,7 @@ impl Verifier {
     /// The caller a token stands for, or why it is refused. A token that
     /// passed before and has not expired is not checked again.
     pub async fn verify(&self, token: &str) -> Result<Caller, TokenError> {
+        self.fresh_enough()?;
         let now = jsonwebtoken::get_current_timestamp();
         let generation = {
             let mut verified = self.verified();
@@ -494,6 +586,26 @@ impl Verifier {
             now,
         );
         Ok(caller)
+    }
+
+    /// Refuses to trust keys not read successfully for longer than
+    /// `AUTH_JWKS_MAX_STALE_SECS`.
+    fn fresh_enough(&self) -> Result<(), TokenError> {
+        let age = self
+            .inner
+            .read_ok_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed();
+        if age > self.inner.config.max_stale {
+            return Err(TokenError::KeysStale(format!(
+                "the key set ({}) has not been read for {} s, more than AUTH_JWKS_MAX_STALE_SECS ({} s): tokens cannot be checked against keys the issuer may have revoked; try again later",
+                self.inner.config.jwks.shown(),
+                age.as_secs(),
+                self.inner.config.max_stale.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     fn verified(&self) -> std::sync::MutexGuard<'_, Verified> {
@@ -562,26 +674,46 @@ impl Verifier {
         self.reread().await
     }
 
-    /// Reads the set again; on failure the keys in hand stay.
+    /// Reads the set again; on failure the keys in hand stay (for at most
+    /// `AUTH_JWKS_MAX_STALE_SECS` after the last good read). The tokens
+    /// remembered are forgotten only if the set changed.
     async fn reread(&self) -> bool {
-        match read_set(&self.inner.http, &self.inner.config.jwks).await {
+        let config = &self.inner.config;
+        match read_set(&self.inner.http, &config.jwks, config.allow_dev_key).await {
             Ok(keys) => {
-                let n = keys.keys.len();
                 *self
+                    .inner
+                    .read_ok_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+                self.inner.health.recover(HEALTH_COMPONENT);
+                let n = keys.keys.len();
+                let mut held = self
                     .inner
                     .keys
                     .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
-                self.verified().reset();
-                tracing::debug!(keys = n, "key set read again");
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if held.fingerprint == keys.fingerprint {
+                    tracing::debug!(keys = n, "key set read again, unchanged");
+                } else {
+                    *held = keys;
+                    drop(held);
+                    self.verified().reset();
+                    tracing::info!(keys = n, "key set read again: it changed");
+                }
                 true
             }
             Err(e) => {
                 tracing::warn!(
-                    source = %self.inner.config.jwks.shown(),
+                    source = %config.jwks.shown(),
                     error = %e,
                     "could not read the key set again; keeping the keys in hand"
                 );
+                if let Err(stale) = self.fresh_enough() {
+                    self.inner
+                        .health
+                        .degrade(HEALTH_COMPONENT, stale.to_string());
+                }
                 false
             }
         }
@@ -612,7 +744,11 @@ fn invalid(source: &JwksSource, reason: String) -> ConfigError {
     }
 }
 
-async fn read_set(http: &reqwest::Client, source: &JwksSource) -> Result<KeySet, String> {
+async fn read_set(
+    http: &reqwest::Client,
+    source: &JwksSource,
+    allow_dev_key: bool,
+) -> Result<KeySet, String> {
     let body = match source {
         JwksSource::Url(url) => {
             let response = http
@@ -636,7 +772,7 @@ async fn read_set(http: &reqwest::Client, source: &JwksSource) -> Result<KeySet,
     };
     let set: JwkSet = serde_json::from_slice(&body)
         .map_err(|e| format!("not a JWK set ({{\"keys\": [...]}}): {e}"))?;
-    KeySet::from_jwks(&set)
+    KeySet::from_jwks(&set, allow_dev_key)
 }
 
 /// Middleware on the API routes: puts the [`Caller`] in the request's
@@ -664,6 +800,15 @@ pub async fn authenticate(
                         .auth_refused
                         .get_or_create(&labels)
                         .inc();
+                    if let TokenError::KeysStale(why) = &e {
+                        tracing::warn!(reason = %why, "request refused: the key set is stale");
+                        return ApiError::new(
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "unavailable",
+                            why.clone(),
+                        )
+                        .into_response();
+                    }
                     tracing::info!(reason = %e, "request refused: token not acceptable");
                     return ApiError::unauthorized(e.to_string()).into_response();
                 }
@@ -681,6 +826,7 @@ pub async fn authenticate(
 fn reason_label(e: &TokenError) -> &'static str {
     match e {
         TokenError::Missing => "missing",
+        TokenError::KeysStale(_) => "keys_stale",
         TokenError::NotBearer | TokenError::Malformed(_) => "malformed",
         TokenError::Algorithm(_) | TokenError::KeyMismatch { .. } => "algorithm",
         TokenError::UnknownKey(_) | TokenError::NoKid => "unknown_key",
@@ -830,14 +976,14 @@ mod tests {
              "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}
         ]}))
         .expect("set");
-        assert!(KeySet::from_jwks(&set).is_err());
+        assert!(KeySet::from_jwks(&set, false).is_err());
         let ok: JwkSet = serde_json::from_value(serde_json::json!({"keys": [
             {"kty": "EC", "crv": "P-256", "kid": "sig", "alg": "ES256",
              "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
              "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}
         ]}))
         .expect("set");
-        let keys = KeySet::from_jwks(&ok).expect("usable");
+        let keys = KeySet::from_jwks(&ok, false).expect("usable");
         assert!(keys.find(Some("sig")).is_ok());
         assert!(
             keys.find(None).is_ok(),
@@ -847,5 +993,91 @@ mod tests {
             keys.find(Some("other")),
             Err(TokenError::UnknownKey(_))
         ));
+    }
+
+    /// The repository's key set (`dev/auth/jwks.json`), as committed.
+    fn dev_set() -> JwkSet {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../dev/auth/jwks.json"
+        ))
+        .expect("dev/auth/jwks.json");
+        serde_json::from_str(&text).expect("a JWK set")
+    }
+
+    #[test]
+    fn the_development_key_is_refused_unless_allowed_whatever_its_kid() {
+        let mut set = dev_set();
+        assert_eq!(set.keys[0].common.key_id.as_deref(), Some(DEV_KEY_KID));
+        assert!(is_dev_key(&set.keys[0]), "DEV_KEY_X/Y match the file");
+        assert!(KeySet::from_jwks(&set, false).is_err());
+        assert!(KeySet::from_jwks(&set, true)
+            .expect("allowed")
+            .find(Some(DEV_KEY_KID))
+            .is_ok());
+        set.keys[0].common.key_id = Some("renamed".into());
+        assert!(KeySet::from_jwks(&set, false).is_err());
+    }
+
+    fn file_config(path: &std::path::Path) -> AuthConfig {
+        AuthConfig {
+            jwks: JwksSource::File(path.to_owned()),
+            issuer: "i".into(),
+            audience: "a".into(),
+            refresh: Duration::from_secs(300),
+            max_stale: Duration::from_secs(3600),
+            allow_dev_key: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn reading_an_unchanged_set_keeps_the_verified_tokens_and_a_changed_one_forgets_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jwks.json");
+        let write = |set: &JwkSet| {
+            std::fs::write(&path, serde_json::to_vec(set).expect("json")).expect("write")
+        };
+        let set = dev_set();
+        write(&set);
+        let v = Verifier::load("t", file_config(&path), Health::default())
+            .await
+            .expect("load");
+        let now = jsonwebtoken::get_current_timestamp();
+        v.verified()
+            .put(0, "t1", token_of("c", false), now + 100, now);
+        assert!(v.reread().await);
+        assert!(
+            v.verified().get("t1", now).is_some(),
+            "an unchanged set forgot the verified tokens"
+        );
+        let mut changed = set.clone();
+        changed.keys[0].common.key_id = Some("rotated".into());
+        write(&changed);
+        assert!(v.reread().await);
+        assert!(v.verified().get("t1", now).is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_not_read_for_longer_than_the_limit_are_not_trusted_and_ready_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, serde_json::to_vec(&dev_set()).expect("json")).expect("write");
+        let health = Health::default();
+        let mut config = file_config(&path);
+        config.max_stale = Duration::ZERO;
+        let v = Verifier::load("t", config, health.clone())
+            .await
+            .expect("load");
+        assert!(v.fresh_enough().is_err());
+        std::fs::remove_file(&path).expect("rm");
+        assert!(!v.reread().await);
+        assert!(health.degraded().contains_key(HEALTH_COMPONENT));
+        assert!(matches!(
+            v.verify("whatever").await,
+            Err(TokenError::KeysStale(_))
+        ));
+        std::fs::write(&path, serde_json::to_vec(&dev_set()).expect("json")).expect("write");
+        assert!(v.reread().await);
+        assert!(health.degraded().is_empty());
     }
 }

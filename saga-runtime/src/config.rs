@@ -49,6 +49,23 @@ where
     }
 }
 
+/// A yes/no switch: `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`);
+/// unset is `false`.
+pub fn flag(name: &str) -> Result<bool, ConfigError> {
+    match var(name).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(false),
+        Some(v) => match v.as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError::Invalid {
+                var: name.to_owned(),
+                value: v,
+                reason: "expected true or false".to_owned(),
+            }),
+        },
+    }
+}
+
 /// A variable checked by `check` after parsing.
 pub fn parsed_with<T, F>(name: &str, default: T, check: F) -> Result<T, ConfigError>
 where

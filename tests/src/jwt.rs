@@ -125,6 +125,7 @@ pub fn jwks(keys: &[&SigningKey]) -> Value {
 pub struct JwksServer {
     pub url: String,
     set: Arc<RwLock<Value>>,
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -139,10 +140,12 @@ impl std::fmt::Debug for JwksServer {
 impl JwksServer {
     pub async fn start(keys: &[&SigningKey]) -> anyhow::Result<Self> {
         let set = Arc::new(RwLock::new(jwks(keys)));
-        let served = set.clone();
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (served, counted) = (set.clone(), fetches.clone());
         let app = Router::new().route(
             "/jwks.json",
             get(move || {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let set = served.read().map(|s| s.clone()).unwrap_or(Value::Null);
                 async move { Json(set) }
             }),
@@ -152,7 +155,17 @@ impl JwksServer {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Self { url, set, task })
+        Ok(Self {
+            url,
+            set,
+            fetches,
+            task,
+        })
+    }
+
+    /// How many times the set was fetched so far.
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// From now on the set holds `keys`.
@@ -169,6 +182,8 @@ impl JwksServer {
             issuer: ISSUER.to_owned(),
             audience: AUDIENCE.to_owned(),
             refresh: std::time::Duration::from_secs(300),
+            max_stale: std::time::Duration::from_secs(3600),
+            allow_dev_key: false,
         }
     }
 }

@@ -86,8 +86,18 @@ async fn every_unacceptable_token_gets_401_and_changes_nothing() -> anyhow::Resu
         .await?;
         assert_eq!(a.status, 202, "{:?}: {:?}", key.alg, a.body);
     }
+    // Expired, but within the leeway for clock skew: accepted.
+    let mut just_expired = jwt::claims("c-ok", false);
+    just_expired["exp"] = json!(jsonwebtoken::get_current_timestamp() - 10);
+    let a = post_order(
+        &sys,
+        Some(&format!("Bearer {}", ec.sign(&just_expired)?)),
+        &body,
+    )
+    .await?;
+    assert_eq!(a.status, 202, "expired within the leeway: {:?}", a.body);
     let before = order_count(&sys).await?;
-    assert_eq!(before, 2);
+    assert_eq!(before, 3);
 
     let now = jsonwebtoken::get_current_timestamp();
     let mut expired = jwt::claims("c-1", false);
@@ -100,8 +110,28 @@ async fn every_unacceptable_token_gets_401_and_changes_nothing() -> anyhow::Resu
     no_sub.as_object_mut().map(|c| c.remove("sub"));
     let stranger = SigningKey::generate(Algorithm::ES256, "ec-1")?; // same kid, other key
     let unknown_kid = SigningKey::generate(Algorithm::ES256, "nobody")?;
-    // A token that says ES256 and names the RS256 key's kid.
+    // A token that says ES256 and names the RS256 key's kid, and one that
+    // says RS256 and names the EC key's.
     let confused = SigningKey::generate(Algorithm::ES256, "rsa-1")?.token("c-1", false)?;
+    let confused_rs = SigningKey::generate(Algorithm::RS256, "ec-1")?.token("c-1", false)?;
+    // `alg: none`: the header {"alg":"none","typ":"JWT","kid":"ec-1"}, a
+    // valid token's claims, no signature.
+    let claims_part = ec
+        .token("c-1", false)?
+        .split('.')
+        .nth(1)
+        .map(str::to_owned)
+        .unwrap_or_default();
+    let alg_none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIiwia2lkIjoiZWMtMSJ9.{claims_part}.");
+    // HS256 with the public key as the shared secret (the classic
+    // algorithm-confusion attack): its JWK, as the set publishes it.
+    let mut hs_header = jsonwebtoken::Header::new(Algorithm::HS256);
+    hs_header.kid = Some("ec-1".into());
+    let hmac_with_public_key = jsonwebtoken::encode(
+        &hs_header,
+        &jwt::claims("c-1", false),
+        &jsonwebtoken::EncodingKey::from_secret(&serde_json::to_vec(&ec.jwk)?),
+    )?;
     let cases: Vec<(&str, Option<String>)> = vec![
         ("no Authorization header", None),
         ("not Bearer", Some("Basic YWxpY2U6cGFzcw==".into())),
@@ -128,6 +158,15 @@ async fn every_unacceptable_token_gets_401_and_changes_nothing() -> anyhow::Resu
         (
             "key of another algorithm",
             Some(format!("Bearer {confused}")),
+        ),
+        (
+            "RS256 naming an EC key",
+            Some(format!("Bearer {confused_rs}")),
+        ),
+        ("alg none", Some(format!("Bearer {alg_none}"))),
+        (
+            "HS256 signed with the public key",
+            Some(format!("Bearer {hmac_with_public_key}")),
         ),
     ];
     for (what, authorization) in &cases {
@@ -448,6 +487,54 @@ async fn a_rotated_key_is_accepted_once_the_set_holds_it_without_a_restart() -> 
     sys.shutdown().await
 }
 
+/// Tokens naming `kid`s nobody has cannot make the services hammer the
+/// identity provider: 200 of them (each a 401) cost at most a fetch per
+/// [`saga_runtime::auth::MIN_REFETCH`] per service, and since the set did
+/// not change, a token verified before them is still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_kids_cost_a_few_fetches_and_leave_verified_tokens_alone() -> anyhow::Result<()> {
+    let key = SigningKey::generate(Algorithm::ES256, "k1")?;
+    let jwks = JwksServer::start(&[&key]).await?;
+    let sys = start(&jwks).await?;
+    let good = key.token("c-1", false)?;
+    assert_eq!(
+        get(&sys, Which::Order, "/orders", Some(&good))
+            .await?
+            .status,
+        200
+    );
+    let before = jwks.fetches();
+    let started = std::time::Instant::now();
+    for i in 0..200 {
+        let stranger = SigningKey::generate(
+            Algorithm::ES256,
+            &format!("random-{i}-{}", uuid::Uuid::new_v4()),
+        )?;
+        let a = get(
+            &sys,
+            Which::Order,
+            "/orders",
+            Some(&stranger.token("c-1", false)?),
+        )
+        .await?;
+        assert_401(&a, "unknown kid");
+    }
+    let fetched = jwks.fetches() - before;
+    let windows = started.elapsed().as_secs() / saga_runtime::auth::MIN_REFETCH.as_secs() + 1;
+    assert!(
+        fetched as u64 <= windows,
+        "{fetched} fetches for 200 unknown kids in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        get(&sys, Which::Order, "/orders", Some(&good))
+            .await?
+            .status,
+        200
+    );
+    sys.shutdown().await
+}
+
 /// Runs the order-service binary with `env` (and a database and broker
 /// nobody answers at) until it exits, or until its output holds `until`
 /// (then it is killed), for at most 30 s.
@@ -495,10 +582,36 @@ fn a_wrong_auth_configuration_stops_start_up_with_one_line_naming_the_variable(
     let (malformed, empty) = (malformed.display().to_string(), empty.display().to_string());
     let iss = ("AUTH_ISSUER", "https://issuer.test");
     let aud = ("AUTH_AUDIENCE", "saga");
+    let dev_set = format!("{}/../dev/auth/jwks.json", env!("CARGO_MANIFEST_DIR"));
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        // Plain http is refused before anything is fetched.
         (
             vec![("AUTH_JWKS_URL", "http://127.0.0.1:9/jwks.json"), iss, aud],
-            "AUTH_JWKS_URL",
+            "AUTH_JWKS_ALLOW_HTTP=true",
+        ),
+        // With the switch it is fetched (and nobody answers there).
+        (
+            vec![
+                ("AUTH_JWKS_URL", "http://127.0.0.1:9/jwks.json"),
+                ("AUTH_JWKS_ALLOW_HTTP", "true"),
+                iss,
+                aud,
+            ],
+            "could not fetch the key set",
+        ),
+        (
+            vec![
+                ("AUTH_JWKS_URL", "https://127.0.0.1:9/jwks.json"),
+                ("AUTH_JWKS_ALLOW_HTTP", "maybe"),
+                iss,
+                aud,
+            ],
+            "AUTH_JWKS_ALLOW_HTTP",
+        ),
+        // The repository's development key alone, not allowed: no key left.
+        (
+            vec![("AUTH_JWKS_FILE", &dev_set), iss, aud],
+            "the development key is refused",
         ),
         (
             vec![("AUTH_JWKS_URL", "ftp://x/jwks.json"), iss, aud],
