@@ -137,6 +137,11 @@ pub struct ConsumerOptions {
     /// Attempts before a message whose handling keeps failing is dead-lettered
     /// (database outages are retried without limit).
     pub max_attempts: u32,
+    /// Attempts before a batch that keeps failing with a statement
+    /// timeout, a lock not granted, a lost race or an exhausted lock table
+    /// ([`db::is_contention`]) is split, while the database answers other
+    /// queries; a single message is then dead-lettered with the reason.
+    pub max_contention_attempts: u32,
 }
 
 impl Default for ConsumerOptions {
@@ -144,6 +149,7 @@ impl Default for ConsumerOptions {
         Self {
             max_batch: 256,
             max_attempts: 5,
+            max_contention_attempts: 8,
         }
     }
 }
@@ -437,13 +443,18 @@ impl<H: Handler> EventLoop<H> {
 
     /// Applies `work` in one transaction, retrying on failure.
     ///
-    /// A transient failure (the database away, read-only, overloaded, or a
-    /// lost race: [`db::is_transient`]) is waited out for as long as it
-    /// lasts, with capped exponential backoff, and reported to `/ready`
-    /// meanwhile: it says nothing about the events, so it never dead-letters
-    /// one. Any other failure is retried `max_attempts` times; a batch that
-    /// keeps failing is then split so one bad message cannot hold back the
-    /// others, and a single message that still fails is dead-lettered.
+    /// An outage (the database away, read-only, shutting down, out of
+    /// connections: [`db::is_transient`] but not [`db::is_contention`]) is
+    /// waited out for as long as it lasts, with capped exponential backoff,
+    /// and reported to `/ready` meanwhile: it says nothing about the
+    /// events, so it never dead-letters one. Contention (a statement
+    /// timeout, a lock not granted, a lost race, the lock table exhausted)
+    /// is retried `max_contention_attempts` times; if the database then
+    /// answers a probe, the work itself is the trouble and it goes the way
+    /// of any other failure, which is retried `max_attempts` times: a batch
+    /// that keeps failing is split so one bad message cannot hold back the
+    /// others, and a single message that still fails is dead-lettered with
+    /// the error.
     async fn apply_with_retries(
         &self,
         items: &[Item<'_>],
@@ -451,6 +462,7 @@ impl<H: Handler> EventLoop<H> {
         shutdown: &CancellationToken,
     ) -> Result<Vec<(usize, String)>, Interrupted> {
         let mut attempt = 0u32;
+        let mut contended = 0u32;
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         // Only a batch that reported an outage clears it: the health lock
         // stays off the path of every other batch.
@@ -468,7 +480,18 @@ impl<H: Handler> EventLoop<H> {
                         .consumer_retries
                         .get_or_create(&metrics::Metrics::service(self.service))
                         .inc();
-                    if db::is_transient(&e) {
+                    if db::is_contention(&e) {
+                        contended += 1;
+                        tracing::warn!(service = self.service, attempt = contended, error = %e, batch = work.len(), "handling met contention; retrying");
+                        if contended >= self.options.max_contention_attempts
+                            && self.database_answers().await
+                        {
+                            tracing::warn!(service = self.service, attempts = contended, error = %e, batch = work.len(), "the same work keeps failing while the database answers other queries; splitting the batch");
+                            return self
+                                .split_or_give_up(items, work, contended, &e, shutdown)
+                                .await;
+                        }
+                    } else if db::is_transient(&e) {
                         reported_outage = true;
                         self.health
                             .degrade(HEALTH_COMPONENT, format!("waiting for the database: {e}"));
@@ -496,7 +519,12 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    /// After `attempts` failures of `work` that were not transient: retry
+    /// Whether the database answers a trivial query now.
+    async fn database_answers(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// After `attempts` failures of `work` that were not outages: retry
     /// each message alone, or dead-letter the one message left.
     async fn split_or_give_up(
         &self,
@@ -507,9 +535,16 @@ impl<H: Handler> EventLoop<H> {
         shutdown: &CancellationToken,
     ) -> Result<Vec<(usize, String)>, Interrupted> {
         if let [one] = work {
+            let code = match e {
+                sqlx::Error::Database(db) => db
+                    .code()
+                    .map(|c| format!(" (SQLSTATE {c})"))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
             return Ok(vec![(
                 *one,
-                format!("handler failed after {attempts} attempts: {e}"),
+                format!("handler failed after {attempts} attempts: {e}{code}"),
             )]);
         }
         let mut dead = Vec::new();

@@ -137,6 +137,28 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         || sqlstate(e).is_some_and(|c| is_transient_sqlstate(&c))
 }
 
+/// Transient errors that may be this work's own doing rather than the
+/// database's state: a statement timeout or cancel (`57014`), the lock
+/// table or memory exhausted (`53200`, a batch that locks too much), a lock
+/// not granted in time or an object in use (`55P03`, `55006`), a lost race
+/// (`40001`, `40P01`). Retried, but not for ever: if the same work keeps
+/// failing with one of these while the database answers other queries,
+/// it is the work, and the consumer splits its batch (see
+/// [`crate::consumer`]). The other transient errors (connection lost,
+/// server shutting down or starting, read-only, too many connections,
+/// disk full, I/O) are outages, waited out however long they last.
+pub fn is_contention(e: &sqlx::Error) -> bool {
+    sqlstate(e).is_some_and(|c| is_contention_sqlstate(&c))
+}
+
+/// The SQLSTATEs of [`is_contention`].
+pub fn is_contention_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "57014" | "53200" | "55P03" | "55006" | "40001" | "40P01"
+    )
+}
+
 /// The SQLSTATE classes and codes [`is_transient`] waits out.
 pub fn is_transient_sqlstate(code: &str) -> bool {
     matches!(
@@ -164,7 +186,7 @@ fn sqlstate(e: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_transient_sqlstate;
+    use super::{is_contention_sqlstate, is_transient_sqlstate};
 
     #[test]
     fn outages_and_lost_races_are_transient_data_errors_are_not() {
@@ -176,6 +198,24 @@ mod tests {
         }
         for code in ["23505", "22P02", "42P01", "42703", "23514", "P0001"] {
             assert!(!is_transient_sqlstate(code), "{code} is not transient");
+        }
+    }
+
+    #[test]
+    fn contention_is_transient_but_outages_are_not_contention() {
+        for code in ["57014", "53200", "55P03", "55006", "40001", "40P01"] {
+            assert!(
+                is_transient_sqlstate(code) && is_contention_sqlstate(code),
+                "{code}"
+            );
+        }
+        for code in [
+            "25006", "53300", "53100", "57P01", "57P03", "08006", "58030",
+        ] {
+            assert!(
+                is_transient_sqlstate(code) && !is_contention_sqlstate(code),
+                "{code}"
+            );
         }
     }
 }

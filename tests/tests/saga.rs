@@ -1,5 +1,6 @@
 //! The checkout saga end to end: real PostgreSQL, real broker, three services.
 
+use anyhow::Context;
 use saga_tests::{System, Which};
 use serde_json::json;
 
@@ -534,6 +535,61 @@ async fn an_event_is_recorded_once_in_its_orders_history_even_after_the_inbox_fo
         .and_then(|e| e.code())
         .map(|c| c.into_owned());
     assert_eq!(code.as_deref(), Some("23505"), "{again:?}");
+    sys.shutdown().await
+}
+
+/// "Transient" errors that do not go away: inventory-service's database
+/// refuses to wait for locks (`lock_timeout`), and an operator holds one
+/// product's row. The batch holding that order's `PaymentSucceeded` fails
+/// with `55P03` every time while the database answers everything else: it
+/// is retried a bounded number of times, then split, and that one event is
+/// dead-lettered with its reason, so the partition moves on and another
+/// order completes. (A real outage is still waited out: see the chaos
+/// suite.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn work_that_keeps_hitting_a_lock_timeout_is_split_and_dead_lettered_not_retried_for_ever(
+) -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    sys.stock("SKU-HELD", 10).await?;
+    sys.stock("SKU-FREE", 10).await?;
+    let db = sys.db(Which::Inventory);
+    sqlx::query(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET lock_timeout = ''200ms''', current_database()); END $$",
+    )
+    .execute(db)
+    .await?;
+    // The service's sessions pick the setting up when they reconnect.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(db)
+    .await?;
+    let mut operator = db.begin().await?;
+    sqlx::query("SELECT 1 FROM products WHERE sku = 'SKU-HELD' FOR UPDATE")
+        .execute(&mut *operator)
+        .await?;
+
+    let held = sys
+        .place(json!([{"sku": "SKU-HELD", "quantity": 1, "unit_price": "1.00"}]))
+        .await?;
+    let free = sys
+        .place(json!([{"sku": "SKU-FREE", "quantity": 1, "unit_price": "1.00"}]))
+        .await?;
+    assert_eq!(sys.wait_terminal(&free).await?["status"], "CONFIRMED");
+    let dlq = format!("{}.dlq", sys.topic("payment-events"));
+    let copies = sys.wait_topic(&dlq, 1).await?;
+    let copy = copies
+        .iter()
+        .find(|m| m.key.as_deref() == Some(held.as_str()))
+        .context("the held order's event is not in the DLQ")?;
+    assert_eq!(copy.header("dlq.consumer"), Some("inventory-service"));
+    assert!(
+        copy.header("dlq.reason")
+            .is_some_and(|r| r.contains("55P03")),
+        "{copy:?}"
+    );
+    operator.rollback().await?;
     sys.shutdown().await
 }
 
