@@ -18,6 +18,11 @@
 //! the redriven message: a crash in between leaves a message redriven and
 //! not recorded, which a second redrive would repeat, and the consumers'
 //! inbox absorbs.
+//!
+//! Topics are read a page at a time (about [`PAGE_BYTES`]): `list`,
+//! `show` and `redrive` hold one page of dead letters, whatever the size of
+//! the topic, and the redrive ledger is kept as a small index (position to
+//! time), not as its messages.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,8 +35,10 @@ use saga_runtime::kafka::{self, headers};
 use saga_runtime::KafkaConfig;
 use serde::{Deserialize, Serialize};
 
-/// Topics read at most this long.
+/// A read of a topic that makes no progress this long fails.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// About how much of a topic (keys and values) is held at once.
+pub const PAGE_BYTES: usize = 4 << 20;
 /// The (unprefixed) topic that remembers redrives.
 pub const REDRIVES_TOPIC: &str = "saga-admin.redrives";
 /// Header on a redriven message: the dead letter it came from.
@@ -263,6 +270,13 @@ pub struct Redriven {
     pub outcome: String,
 }
 
+/// A redrive's producer and ledger.
+struct RedriveRun {
+    producer: FutureProducer,
+    ledger_topic: String,
+    ledger: HashMap<Position, Record>,
+}
+
 /// One record of the redrive ledger.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -301,43 +315,62 @@ impl DeadLetters {
         }
     }
 
-    async fn read(&self, topic: String) -> anyhow::Result<Vec<OwnedMessage>> {
-        let cfg = self.cfg.clone();
-        tokio::task::spawn_blocking(move || kafka::read_to_end(&cfg, &topic, READ_TIMEOUT))
-            .await
-            .context("reading a topic")?
+    /// The messages of `topic`, a page at a time.
+    fn pages(&self, topic: &str) -> tokio::sync::mpsc::Receiver<anyhow::Result<Vec<OwnedMessage>>> {
+        kafka::pages(&self.cfg, topic, PAGE_BYTES, READ_TIMEOUT)
     }
 
     /// What was redriven, by dead-letter position (the latest record).
     async fn ledger(&self) -> anyhow::Result<HashMap<Position, Record>> {
         let mut out = HashMap::new();
-        for m in self.read(self.cfg.topic(REDRIVES_TOPIC)).await? {
-            let Some(r) = m
-                .payload()
-                .and_then(|p| serde_json::from_slice::<Record>(p).ok())
-            else {
-                continue;
-            };
-            out.insert(r.from.clone(), r);
+        let mut pages = self.pages(&self.cfg.topic(REDRIVES_TOPIC));
+        while let Some(page) = pages.recv().await {
+            for m in page? {
+                let Some(r) = m
+                    .payload()
+                    .and_then(|p| serde_json::from_slice::<Record>(p).ok())
+                else {
+                    continue;
+                };
+                out.insert(r.from.clone(), r);
+            }
         }
         Ok(out)
     }
 
-    /// The dead letters that match `filter`, oldest first per topic and
-    /// partition, each marked with its redrive if it had one.
-    pub async fn list(&self, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
+    /// Hands `each` the dead letters that match `filter`, in position order
+    /// (topic, partition, offset), each marked with its redrive if it had
+    /// one, reading a page at a time; returns how many matched.
+    pub async fn list_each(
+        &self,
+        filter: &Filter,
+        mut each: impl FnMut(DeadLetter),
+    ) -> anyhow::Result<usize> {
         let ledger = self.ledger().await?;
-        let mut out = Vec::new();
-        for topic in self.topics(filter) {
-            for m in self.read(topic).await? {
-                let mut d = DeadLetter::of(m);
-                d.redriven_at = ledger.get(&d.at).map(|r| r.redriven_at);
-                if filter.matches(&d) {
-                    out.push(d);
+        let mut matched = 0;
+        let mut topics = self.topics(filter);
+        topics.sort();
+        for topic in topics {
+            let mut pages = self.pages(&topic);
+            while let Some(page) = pages.recv().await {
+                for m in page? {
+                    let mut d = DeadLetter::of(m);
+                    d.redriven_at = ledger.get(&d.at).map(|r| r.redriven_at);
+                    if filter.matches(&d) {
+                        matched += 1;
+                        each(d);
+                    }
                 }
             }
         }
-        out.sort_by(|a, b| a.at.cmp(&b.at));
+        Ok(matched)
+    }
+
+    /// [`DeadLetters::list_each`], collected (for a caller that wants them
+    /// all at once).
+    pub async fn list(&self, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
+        let mut out = Vec::new();
+        self.list_each(filter, |d| out.push(d)).await?;
         Ok(out)
     }
 
@@ -351,17 +384,17 @@ impl DeadLetters {
     ) -> anyhow::Result<Vec<DeadLetter>> {
         let topic = self.dlq_topic(topic);
         let ledger = self.ledger().await?;
-        let found = self
-            .read(topic)
-            .await?
-            .into_iter()
-            .filter(|m| m.offset() == offset && partition.is_none_or(|p| m.partition() == p))
-            .map(|m| {
-                let mut d = DeadLetter::of(m);
-                d.redriven_at = ledger.get(&d.at).map(|r| r.redriven_at);
-                d
-            })
-            .collect();
+        let mut found = Vec::new();
+        let mut pages = self.pages(&topic);
+        while let Some(page) = pages.recv().await {
+            for m in page? {
+                if m.offset() == offset && partition.is_none_or(|p| m.partition() == p) {
+                    let mut d = DeadLetter::of(m);
+                    d.redriven_at = ledger.get(&d.at).map(|r| r.redriven_at);
+                    found.push(d);
+                }
+            }
+        }
         Ok(found)
     }
 
@@ -375,14 +408,71 @@ impl DeadLetters {
         dry_run: bool,
         mut progress: impl FnMut(&Redriven),
     ) -> anyhow::Result<Vec<Redriven>> {
+        let run = self.redrive_run(dry_run).await?;
+        let mut done = Vec::with_capacity(letters.len());
+        for d in letters {
+            let outcome = self.redrive_letter(&run, d, force, dry_run).await;
+            progress(&outcome);
+            done.push(outcome);
+        }
+        Ok(done)
+    }
+
+    /// Redrives every dead letter that matches `filter`, as
+    /// [`DeadLetters::redrive`] does, reading a page at a time.
+    pub async fn redrive_matching(
+        &self,
+        filter: &Filter,
+        force: bool,
+        dry_run: bool,
+        mut progress: impl FnMut(&Redriven),
+    ) -> anyhow::Result<Vec<Redriven>> {
+        let run = self.redrive_run(dry_run).await?;
+        let mut done = Vec::new();
+        let mut topics = self.topics(filter);
+        topics.sort();
+        for topic in topics {
+            let mut pages = self.pages(&topic);
+            while let Some(page) = pages.recv().await {
+                for m in page? {
+                    let mut d = DeadLetter::of(m);
+                    d.redriven_at = run.ledger.get(&d.at).map(|r| r.redriven_at);
+                    if filter.matches(&d) {
+                        let outcome = self.redrive_letter(&run, &d, force, dry_run).await;
+                        progress(&outcome);
+                        done.push(outcome);
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// What a redrive needs: a producer, the ledger topic (created unless
+    /// a dry run) and the ledger as it is now.
+    async fn redrive_run(&self, dry_run: bool) -> anyhow::Result<RedriveRun> {
         let producer = kafka::producer(&self.cfg, "saga-admin")?;
         let ledger_topic = self.cfg.topic(REDRIVES_TOPIC);
         if !dry_run {
             kafka::ensure_topics(&self.cfg, std::slice::from_ref(&ledger_topic)).await?;
         }
-        let ledger = self.ledger().await?;
-        let mut done = Vec::with_capacity(letters.len());
-        for d in letters {
+        Ok(RedriveRun {
+            producer,
+            ledger: self.ledger().await?,
+            ledger_topic,
+        })
+    }
+
+    /// Redrives one dead letter, or says why not.
+    async fn redrive_letter(
+        &self,
+        run: &RedriveRun,
+        d: &DeadLetter,
+        force: bool,
+        dry_run: bool,
+    ) -> Redriven {
+        let (producer, ledger_topic, ledger) = (&run.producer, &run.ledger_topic, &run.ledger);
+        {
             let skip = |why: String| Redriven {
                 from: d.at.clone(),
                 to: None,
@@ -399,7 +489,7 @@ impl DeadLetters {
                     skip(format!("would redrive to {}", original.topic))
                 } else {
                     match self
-                        .redrive_one(&producer, &ledger_topic, d, original, force)
+                        .redrive_one(producer, ledger_topic, d, original, force)
                         .await
                     {
                         Ok(to) => Redriven {
@@ -413,10 +503,8 @@ impl DeadLetters {
             } else {
                 skip("skipped: no dlq.original.* headers say where it came from".to_owned())
             };
-            progress(&outcome);
-            done.push(outcome);
+            outcome
         }
-        Ok(done)
     }
 
     async fn redrive_one(

@@ -302,14 +302,35 @@ async fn run_dlq(brokers: String, command: DlqCommand) -> anyhow::Result<ExitCod
     let letters = DeadLetters::new(kafka);
     match command {
         DlqCommand::List { filter, json } => {
-            let found = letters.list(&filter.into()).await?;
+            // Printed as read, a page at a time: a JSON array, or lines.
+            let mut printed = 0usize;
+            let mut failed: Option<serde_json::Error> = None;
             if json {
-                println!("{}", serde_json::to_string_pretty(&found)?);
+                print!("[");
+            }
+            letters
+                .list_each(&filter.into(), |d| {
+                    if !json {
+                        println!("{}", d.line());
+                        printed += 1;
+                        return;
+                    }
+                    match serde_json::to_string_pretty(&d) {
+                        Ok(text) => {
+                            print!("{}\n{text}", if printed == 0 { "" } else { "," });
+                            printed += 1;
+                        }
+                        Err(e) => failed = Some(e),
+                    }
+                })
+                .await?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            if json {
+                println!("{}]", if printed == 0 { "" } else { "\n" });
             } else {
-                for d in &found {
-                    println!("{}", d.line());
-                }
-                println!("{} dead letters", found.len());
+                println!("{printed} dead letters");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -337,8 +358,17 @@ async fn run_dlq(brokers: String, command: DlqCommand) -> anyhow::Result<ExitCod
             dry_run,
             force,
         } => {
-            let selected = match message {
+            let bar = indicatif::ProgressBar::no_length();
+            let report = |r: &dlq::Redriven| {
+                bar.suspend(|| match &r.to {
+                    Some(to) => println!("{} -> {to}: {}", r.from, r.outcome),
+                    None => println!("{}: {}", r.from, r.outcome),
+                });
+                bar.inc(1);
+            };
+            let done = match message {
                 Some(m) => {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
                     let at: Position = m.parse().map_err(anyhow::Error::msg)?;
                     let found = letters
                         .show(&at.topic, Some(at.partition), at.offset)
@@ -347,23 +377,15 @@ async fn run_dlq(brokers: String, command: DlqCommand) -> anyhow::Result<ExitCod
                         eprintln!("no dead letter at {at}");
                         return Ok(ExitCode::from(1));
                     }
-                    found
+                    letters.redrive(&found, force, dry_run, report).await?
                 }
-                None => letters.list(&filter.into()).await?,
+                // Redriven as read, a page at a time.
+                None => {
+                    letters
+                        .redrive_matching(&filter.into(), force, dry_run, report)
+                        .await?
+                }
             };
-            let bar = indicatif::ProgressBar::new(selected.len() as u64);
-            if selected.len() < 2 {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
-            let done = letters
-                .redrive(&selected, force, dry_run, |r| {
-                    bar.suspend(|| match &r.to {
-                        Some(to) => println!("{} -> {to}: {}", r.from, r.outcome),
-                        None => println!("{}: {}", r.from, r.outcome),
-                    });
-                    bar.inc(1);
-                })
-                .await?;
             bar.finish_and_clear();
             let redriven = done.iter().filter(|r| r.to.is_some()).count();
             let all = if dry_run {

@@ -173,6 +173,9 @@ fn reader(cfg: &KafkaConfig) -> anyhow::Result<BaseConsumer<ReaderContext>> {
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
+        // A reader goes through a topic once: a small read-ahead (the
+        // default is 64 MiB) keeps a large topic out of memory.
+        .set("queued.max.messages.kbytes", "8192")
         .create_with_context(ReaderContext)
         .context("creating a Kafka reader")
 }
@@ -245,6 +248,105 @@ pub fn read_to_end(
         }
     }
     Ok(out)
+}
+
+/// Every message in `topic` when the read begins (what is written after
+/// is left out, so a caller that writes back into the topic does not read
+/// its own writes), in pages of about `page_bytes` (keys and values; a
+/// page holds at least one message), partition by partition and each
+/// partition in offset order: the caller holds a page at a time
+/// however large the topic is, and a reader thread reads at most one page
+/// ahead. A topic that does not exist reads as empty. `timeout` bounds a
+/// wait without progress, not the whole read. Call from within a Tokio
+/// runtime.
+pub fn pages(
+    cfg: &KafkaConfig,
+    topic: &str,
+    page_bytes: usize,
+    timeout: Duration,
+) -> tokio::sync::mpsc::Receiver<anyhow::Result<Vec<rdkafka::message::OwnedMessage>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let (cfg, topic) = (cfg.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let sent = read_pages(&cfg, &topic, page_bytes, timeout, |page| {
+            tx.blocking_send(Ok(page))
+                .map_err(|_| anyhow::anyhow!("the reader of {topic} went away"))
+        });
+        if let Err(e) = sent {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    rx
+}
+
+/// [`pages`], handing each page to `page` on this (blocking) thread.
+fn read_pages(
+    cfg: &KafkaConfig,
+    topic: &str,
+    page_bytes: usize,
+    timeout: Duration,
+    mut page: impl FnMut(Vec<rdkafka::message::OwnedMessage>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::Consumer;
+    let consumer = reader(cfg)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let mut partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    partitions.sort_unstable();
+    for partition in partitions {
+        // Where the partition ends now: the read stops there.
+        let (low, end) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .with_context(|| format!("reading where {topic}/{partition} ends"))?;
+        if end <= low {
+            continue;
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)?;
+        consumer.assign(&tpl)?;
+        let (mut held, mut bytes) = (Vec::new(), 0usize);
+        let mut progress = Instant::now();
+        loop {
+            if progress.elapsed() > timeout {
+                anyhow::bail!("{topic}/{partition}: no progress for {timeout:?}");
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) if m.partition() == partition => {
+                    progress = Instant::now();
+                    if m.offset() >= end {
+                        break;
+                    }
+                    bytes += m.payload_len() + m.key().map_or(0, <[u8]>::len);
+                    let last = m.offset() + 1 >= end;
+                    held.push(m.detach());
+                    if last {
+                        break;
+                    }
+                    if bytes >= page_bytes {
+                        page(std::mem::take(&mut held))?;
+                        bytes = 0;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => break,
+                Some(Ok(_)) | Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                Some(Err(e)) => {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("reading {topic}/{partition}"))
+                    )
+                }
+            }
+        }
+        if !held.is_empty() {
+            page(held)?;
+        }
+    }
+    Ok(())
 }
 
 /// The message at `offset` of `topic`/`partition`, if it is still there.
