@@ -49,6 +49,16 @@ async fn black_hole() -> anyhow::Result<Requests> {
     Ok(seen)
 }
 
+/// The value of the first sample of `metrics` that starts with `needle`.
+fn value_of(metrics: &str, needle: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_collector_that_never_answers_costs_the_saga_nothing_and_metrics_follow_it(
 ) -> anyhow::Result<()> {
@@ -88,16 +98,25 @@ async fn a_collector_that_never_answers_costs_the_saga_nothing_and_metrics_follo
         assert_eq!(get("content-type"), Some("application/x-protobuf"), "{h:?}");
     }
 
-    // Metrics moved with the two sagas.
-    let metrics = sys.metrics(Which::Order).await?;
-    let value = |needle: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(needle))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    // Metrics moved with the two sagas, once the last of order-service's
+    // four events (two created, one confirmed, one failed) is acknowledged:
+    // an order's status changes when its event commits, before the relay
+    // has it published.
+    let published = r#"saga_outbox_published_total{service="order-service"}"#;
+    let metrics = poll(
+        Duration::from_millis(50),
+        || async {
+            let metrics = sys.metrics(Which::Order).await?;
+            Ok(if value_of(&metrics, published) >= 4.0 {
+                Ok(metrics)
+            } else {
+                Err(metrics)
+            })
+        },
+        |metrics| anyhow::anyhow!("order-service did not publish its 4 events: {metrics}"),
+    )
+    .await?;
+    let value = |needle: &str| value_of(&metrics, needle);
     assert_eq!(
         value(r#"saga_orders_finished_total{status="CONFIRMED",reason=""}"#),
         1.0,
