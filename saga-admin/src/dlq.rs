@@ -149,6 +149,12 @@ impl DeadLetter {
         }
     }
 
+    /// Marked with its redrive in `ledger`, if it had one.
+    fn with_redrive(mut self, ledger: &Ledger) -> Self {
+        self.redriven_at = ledger.get(&self.at).map(|r| r.redriven_at);
+        self
+    }
+
     /// The headers, key and value, for `dlq show`.
     pub fn dump(&self) -> String {
         let mut out = format!("dead letter {}\n", self.at);
@@ -274,8 +280,11 @@ pub struct Redriven {
 struct RedriveRun {
     producer: FutureProducer,
     ledger_topic: String,
-    ledger: HashMap<Position, Record>,
+    ledger: Ledger,
 }
+
+/// What was redriven, by dead-letter position: the latest record of each.
+type Ledger = HashMap<Position, Record>;
 
 /// One record of the redrive ledger.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -321,7 +330,7 @@ impl DeadLetters {
     }
 
     /// What was redriven, by dead-letter position (the latest record).
-    async fn ledger(&self) -> anyhow::Result<HashMap<Position, Record>> {
+    async fn ledger(&self) -> anyhow::Result<Ledger> {
         let mut out = HashMap::new();
         let mut pages = self.pages(&self.cfg.topic(REDRIVES_TOPIC));
         while let Some(page) = pages.recv().await {
@@ -348,22 +357,37 @@ impl DeadLetters {
     ) -> anyhow::Result<usize> {
         let ledger = self.ledger().await?;
         let mut matched = 0;
+        self.each_matching(filter, &ledger, async |d| {
+            matched += 1;
+            each(d);
+        })
+        .await?;
+        Ok(matched)
+    }
+
+    /// Hands `each` the dead letters that match `filter`, in position order
+    /// (topic, partition, offset), each marked with its redrive in `ledger`
+    /// if it had one, reading a page at a time.
+    async fn each_matching(
+        &self,
+        filter: &Filter,
+        ledger: &Ledger,
+        mut each: impl AsyncFnMut(DeadLetter),
+    ) -> anyhow::Result<()> {
         let mut topics = self.topics(filter);
         topics.sort();
         for topic in topics {
             let mut pages = self.pages(&topic);
             while let Some(page) = pages.recv().await {
                 for m in page? {
-                    let mut d = DeadLetter::of(m);
-                    d.redriven_at = ledger.get(&d.at).map(|r| r.redriven_at);
+                    let d = DeadLetter::of(m).with_redrive(ledger);
                     if filter.matches(&d) {
-                        matched += 1;
-                        each(d);
+                        each(d).await;
                     }
                 }
             }
         }
-        Ok(matched)
+        Ok(())
     }
 
     /// [`DeadLetters::list_each`], collected (for a caller that wants them
@@ -389,9 +413,7 @@ impl DeadLetters {
         while let Some(page) = pages.recv().await {
             for m in page? {
                 if m.offset() == offset && partition.is_none_or(|p| m.partition() == p) {
-                    let mut d = DeadLetter::of(m);
-                    d.redriven_at = ledger.get(&d.at).map(|r| r.redriven_at);
-                    found.push(d);
+                    found.push(DeadLetter::of(m).with_redrive(&ledger));
                 }
             }
         }
@@ -429,22 +451,12 @@ impl DeadLetters {
     ) -> anyhow::Result<Vec<Redriven>> {
         let run = self.redrive_run(dry_run).await?;
         let mut done = Vec::new();
-        let mut topics = self.topics(filter);
-        topics.sort();
-        for topic in topics {
-            let mut pages = self.pages(&topic);
-            while let Some(page) = pages.recv().await {
-                for m in page? {
-                    let mut d = DeadLetter::of(m);
-                    d.redriven_at = run.ledger.get(&d.at).map(|r| r.redriven_at);
-                    if filter.matches(&d) {
-                        let outcome = self.redrive_letter(&run, &d, force, dry_run).await;
-                        progress(&outcome);
-                        done.push(outcome);
-                    }
-                }
-            }
-        }
+        self.each_matching(filter, &run.ledger, async |d| {
+            let outcome = self.redrive_letter(&run, &d, force, dry_run).await;
+            progress(&outcome);
+            done.push(outcome);
+        })
+        .await?;
         Ok(done)
     }
 

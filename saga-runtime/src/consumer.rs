@@ -535,13 +535,9 @@ impl<H: Handler> EventLoop<H> {
         shutdown: &CancellationToken,
     ) -> Result<Vec<(usize, String)>, Interrupted> {
         if let [one] = work {
-            let code = match e {
-                sqlx::Error::Database(db) => db
-                    .code()
-                    .map(|c| format!(" (SQLSTATE {c})"))
-                    .unwrap_or_default(),
-                _ => String::new(),
-            };
+            let code = db::sqlstate(e)
+                .map(|c| format!(" (SQLSTATE {c})"))
+                .unwrap_or_default();
             return Ok(vec![(
                 *one,
                 format!("handler failed after {attempts} attempts: {e}{code}"),

@@ -177,7 +177,8 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
         || code.starts_with("58") // system errors (I/O)
 }
 
-fn sqlstate(e: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(e: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
     match e {
         sqlx::Error::Database(db) => db.code(),
         _ => None,

@@ -202,51 +202,20 @@ fn is_partition_eof(error: &KafkaError) -> bool {
     )
 }
 
-/// Every message now in `topic`, all partitions from the start, each
-/// partition in offset order. Blocking: call it from `spawn_blocking`.
-/// A topic that does not exist reads as empty.
+/// Every message in `topic` when the read begins, partition by partition,
+/// each in offset order (see [`pages`]), all at once: for topics known to
+/// be small (tests). Blocking: call it from `spawn_blocking`. A topic that
+/// does not exist reads as empty.
 pub fn read_to_end(
     cfg: &KafkaConfig,
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
-    use rdkafka::consumer::Consumer;
-    let consumer = reader(cfg)?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading the metadata of {topic}"))?;
-    let mut unfinished: std::collections::HashSet<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
     let mut out = Vec::new();
-    if unfinished.is_empty() {
-        return Ok(out);
-    }
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in &unfinished {
-        tpl.add_partition_offset(topic, *p, rdkafka::Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let started = Instant::now();
-    while !unfinished.is_empty() {
-        if started.elapsed() > timeout {
-            anyhow::bail!(
-                "{topic}: partitions {unfinished:?} not read to their end after {timeout:?} ({} messages read)",
-                out.len()
-            );
-        }
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => out.push(m.detach()),
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                unfinished.remove(&p);
-            }
-            Some(Err(e)) => return Err(anyhow::Error::new(e).context(format!("reading {topic}"))),
-            None => {}
-        }
-    }
+    read_pages(cfg, topic, usize::MAX, timeout, |page| {
+        out.extend(page);
+        Ok(())
+    })?;
     Ok(out)
 }
 

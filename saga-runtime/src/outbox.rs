@@ -278,7 +278,12 @@ impl Outbox {
             .0
             .into_iter()
             .filter(|row| swept.is_empty() || swept.remove(&row.id).is_none())
-            .filter(|row| refused.is_empty() || !refused.contains_key(&row.message_key));
+            .filter(|row| {
+                refused.is_empty()
+                    || refused
+                        .get(&row.message_key)
+                        .is_none_or(|at| at.elapsed() >= REMEMBER_SWEPT)
+            });
         queue.extend(fresh.take(room));
         drop(held);
         self.handoff.wake.notify_one();
@@ -492,7 +497,11 @@ impl Relay {
             // Their orders wait in the table, for the sweep; nothing else
             // waits for them.
             let keys: HashSet<String> = outcome.refused.iter().map(|r| r.key.clone()).collect();
-            if let Err(e) = self.mark_refused(&outcome.refused).await {
+            let marked = async {
+                let mut conn = self.pool.acquire().await?;
+                outcome.mark_refused(&mut conn).await
+            };
+            if let Err(e) = marked.await {
                 tracing::warn!(service = self.service, error = %e, "could not mark refused outbox rows");
             }
             again.retain(|r| !keys.contains(&r.message_key));
@@ -517,21 +526,6 @@ impl Relay {
             }
             None => Ok(Progress::Published),
         }
-    }
-
-    /// Records on each row that the broker refused it, and why.
-    async fn mark_refused(&self, refused: &[Refused]) -> Result<(), sqlx::Error> {
-        let ids: Vec<i64> = refused.iter().map(|r| r.id).collect();
-        let why: Vec<&str> = refused.iter().map(|r| r.error.as_str()).collect();
-        sqlx::query(
-            "UPDATE outbox o SET refused_at = coalesce(o.refused_at, now()), last_error = r.why
-             FROM unnest($1::bigint[], $2::text[]) AS r(id, why) WHERE o.id = r.id",
-        )
-        .bind(&ids)
-        .bind(&why)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     /// Splits rows into those free to go and those behind an earlier row of
@@ -659,6 +653,7 @@ impl Relay {
         let mut conn = self.pool.acquire().await?;
         outcome.delete_sent(&mut conn).await?;
         outcome.release_retries(&mut conn).await?;
+        outcome.mark_refused(&mut conn).await?;
         self.record(&outcome);
         outcome.error.map_or(Ok(()), Err)
     }
@@ -947,15 +942,30 @@ impl Outcome {
         }
         let ids: Vec<i64> = self.retry.iter().map(|r| r.id).collect();
         let why = self.error.as_ref().map(|e| format!("{e:#}"));
-        let refused: Vec<i64> = self.refused.iter().map(|r| r.id).collect();
         sqlx::query(
-            "UPDATE outbox SET claimed_until = NULL, last_error = COALESCE($2, last_error),
-                    refused_at = CASE WHEN id = ANY($3) THEN coalesce(refused_at, now()) END
+            "UPDATE outbox SET claimed_until = NULL, last_error = COALESCE($2, last_error)
              WHERE id = ANY($1)",
         )
         .bind(&ids)
         .bind(why)
-        .bind(&refused)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Records on each row the broker refused that it did, and why.
+    async fn mark_refused(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.refused.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = self.refused.iter().map(|r| r.id).collect();
+        let why: Vec<&str> = self.refused.iter().map(|r| r.error.as_str()).collect();
+        sqlx::query(
+            "UPDATE outbox o SET refused_at = coalesce(o.refused_at, now()), last_error = r.why
+             FROM unnest($1::bigint[], $2::text[]) AS r(id, why) WHERE o.id = r.id",
+        )
+        .bind(&ids)
+        .bind(&why)
         .execute(&mut *conn)
         .await?;
         Ok(())

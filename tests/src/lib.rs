@@ -542,27 +542,15 @@ impl System {
             .await?)
     }
 
-    /// `PUT /products/{sku}`.
-    /// Creates `sku`, or sets it at the version just read (`If-Match`).
+    /// Creates `sku`, or sets it (see [`put_stock`]).
     pub async fn stock(&self, sku: &str, available: i64) -> anyhow::Result<()> {
         let url = self.url(Which::Inventory, &format!("/products/{sku}"));
-        for _ in 0..5 {
-            let read = self.send(Which::Inventory, self.http.get(&url)).await?;
-            let mut req = self.http.put(&url).json(
-                &serde_json::json!({"name": format!("Test product {sku}"), "available": available}),
-            );
-            if let Some(etag) = read.header("etag").filter(|_| read.status == 200) {
-                req = req.header("If-Match", etag);
-            }
-            let a = self.send(Which::Inventory, req).await?;
-            match a.status {
-                200..=299 => return Ok(()),
-                // A reservation moved it on since the read.
-                409 => continue,
-                _ => bail!("PUT /products/{sku} answered {}: {}", a.status, a.body),
-            }
-        }
-        bail!("PUT /products/{sku}: the product kept changing")
+        let body =
+            serde_json::json!({"name": format!("Test product {sku}"), "available": available});
+        put_stock(&self.http, &url, &body, async |req| {
+            self.send(Which::Inventory, req).await
+        })
+        .await
     }
 
     pub async fn product(&self, sku: &str) -> anyhow::Result<Value> {
@@ -752,7 +740,46 @@ pub struct TopicMessage {
     pub headers: Vec<(String, String)>,
 }
 
+/// `PUT`s `body` to the product at `url`: creates it, or sets it at the
+/// version just read (`If-Match`: the catalog refuses a blind write of an
+/// existing product), reading again if a reservation moved it on. `send`
+/// sends a request and checks the answer against the API document.
+pub async fn put_stock(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    send: impl AsyncFn(reqwest::RequestBuilder) -> anyhow::Result<Answer>,
+) -> anyhow::Result<()> {
+    for _ in 0..5 {
+        let read = send(http.get(url)).await?;
+        let mut req = http.put(url).json(body);
+        if let Some(etag) = read.header("etag").filter(|_| read.status == 200) {
+            req = req.header("If-Match", etag);
+        }
+        let a = send(req).await?;
+        match a.status {
+            200..=299 => return Ok(()),
+            // A reservation moved it on since the read.
+            409 => continue,
+            _ => bail!("PUT {url} answered {}: {}", a.status, a.body),
+        }
+    }
+    bail!("PUT {url}: the product kept changing")
+}
+
 impl TopicMessage {
+    /// Its headers, to produce the very same message again.
+    pub fn owned_headers(&self) -> rdkafka::message::OwnedHeaders {
+        self.headers
+            .iter()
+            .fold(rdkafka::message::OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(rdkafka::message::Header {
+                    key: k,
+                    value: Some(v),
+                })
+            })
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

@@ -977,27 +977,14 @@ impl Cluster {
     }
 
     /// Stocks `sku` with `units` through the catalog API.
-    /// Creates `sku`, or sets it at the version just read (`If-Match`).
+    /// Creates `sku`, or sets it (see [`crate::put_stock`]).
     pub async fn stock(&self, sku: &str, units: i64) -> anyhow::Result<()> {
         let url = self.url(Which::Inventory, &format!("/products/{sku}"));
-        for _ in 0..5 {
-            let read = self.send(Which::Inventory, self.http.get(&url)).await?;
-            let mut req = self
-                .http
-                .put(&url)
-                .json(&json!({"name": format!("Chaos {sku}"), "available": units}));
-            if let Some(etag) = read.header("etag").filter(|_| read.status == 200) {
-                req = req.header("If-Match", etag);
-            }
-            let a = self.send(Which::Inventory, req).await?;
-            match a.status {
-                200..=299 => return Ok(()),
-                // A reservation moved it on since the read.
-                409 => continue,
-                _ => bail!("PUT /products/{sku}: {} {}", a.status, a.body),
-            }
-        }
-        bail!("PUT /products/{sku}: the product kept changing")
+        let body = json!({"name": format!("Chaos {sku}"), "available": units});
+        crate::put_stock(&self.http, &url, &body, async |req| {
+            self.send(Which::Inventory, req).await
+        })
+        .await
     }
 
     /// Places an order under `key`, retrying (same key) through outages

@@ -75,25 +75,7 @@ async fn rows_handed_over_in_quick_succession_are_published_once_in_order_per_or
     let ours: HashSet<String> = written.iter().map(|e| e.event_id.to_string()).collect();
     let published = wait_published(&sys, &ours).await?;
     assert_eq!(published.len(), written.len(), "every row exactly once");
-    for order in &orders {
-        let key = order.to_string();
-        let want: Vec<String> = written
-            .iter()
-            .filter(|e| e.order_id == *order)
-            .map(|e| e.event_id.to_string())
-            .collect();
-        // One key, one partition: offsets give the published order.
-        let mut got: Vec<&TopicMessage> = published
-            .iter()
-            .filter(|m| m.key.as_deref() == Some(key.as_str()))
-            .collect();
-        got.sort_by_key(|m| m.offset);
-        let got: Vec<String> = got
-            .iter()
-            .filter_map(|m| m.header("event_id").map(str::to_owned))
-            .collect();
-        assert_eq!(got, want, "events of order {key} out of order");
-    }
+    assert_each_orders_events_in_order(&orders, &written, &published);
     wait_deleted(&db, &ours).await?;
     // Deleted because published, not because a sweep published them again.
     assert_eq!(
@@ -299,24 +281,7 @@ async fn a_refused_row_holds_back_only_its_own_order() -> anyhow::Result<()> {
     let ours: HashSet<String> = written.iter().map(|e| e.event_id.to_string()).collect();
     let published = wait_published(&sys, &ours).await?;
     assert_eq!(published.len(), written.len(), "every healthy row once");
-    for order in &orders {
-        let key = order.to_string();
-        let want: Vec<String> = written
-            .iter()
-            .filter(|e| e.order_id == *order)
-            .map(|e| e.event_id.to_string())
-            .collect();
-        let mut got: Vec<&TopicMessage> = published
-            .iter()
-            .filter(|m| m.key.as_deref() == Some(key.as_str()))
-            .collect();
-        got.sort_by_key(|m| m.offset);
-        let got: Vec<String> = got
-            .iter()
-            .filter_map(|m| m.header("event_id").map(str::to_owned))
-            .collect();
-        assert_eq!(got, want, "events of order {key} out of order");
-    }
+    assert_each_orders_events_in_order(&orders, &written, &published);
 
     // Reported: on the row, and in both replicas' metrics, which count
     // the table (the refused order's three rows).
@@ -695,6 +660,33 @@ async fn a_handed_over_row_waits_for_an_earlier_row_of_its_order_held_elsewhere(
     relay.await?;
     sys.restart(Which::Order).await?;
     sys.shutdown().await
+}
+
+/// Each of `orders` has its `written` events in `published` in the order
+/// they were written (one key, one partition: offsets give the order).
+fn assert_each_orders_events_in_order(
+    orders: &[OrderId],
+    written: &[Envelope],
+    published: &[TopicMessage],
+) {
+    for order in orders {
+        let key = order.to_string();
+        let want: Vec<String> = written
+            .iter()
+            .filter(|e| e.order_id == *order)
+            .map(|e| e.event_id.to_string())
+            .collect();
+        let mut got: Vec<&TopicMessage> = published
+            .iter()
+            .filter(|m| m.key.as_deref() == Some(key.as_str()))
+            .collect();
+        got.sort_by_key(|m| m.offset);
+        let got: Vec<String> = got
+            .iter()
+            .filter_map(|m| m.header("event_id").map(str::to_owned))
+            .collect();
+        assert_eq!(got, want, "events of order {key} out of order");
+    }
 }
 
 fn confirmed(order: OrderId) -> Envelope {

@@ -314,16 +314,10 @@ async fn redelivered_and_reproduced_events_change_nothing() -> anyhow::Result<()
     //    its rows sent re-publishes exactly these bytes).
     let mut last = Vec::new();
     for (topic, m) in [(&order_topic, &original), (&payment_topic, &paid)] {
-        let mut headers = rdkafka::message::OwnedHeaders::new();
-        for (k, v) in &m.headers {
-            headers = headers.insert(rdkafka::message::Header {
-                key: k,
-                value: Some(v),
-            });
-        }
         last.push((
             topic.clone(),
-            sys.produce_raw(topic, &id, &m.payload, headers).await?,
+            sys.produce_raw(topic, &id, &m.payload, m.owned_headers())
+                .await?,
         ));
     }
     // 2. The same order created again under a new event ID: the business
@@ -505,15 +499,8 @@ async fn an_event_is_recorded_once_in_its_orders_history_even_after_the_inbox_fo
         .await?
         .rows_affected();
     assert_eq!(forgotten, 1);
-    let mut headers = rdkafka::message::OwnedHeaders::new();
-    for (k, v) in &reserved.headers {
-        headers = headers.insert(rdkafka::message::Header {
-            key: k,
-            value: Some(v),
-        });
-    }
     let (p, o) = sys
-        .produce_raw(&topic, &id, &reserved.payload, headers)
+        .produce_raw(&topic, &id, &reserved.payload, reserved.owned_headers())
         .await?;
     sys.wait_committed(Which::Order, &topic, p, o).await?;
     let order = sys.order(&id).await?;
