@@ -174,6 +174,9 @@ start_postgres() {
   if [ "$durable" != "durable" ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
+  # PG_EXTRA_OPTS: more server options, e.g. for a profile
+  # "-c shared_preload_libraries=pg_stat_statements".
+  opts="$opts ${PG_EXTRA_OPTS:-}"
   as_pg_user "$bin/pg_ctl" -D "$dir/data" -o "$opts" -l "$dir/postgres.log" -w -t 60 start >/dev/null || {
     cat "$dir/postgres.log" >&2
     return 1
