@@ -20,7 +20,12 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", client_id)
         // Keep librdkafka quiet about brokers that come and go; we log ourselves.
-        .set("log_level", "4");
+        .set("log_level", "4")
+        // TCP_NODELAY, as Kafka's Java clients always set it: with Nagle's
+        // algorithm a request sent while an earlier one is unanswered waits
+        // for that answer (pipelined produce requests, a fetch beside a
+        // commit).
+        .set("socket.nagle.disable", "true");
     c
 }
 
