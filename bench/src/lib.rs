@@ -6,6 +6,7 @@
 //! `OrderConfirmed`/`OrderFailed` event on `order-events`, read straight from
 //! the broker (no polling of the API).
 
+pub mod floor;
 pub mod hops;
 
 use std::collections::HashMap;
@@ -133,6 +134,16 @@ pub struct Config {
     /// (scope `saga:admin`), since the run restocks the catalog. Orders are
     /// then placed as the token's subject.
     pub token: Option<String>,
+    /// Before the load, measure the floor ([`floor`]) on the same broker
+    /// and this database, at the run's rate (200/s for a closed loop).
+    pub floor: Option<FloorRun>,
+}
+
+/// Where and how long to measure the floor before the run.
+#[derive(Debug, Clone)]
+pub struct FloorRun {
+    pub database_url: String,
+    pub duration: Duration,
 }
 
 /// Latency percentiles in milliseconds.
@@ -178,6 +189,9 @@ pub struct Report {
     /// With `--hops`: the confirmed path, leg by leg.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hops: Option<Vec<hops::Leg>>,
+    /// With `--floor`: what Kafka and PostgreSQL themselves need.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<floor::Floor>,
 }
 
 impl Report {
@@ -214,6 +228,20 @@ impl Report {
             self.end_to_end.p99_ms,
             self.end_to_end.max_ms,
             self.hops.as_deref().map(hops::render).unwrap_or_default(),
+        ) + &self.floor.as_ref().map(|f| self.against(f)).unwrap_or_default()
+    }
+
+    /// The floor, and the run's end-to-end latency beside it.
+    fn against(&self, floor: &floor::Floor) -> String {
+        format!(
+            "{}against floor   p50 {:.2} ms is {:.1}× the floor's {:.2} ms · p99 {:.2} ms is {:.1}× its {:.2} ms\n",
+            floor.render(),
+            self.end_to_end.p50_ms,
+            self.end_to_end.p50_ms / floor.saga_p50_ms,
+            floor.saga_p50_ms,
+            self.end_to_end.p99_ms,
+            self.end_to_end.p99_ms / floor.saga_p99_ms,
+            floor.saga_p99_ms,
         )
     }
 }
@@ -248,6 +276,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         .default_headers(headers)
         .build()?;
     restock(&http, &cfg.inventory_url).await?;
+    // Measured first, so it also warms the broker and the database up for
+    // the run.
+    let floor = match &cfg.floor {
+        Some(run) => {
+            let rate = match cfg.load {
+                Load::Open { rate, .. } => rate,
+                Load::Closed { .. } => 200.0,
+            };
+            let measured = floor::measure(&floor::FloorConfig {
+                brokers: cfg.brokers.clone(),
+                topic_prefix: cfg.topic_prefix.clone(),
+                database_url: run.database_url.clone(),
+                rate,
+                duration: run.duration,
+                fetch_wait_ms: cfg.fetch_wait_ms,
+            })
+            .await
+            .context("measuring the floor")?;
+            Some(measured)
+        }
+        None => None,
+    };
 
     let marks = if cfg.hops {
         Some(hops::mark(&cfg).await?)
@@ -303,6 +353,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 orders,
             } => format!("closed loop, concurrency {concurrency}, {orders} orders"),
         },
+        floor,
         ..Report::default()
     };
     let mut last_completion = started;

@@ -1,12 +1,12 @@
 //! A short load-generator run: a few hundred orders at a low rate, none lost,
 //! every outcome the one the mix asked for, every confirmed order's path
-//! read back leg by leg. (Speed targets live in
+//! read back leg by leg, the floor measured before it. (Speed targets live in
 //! BENCHMARKS.md, not here.)
 
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
-use loadgen::{Config, Load, Mix};
+use loadgen::{Config, FloorRun, Load, Mix};
 use saga_tests::jwt::{JwksServer, SigningKey};
 use saga_tests::{Options, System, Which};
 
@@ -25,6 +25,7 @@ fn config(sys: &System, load: Load) -> Config {
         progress: false,
         hops: false,
         token: None,
+        floor: None,
     }
 }
 
@@ -33,6 +34,10 @@ async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
     let sys = System::start().await?;
     let report = loadgen::run(Config {
         hops: true,
+        floor: Some(FloorRun {
+            database_url: sys.service_config(Which::Order)?.database_url,
+            duration: Duration::from_secs(3),
+        }),
         ..config(
             &sys,
             Load::Open {
@@ -59,6 +64,21 @@ async fn loadgen_smoke_run_loses_nothing() -> anyhow::Result<()> {
     for leg in legs {
         assert_eq!(leg.latency.count, 180, "{leg:?}");
     }
+    // The floor: 3 s at 50/s, the first second left out, so 100 hops and
+    // 100 commits measured (give or take the one on the boundary), each
+    // taking some time, and the saga's floor made of them.
+    let floor = report.floor.as_ref().expect("the floor was asked for");
+    for (what, l) in [("hop", &floor.hop), ("commit", &floor.commit)] {
+        assert!((99..=101).contains(&l.count), "{what}: {l:?}");
+        assert!(l.p50_ms > 0.0 && l.p50_ms <= l.p99_ms, "{what}: {l:?}");
+    }
+    let saga = 3.0 * floor.hop.p50_ms + 4.0 * floor.commit.p50_ms;
+    assert!((floor.saga_p50_ms - saga).abs() < 1e-9, "{floor:?}");
+    assert!(
+        report.render().contains("× the floor's"),
+        "{}",
+        report.render()
+    );
     sys.shutdown().await
 }
 

@@ -4,13 +4,14 @@
 //! loadgen --rate 200/s --duration 30s          # open loop
 //! loadgen --concurrency 64 --orders 20000      # closed loop, to find the maximum
 //! loadgen --rate 50/s --duration 20s --hops    # and where the time goes, leg by leg
+//! loadgen --rate 200/s --duration 30s --floor postgres://…/order  # beside the floor
 //! ```
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use loadgen::{Config, Load, Mix};
+use loadgen::{Config, FloorRun, Load, Mix};
 
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", about = "Load generator for the checkout saga")]
@@ -40,7 +41,7 @@ struct Args {
     topic_prefix: String,
     /// `fetch.wait.max.ms` of the consumer that watches `order-events`
     /// (the services read the same variable).
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = 100)]
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = 500)]
     fetch_wait_ms: u32,
     /// How long to wait for outstanding sagas after the last send.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
@@ -63,6 +64,64 @@ struct Args {
     /// placed as its subject.
     #[arg(long, env = "SAGA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// First measure the floor (one Kafka hop, one durable commit) at the
+    /// run's rate, against this database and the same broker: a scratch
+    /// table `bench_floor` is created there.
+    #[arg(long, value_name = "DATABASE_URL")]
+    floor: Option<String>,
+    /// How long to measure the floor.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    floor_for: Duration,
+    /// Only measure the floor (at `--rate`, or 200/s with `--concurrency`),
+    /// send no orders: `--json` then holds `{"floor": …}`.
+    #[arg(long, requires = "floor")]
+    floor_only: bool,
+}
+
+/// `--floor-only`: the floor, printed and written as `{"floor": …}`.
+async fn floor_only(args: &Args, load: &Load) -> ExitCode {
+    let rate = match load {
+        Load::Open { rate, .. } => *rate,
+        Load::Closed { .. } => 200.0,
+    };
+    let cfg = loadgen::floor::FloorConfig {
+        brokers: args.brokers.clone(),
+        topic_prefix: args.topic_prefix.clone(),
+        database_url: args.floor.clone().unwrap_or_default(),
+        rate,
+        duration: args.floor_for,
+        fetch_wait_ms: args.fetch_wait_ms,
+    };
+    let floor = match loadgen::floor::measure(&cfg).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("loadgen: measuring the floor: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", floor.render());
+    write_json(args.json.as_deref(), &serde_json::json!({ "floor": floor }))
+}
+
+/// Writes `value` as JSON to `path` (`-` for stdout), if there is one.
+fn write_json(path: Option<&str>, value: &impl serde::Serialize) -> ExitCode {
+    let Some(path) = path else {
+        return ExitCode::SUCCESS;
+    };
+    let json = match serde_json::to_string_pretty(value) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if path == "-" {
+        println!("{json}");
+    } else if let Err(e) = std::fs::write(path, json) {
+        eprintln!("loadgen: writing {path}: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -87,6 +146,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.floor_only {
+        return floor_only(&args, &load).await;
+    }
     let cfg = Config {
         order_url: args.order_url.trim_end_matches('/').to_owned(),
         inventory_url: args.inventory_url.trim_end_matches('/').to_owned(),
@@ -100,6 +162,10 @@ async fn main() -> ExitCode {
         progress: !args.quiet,
         hops: args.hops,
         token: args.token,
+        floor: args.floor.map(|database_url| FloorRun {
+            database_url,
+            duration: args.floor_for,
+        }),
     };
     let report = match loadgen::run(cfg).await {
         Ok(r) => r,
@@ -109,20 +175,8 @@ async fn main() -> ExitCode {
         }
     };
     print!("{}", report.render());
-    if let Some(path) = args.json {
-        let json = match serde_json::to_string_pretty(&report) {
-            Ok(j) => j,
-            Err(e) => {
-                eprintln!("loadgen: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if path == "-" {
-            println!("{json}");
-        } else if let Err(e) = std::fs::write(&path, json) {
-            eprintln!("loadgen: writing {path}: {e}");
-            return ExitCode::FAILURE;
-        }
+    if write_json(args.json.as_deref(), &report) != ExitCode::SUCCESS {
+        return ExitCode::FAILURE;
     }
     if report.lost > 0 {
         eprintln!(
