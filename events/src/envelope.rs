@@ -138,21 +138,43 @@ pub struct Shortage {
     pub available: i64,
 }
 
+crate::named_enum! {
+    /// The kinds of event, by their `event_type` text: what a consumer
+    /// decides on before it reads an event's data.
+    pub enum EventType: "event type" {
+        OrderCreated => "OrderCreated",
+        OrderConfirmed => "OrderConfirmed",
+        OrderFailed => "OrderFailed",
+        OrderCancelled => "OrderCancelled",
+        PaymentSucceeded => "PaymentSucceeded",
+        PaymentFailed => "PaymentFailed",
+        PaymentRefunded => "PaymentRefunded",
+        InventoryReserved => "InventoryReserved",
+        InventoryOutOfStock => "InventoryOutOfStock",
+        InventoryReleased => "InventoryReleased",
+    }
+}
+
 impl Event {
+    /// Which kind of event this is.
+    pub fn kind(&self) -> EventType {
+        match self {
+            Event::OrderCreated(_) => EventType::OrderCreated,
+            Event::OrderConfirmed(_) => EventType::OrderConfirmed,
+            Event::OrderFailed(_) => EventType::OrderFailed,
+            Event::OrderCancelled(_) => EventType::OrderCancelled,
+            Event::PaymentSucceeded(_) => EventType::PaymentSucceeded,
+            Event::PaymentFailed(_) => EventType::PaymentFailed,
+            Event::PaymentRefunded(_) => EventType::PaymentRefunded,
+            Event::InventoryReserved(_) => EventType::InventoryReserved,
+            Event::InventoryOutOfStock(_) => EventType::InventoryOutOfStock,
+            Event::InventoryReleased(_) => EventType::InventoryReleased,
+        }
+    }
+
     /// The `event_type` string, as in the envelope and the Kafka header.
     pub fn event_type(&self) -> &'static str {
-        match self {
-            Event::OrderCreated(_) => "OrderCreated",
-            Event::OrderConfirmed(_) => "OrderConfirmed",
-            Event::OrderFailed(_) => "OrderFailed",
-            Event::OrderCancelled(_) => "OrderCancelled",
-            Event::PaymentSucceeded(_) => "PaymentSucceeded",
-            Event::PaymentFailed(_) => "PaymentFailed",
-            Event::PaymentRefunded(_) => "PaymentRefunded",
-            Event::InventoryReserved(_) => "InventoryReserved",
-            Event::InventoryOutOfStock(_) => "InventoryOutOfStock",
-            Event::InventoryReleased(_) => "InventoryReleased",
-        }
+        self.kind().as_str()
     }
 
     /// The (unprefixed) topic this event is published on: each service owns one.
@@ -183,7 +205,35 @@ pub enum DecodeError {
     UnsupportedSchema { found: u32 },
 }
 
+/// The part of an envelope a consumer reads first: which event, in which
+/// schema. Everything else (including fields this build does not know) is
+/// left unread, so a consumer can skip an event type it does not handle,
+/// even one added after it was built, without calling it malformed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Header {
+    pub event_type: String,
+    pub schema_version: u32,
+}
+
+impl Header {
+    /// The event type, if this build knows it.
+    pub fn kind(&self) -> Option<EventType> {
+        EventType::parse(&self.event_type)
+    }
+}
+
 impl Envelope {
+    /// Reads only the header of a message value: an object with a string
+    /// `event_type` and a `schema_version` this build can read.
+    pub fn peek(bytes: &[u8]) -> Result<Header, DecodeError> {
+        if bytes.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let header: Header = serde_json::from_slice(bytes)?;
+        check_version(header.schema_version)?;
+        Ok(header)
+    }
+
     /// A new event about `order_id`, stamped now with a fresh ID.
     pub fn new(order_id: OrderId, correlation_id: CorrelationId, event: Event) -> Self {
         Self {
@@ -218,13 +268,18 @@ impl Envelope {
             return Err(DecodeError::Empty);
         }
         let envelope: Envelope = serde_json::from_slice(bytes)?;
-        if envelope.schema_version == 0 || envelope.schema_version > SCHEMA_VERSION {
-            return Err(DecodeError::UnsupportedSchema {
-                found: envelope.schema_version,
-            });
-        }
+        check_version(envelope.schema_version)?;
         Ok(envelope)
     }
+}
+
+/// Versions 1 to [`SCHEMA_VERSION`] are readable; a newer one comes from a
+/// producer upgraded before this consumer.
+fn check_version(found: u32) -> Result<(), DecodeError> {
+    if found == 0 || found > SCHEMA_VERSION {
+        return Err(DecodeError::UnsupportedSchema { found });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -306,6 +361,49 @@ mod tests {
             let bytes = env.to_json().unwrap();
             let back = Envelope::from_json(&bytes).unwrap();
             assert_eq!(back, env);
+        }
+    }
+
+    #[test]
+    fn every_event_kind_is_its_event_type_and_the_header_names_it() {
+        let events = all_events();
+        assert_eq!(events.len(), EventType::ALL.len());
+        for event in events {
+            let env = Envelope::new(OrderId::new(), CorrelationId::generate(), event);
+            let header = Envelope::peek(&env.to_json().unwrap()).unwrap();
+            assert_eq!(header.event_type, env.event_type());
+            assert_eq!(header.kind(), Some(env.event.kind()));
+        }
+    }
+
+    #[test]
+    fn the_header_reads_what_the_full_decoder_cannot() {
+        // A newer producer's event type, with fields nobody here knows.
+        let newer = br#"{"event_id":"not even a uuid","event_type":"LoyaltyPointsAwarded",
+                         "schema_version":1,"data":{"points":10},"shiny":true}"#;
+        let header = Envelope::peek(newer).unwrap();
+        assert_eq!(header.event_type, "LoyaltyPointsAwarded");
+        assert_eq!(header.kind(), None);
+        assert!(Envelope::from_json(newer).is_err());
+        // A newer schema version is not readable.
+        let v2 = br#"{"event_type":"OrderCreated","schema_version":2,"data":{}}"#;
+        let err = Envelope::peek(v2).unwrap_err();
+        assert!(
+            err.to_string().starts_with("unsupported schema_version 2"),
+            "{err}"
+        );
+        // Not an envelope at all.
+        for bad in [
+            &b""[..],
+            b"[]",
+            b"{}",
+            br#"{"event_type":7,"schema_version":1}"#,
+        ] {
+            assert!(
+                Envelope::peek(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -27,9 +27,9 @@ pub use domain::{
     Quantity, Sku, MAX_ITEMS_PER_ORDER, MAX_QUANTITY, MAX_UNIT_PRICE_MINOR,
 };
 pub use envelope::{
-    DecodeError, Envelope, Event, InventoryOutOfStock, InventoryReleased, InventoryReserved,
-    OrderCancelled, OrderConfirmed, OrderCreated, OrderFailed, PaymentFailed, PaymentRefunded,
-    PaymentSucceeded, ReservedLine, Shortage, SCHEMA_VERSION,
+    DecodeError, Envelope, Event, EventType, Header, InventoryOutOfStock, InventoryReleased,
+    InventoryReserved, OrderCancelled, OrderConfirmed, OrderCreated, OrderFailed, PaymentFailed,
+    PaymentRefunded, PaymentSucceeded, ReservedLine, Shortage, SCHEMA_VERSION,
 };
 
 #[doc(hidden)]

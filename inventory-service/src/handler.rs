@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use events::Event;
+use events::{Event, EventType};
 use saga_runtime::{Handler, Step};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -16,10 +16,10 @@ use crate::store;
 pub struct Reserver;
 
 impl Handler for Reserver {
-    fn accepts(&self, event: &Event) -> bool {
+    fn accepts(&self, kind: EventType) -> bool {
         matches!(
-            event,
-            Event::PaymentSucceeded(_) | Event::PaymentRefunded(_)
+            kind,
+            EventType::PaymentSucceeded | EventType::PaymentRefunded
         )
     }
 

@@ -2,7 +2,7 @@
 //! the batch's orders, decide in arrival order with the rules of
 //! [`crate::domain::OrderState`], write once.
 
-use events::{Envelope, Event};
+use events::{Envelope, EventType};
 use saga_runtime::{Handler, Step};
 use sqlx::PgConnection;
 
@@ -15,15 +15,15 @@ use crate::store;
 pub struct OrderSaga;
 
 impl Handler for OrderSaga {
-    fn accepts(&self, event: &Event) -> bool {
+    fn accepts(&self, kind: EventType) -> bool {
         matches!(
-            event,
-            Event::PaymentSucceeded(_)
-                | Event::PaymentFailed(_)
-                | Event::PaymentRefunded(_)
-                | Event::InventoryReserved(_)
-                | Event::InventoryOutOfStock(_)
-                | Event::InventoryReleased(_)
+            kind,
+            EventType::PaymentSucceeded
+                | EventType::PaymentFailed
+                | EventType::PaymentRefunded
+                | EventType::InventoryReserved
+                | EventType::InventoryOutOfStock
+                | EventType::InventoryReleased
         )
     }
 

@@ -2,7 +2,7 @@
 //! touches, decide in arrival order with the rules of [`crate::domain`],
 //! write once.
 
-use events::{Event, Money};
+use events::{EventType, Money};
 use saga_runtime::{Handler, Step};
 use sqlx::PgConnection;
 
@@ -32,10 +32,10 @@ impl Gateway {
 }
 
 impl Handler for Gateway {
-    fn accepts(&self, event: &Event) -> bool {
+    fn accepts(&self, kind: EventType) -> bool {
         matches!(
-            event,
-            Event::OrderCreated(_) | Event::InventoryOutOfStock(_) | Event::OrderCancelled(_)
+            kind,
+            EventType::OrderCreated | EventType::InventoryOutOfStock | EventType::OrderCancelled
         )
     }
 

@@ -166,7 +166,10 @@ impl App {
                     outbox: infra.outbox.clone(),
                     producer: infra.producer.clone(),
                     handler: Arc::new(handler),
-                    options: ConsumerOptions::default(),
+                    options: ConsumerOptions {
+                        unknown_event_types: cfg.unknown_event_types.clone(),
+                        ..ConsumerOptions::default()
+                    },
                     health: infra.health.clone(),
                 };
                 let worker: Worker = Box::new(move |token| Box::pin(event_loop.run(token)));

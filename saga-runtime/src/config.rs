@@ -4,6 +4,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use events::EventType;
+
 /// A configuration problem; `Display` is the one line shown to the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -193,6 +195,12 @@ pub struct ServiceConfig {
     /// bearer-token authentication, off (`None`) unless a key set is given
     /// (see [`crate::auth`]).
     pub auth: Option<crate::auth::AuthConfig>,
+    /// `CONSUMER_UNKNOWN_EVENT_TYPES`: event types (comma-separated) this
+    /// replica treats as unknown to its build, as a replica of an older
+    /// release would: skipped and parked, never handled (see
+    /// [`crate::parked`]). For rehearsing a rolling upgrade, or for holding
+    /// back one event type for a while. Empty by default.
+    pub unknown_event_types: Vec<EventType>,
 }
 
 impl ServiceConfig {
@@ -234,8 +242,32 @@ impl ServiceConfig {
             group_instance_id: group_instance_id()?,
             group_protocol: GroupProtocol::from_env()?,
             auth: crate::auth::AuthConfig::from_env()?,
+            unknown_event_types: match var("CONSUMER_UNKNOWN_EVENT_TYPES") {
+                None => Vec::new(),
+                Some(raw) => event_types(&raw).map_err(|reason| ConfigError::Invalid {
+                    var: "CONSUMER_UNKNOWN_EVENT_TYPES".into(),
+                    value: raw.clone(),
+                    reason,
+                })?,
+            },
         })
     }
+}
+
+/// A comma-separated list of event type names.
+fn event_types(raw: &str) -> Result<Vec<EventType>, String> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            EventType::parse(name).ok_or_else(|| {
+                format!(
+                    "{name} is not an event type (one of {})",
+                    EventType::names()
+                )
+            })
+        })
+        .collect()
 }
 
 /// How a consumer takes part in its group.
@@ -315,5 +347,28 @@ fn group_instance_id() -> Result<Option<String>, ConfigError> {
             })
         }
         id => Ok(id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_types;
+    use events::EventType;
+
+    #[test]
+    fn event_type_lists_are_names_separated_by_commas() {
+        assert_eq!(event_types(""), Ok(vec![]));
+        assert_eq!(
+            event_types(" OrderCancelled, InventoryReleased ,"),
+            Ok(vec![
+                EventType::OrderCancelled,
+                EventType::InventoryReleased
+            ])
+        );
+        let err = event_types("OrderCancelled,LoyaltyPointsAwarded").unwrap_err();
+        assert!(
+            err.starts_with("LoyaltyPointsAwarded is not an event type (one of "),
+            "{err}"
+        );
     }
 }

@@ -3,7 +3,10 @@
 //! For each poll it takes the messages that are ready (up to a batch) and
 //! handles them in one database transaction:
 //!
-//! 1. decode the envelope (malformed → dead-letter topic);
+//! 1. read the envelope's header: an event type the service does not handle
+//!    is skipped (and parked, if this build does not know it: see
+//!    [`crate::parked`]); the envelope of a handled one is decoded
+//!    (malformed → dead-letter topic);
 //! 2. record `(consumer, event_id)` in `processed_events` (one statement for
 //!    the batch) — already there means a redelivery, which changes nothing;
 //! 3. run the service's handler on the batch's new events (it reads what
@@ -20,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use events::{Envelope, Event};
+use events::{Envelope, Event, EventType};
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
@@ -33,6 +36,7 @@ use crate::group::GroupContext;
 use crate::health::Health;
 use crate::kafka::{self, headers};
 use crate::outbox::Outbox;
+use crate::parked::Parked;
 use crate::retry::Backoff;
 use crate::{db, metrics, telemetry};
 
@@ -105,8 +109,13 @@ impl<'a> Step<'a> {
 
 /// A service's reaction to saga events.
 pub trait Handler: Send + Sync + 'static {
-    /// Whether this service acts on `event`; others are acknowledged and skipped.
-    fn accepts(&self, event: &Event) -> bool;
+    /// Whether this service acts on events of this kind. Others are
+    /// acknowledged without reading their data, counted in
+    /// `saga_events_skipped_total`, and never dead-lettered; those of a
+    /// type this build does not know (a newer producer's, mid rolling
+    /// upgrade) are also parked for the build that knows them (see
+    /// [`crate::parked`]).
+    fn accepts(&self, kind: EventType) -> bool;
 
     /// Applies a batch of events never seen before, inside the consumer's
     /// transaction, recording on each [`Step`] what it emits or why it is
@@ -142,6 +151,9 @@ pub struct ConsumerOptions {
     /// ([`db::is_contention`]) is split, while the database answers other
     /// queries; a single message is then dead-lettered with the reason.
     pub max_contention_attempts: u32,
+    /// Event types treated as unknown to this build
+    /// (`CONSUMER_UNKNOWN_EVENT_TYPES`): skipped and parked.
+    pub unknown_event_types: Vec<EventType>,
 }
 
 impl Default for ConsumerOptions {
@@ -150,6 +162,7 @@ impl Default for ConsumerOptions {
             max_batch: 256,
             max_attempts: 5,
             max_contention_attempts: 8,
+            unknown_event_types: Vec::new(),
         }
     }
 }
@@ -244,10 +257,69 @@ pub struct EventLoop<H> {
     pub health: Health,
 }
 
-/// One polled message, decoded or not.
+/// One polled message, and what it turned out to be.
 struct Item<'m> {
     msg: BorrowedMessage<'m>,
-    decoded: Result<Envelope, String>,
+    read: Read,
+}
+
+/// What a consumer makes of a message value (the tolerant reader): the
+/// header first, the event's data only if the service handles its kind.
+#[derive(Debug)]
+enum Read {
+    /// An event this service handles.
+    Event(Envelope),
+    /// A well-formed envelope of a kind this service does not handle
+    /// (`known`), or that this build does not know (parked): acknowledged
+    /// and counted, never dead-lettered.
+    Skipped { event_type: String, known: bool },
+    /// Not an envelope, a `schema_version` this build cannot read (kept in
+    /// the dead-letter topic for a redrive after the upgrade), or a handled
+    /// event whose data does not fit its schema: dead-lettered.
+    Malformed(String),
+}
+
+impl Read {
+    /// `unknown`: types to treat as if this build did not know them.
+    fn of(
+        value: Option<&[u8]>,
+        accepts: impl Fn(EventType) -> bool,
+        unknown: &[EventType],
+    ) -> Self {
+        let Some(bytes) = value else {
+            return Read::Malformed("message has no value".to_owned());
+        };
+        let header = match Envelope::peek(bytes) {
+            Ok(h) => h,
+            Err(e) => return Read::Malformed(e.to_string()),
+        };
+        match header.kind().filter(|k| !unknown.contains(k)) {
+            None => {
+                return Read::Skipped {
+                    event_type: header.event_type,
+                    known: false,
+                }
+            }
+            Some(kind) if !accepts(kind) => {
+                return Read::Skipped {
+                    event_type: header.event_type,
+                    known: true,
+                }
+            }
+            Some(_) => {}
+        }
+        match Envelope::from_json(bytes) {
+            Ok(env) => Read::Event(env),
+            Err(e) => Read::Malformed(e.to_string()),
+        }
+    }
+
+    fn envelope(&self) -> Option<&Envelope> {
+        match self {
+            Read::Event(env) => Some(env),
+            _ => None,
+        }
+    }
 }
 
 /// Raised when shutdown interrupts a retry: the batch is left unacknowledged.
@@ -270,6 +342,16 @@ impl<H: Handler> EventLoop<H> {
         // when that is replaced.
         let mut progress = tokio::task::JoinSet::new();
         progress.spawn(self.watch_progress(&shutdown));
+        // Parked events this build now handles go out again (see
+        // [`crate::parked`]); ends with this loop.
+        let mut replay = tokio::task::JoinSet::new();
+        replay.spawn(crate::parked::run(
+            self.pool.clone(),
+            self.producer.clone(),
+            self.known(),
+            self.service,
+            shutdown.child_token(),
+        ));
         let mut last_fatal: Option<std::time::Instant> = None;
         loop {
             let first = tokio::select! {
@@ -317,11 +399,12 @@ impl<H: Handler> EventLoop<H> {
             let items: Vec<Item<'_>> = batch
                 .into_iter()
                 .map(|msg| {
-                    let decoded = match msg.payload() {
-                        None => Err("message has no value".to_owned()),
-                        Some(bytes) => Envelope::from_json(bytes).map_err(|e| e.to_string()),
-                    };
-                    Item { msg, decoded }
+                    let read = Read::of(
+                        msg.payload(),
+                        |kind| self.handler.accepts(kind),
+                        &self.options.unknown_event_types,
+                    );
+                    Item { msg, read }
                 })
                 .collect();
             if self.process(&items, &shutdown).await.is_err() {
@@ -333,6 +416,7 @@ impl<H: Handler> EventLoop<H> {
                 .observe(started.elapsed().as_secs_f64());
         }
         progress.abort_all();
+        replay.abort_all();
         // Closing commits what is stored and tells the group this member
         // leaves (a dynamic one: its partitions move at once instead of
         // after its session timeout). It waits on the broker: not on this
@@ -348,6 +432,19 @@ impl<H: Handler> EventLoop<H> {
         });
         if closed.await.is_err() {
             tracing::warn!(service, "closing the Kafka consumer failed");
+        }
+    }
+
+    /// Which parked events this build acts on.
+    fn known(&self) -> crate::parked::Known {
+        let unknown = self.options.unknown_event_types.clone();
+        crate::parked::Known {
+            handles: EventType::ALL
+                .iter()
+                .copied()
+                .filter(|k| self.handler.accepts(*k) && !unknown.contains(k))
+                .collect(),
+            unknown,
         }
     }
 
@@ -418,12 +515,21 @@ impl<H: Handler> EventLoop<H> {
     ) -> Result<(), Interrupted> {
         let mut dead: Vec<(usize, String)> = Vec::new();
         let mut work: Vec<usize> = Vec::with_capacity(items.len());
+        let mut parked: Vec<Parked> = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            match &item.decoded {
-                Err(why) => dead.push((i, format!("malformed message: {why}"))),
-                Ok(env) if self.handler.accepts(&env.event) => work.push(i),
-                Ok(_) => {}
+            match &item.read {
+                Read::Malformed(why) => dead.push((i, format!("malformed message: {why}"))),
+                Read::Event(_) => work.push(i),
+                Read::Skipped { event_type, known } => {
+                    self.skipped(&item.msg, event_type);
+                    if !known {
+                        parked.push(Parked::of(&item.msg, event_type));
+                    }
+                }
             }
+        }
+        if !parked.is_empty() {
+            self.park(&parked, shutdown).await?;
         }
         if !work.is_empty() {
             dead.extend(self.apply_with_retries(items, &work, shutdown).await?);
@@ -439,6 +545,66 @@ impl<H: Handler> EventLoop<H> {
             }
         }
         Ok(())
+    }
+
+    /// Counts a message whose event this service does not handle.
+    fn skipped(&self, msg: &BorrowedMessage<'_>, event_type: &str) {
+        // The label comes from the message: bounded, so that a stream of
+        // made-up names cannot grow the metrics without end.
+        let event_type: String = event_type.chars().take(64).collect();
+        tracing::debug!(service = self.service, topic = msg.topic(), %event_type, "event type not handled here; skipped");
+        metrics::global()
+            .events_skipped
+            .get_or_create(&metrics::SkippedLabels {
+                service: self.service.to_owned(),
+                topic: msg.topic().to_owned(),
+                event_type,
+            })
+            .inc();
+    }
+
+    /// Stores the batch's events of unknown types (see [`crate::parked`])
+    /// before their offsets are, waiting out a database that does not
+    /// answer (reported to `/ready` meanwhile).
+    async fn park(
+        &self,
+        parked: &[Parked],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Interrupted> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut reported = false;
+        loop {
+            match crate::parked::park(&self.pool, parked).await {
+                Ok(()) => {
+                    if reported {
+                        self.health.recover(HEALTH_COMPONENT);
+                    }
+                    for p in parked {
+                        tracing::warn!(service = self.service, parked = %p.position(), event_type = %p.event_type, "event type unknown to this build; parked until a build that knows it runs");
+                        metrics::global()
+                            .events_parked
+                            .get_or_create(&metrics::TopicLabels {
+                                service: self.service.to_owned(),
+                                topic: p.topic.clone(),
+                            })
+                            .inc();
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(service = self.service, error = %e, "parking events of unknown types failed; retrying");
+                    reported = true;
+                    self.health.degrade(
+                        HEALTH_COMPONENT,
+                        format!("cannot park events of unknown types: {e}"),
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = shutdown.cancelled() => return Err(Interrupted),
+                    }
+                }
+            }
+        }
     }
 
     /// Applies `work` in one transaction, retrying on failure.
@@ -567,7 +733,7 @@ impl<H: Handler> EventLoop<H> {
         let mut tx = self.pool.begin().await?;
         let event_ids: Vec<uuid::Uuid> = work
             .iter()
-            .filter_map(|&i| items[i].decoded.as_ref().ok().map(|e| e.event_id))
+            .filter_map(|&i| items[i].read.envelope().map(|e| e.event_id))
             .collect();
         // The inbox: IDs seen before (or twice in this batch) come back
         // once at most, so every other occurrence is a duplicate.
@@ -587,7 +753,9 @@ impl<H: Handler> EventLoop<H> {
         let mut duplicates: Vec<&'static str> = Vec::new();
         for &i in work {
             let item = &items[i];
-            let Ok(env) = &item.decoded else { continue };
+            let Some(env) = item.read.envelope() else {
+                continue;
+            };
             let span = message_span(self.service, &item.msg, env);
             if fresh.remove(&env.event_id) {
                 steps.push(Step::new(env, span));
@@ -869,4 +1037,91 @@ fn message_span(service: &'static str, msg: &BorrowedMessage<'_>, env: &Envelope
     );
     telemetry::set_remote_parent(&span, kafka::header(msg, headers::TRACEPARENT).as_deref());
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use events::{CorrelationId, OrderId, PaymentRefunded};
+
+    fn refund() -> Vec<u8> {
+        let event = Event::PaymentRefunded(PaymentRefunded {
+            payment_id: uuid::Uuid::new_v4(),
+            amount: events::Money::from_minor(100),
+            reason: "cancelled".into(),
+        });
+        Envelope::new(OrderId::new(), CorrelationId::generate(), event)
+            .to_json()
+            .expect("an envelope serialises")
+    }
+
+    fn read(value: &[u8], handled: &[EventType]) -> Read {
+        Read::of(Some(value), |kind| handled.contains(&kind), &[])
+    }
+
+    #[test]
+    fn a_handled_event_is_read_whole() {
+        let r = read(&refund(), &[EventType::PaymentRefunded]);
+        assert!(
+            matches!(r, Read::Event(ref e) if e.event.kind() == EventType::PaymentRefunded),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn kinds_not_handled_here_are_skipped_unread_even_unknown_or_with_bad_data() {
+        let r = read(&refund(), &[EventType::OrderCreated]);
+        assert!(
+            matches!(r, Read::Skipped { ref event_type, known: true } if event_type == "PaymentRefunded"),
+            "{r:?}"
+        );
+        let newer = br#"{"event_id":"00000000-0000-0000-0000-000000000000","event_type":"LoyaltyPointsAwarded","schema_version":1,"data":{"points":7}}"#;
+        let r = read(newer, EventType::ALL);
+        assert!(
+            matches!(r, Read::Skipped { ref event_type, known: false } if event_type == "LoyaltyPointsAwarded"),
+            "{r:?}"
+        );
+        let bad_data = br#"{"event_type":"OrderCreated","schema_version":1,"data":{"total":"x"}}"#;
+        assert!(matches!(
+            read(bad_data, &[EventType::PaymentRefunded]),
+            Read::Skipped { known: true, .. }
+        ));
+    }
+
+    #[test]
+    fn a_kind_treated_as_unknown_is_skipped_as_unknown_even_if_handled() {
+        let r = Read::of(
+            Some(&refund()),
+            |_| true,
+            &[EventType::OrderCancelled, EventType::PaymentRefunded],
+        );
+        assert!(
+            matches!(r, Read::Skipped { ref event_type, known: false } if event_type == "PaymentRefunded"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn not_an_envelope_a_newer_schema_or_a_handled_event_with_bad_data_is_malformed() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"not json", "not a valid event envelope"),
+            (br#"{"data":{}}"#, "not a valid event envelope"),
+            (
+                br#"{"event_type":"PaymentRefunded","schema_version":2,"data":{}}"#,
+                "unsupported schema_version 2",
+            ),
+            (
+                br#"{"event_type":"PaymentRefunded","schema_version":1,"data":{"amount":"x"}}"#,
+                "not a valid event envelope",
+            ),
+        ];
+        for (value, why) in cases {
+            let r = read(value, EventType::ALL);
+            assert!(
+                matches!(r, Read::Malformed(ref w) if w.starts_with(why)),
+                "{r:?}"
+            );
+        }
+        assert!(matches!(Read::of(None, |_| true, &[]), Read::Malformed(_)));
+    }
 }

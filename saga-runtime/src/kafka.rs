@@ -166,6 +166,9 @@ pub mod headers {
     /// Set to `true` on a copy sent without its value (too large).
     pub const DLQ_TRUNCATED: &str = "dlq.truncated";
     pub const DLQ_ORIGINAL_SIZE: &str = "dlq.original.size";
+    /// On an event published again from `parked_events`: where it had
+    /// been read (`<topic>/<partition>@<offset>`; see [`crate::parked`]).
+    pub const PARKED_FROM: &str = "parked.from";
 }
 
 /// A consumer for reading topics outside any group's offsets (operator

@@ -5,8 +5,9 @@
 //! - [`group`]: a consumer's lag, stalled partitions and rebalances, as metrics;
 //! - [`outbox`]: transactional outbox and its relay to Kafka;
 //! - [`consumer`]: the idempotent, batched consumer loop with dead letters;
+//! - [`parked`]: events of a type the build does not know, kept for its upgrade;
 //! - [`health`]: what background work reports to `/ready`;
-//! - [`retention`]: purges old inbox ids off the hot path;
+//! - [`retention`]: purges old inbox ids and parked events off the hot path;
 //! - [`listing`]: paginated listings (`limit`, `after`), alike everywhere;
 //! - [`http`]: the JSON error type, JSON extractor, probes;
 //! - [`auth`]: optional bearer-token (JWT/JWK) authentication, the caller;
@@ -31,6 +32,7 @@ pub mod kafka;
 pub mod listing;
 pub mod metrics;
 pub mod outbox;
+pub mod parked;
 pub mod retention;
 pub mod retry;
 pub mod telemetry;

@@ -30,6 +30,14 @@ pub struct TopicLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkippedLabels {
+    pub service: String,
+    pub topic: String,
+    /// As the message names it (at most 64 characters).
+    pub event_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub service: String,
     /// `permanent` (the broker refuses the message: ACLs, topic, size;
@@ -89,6 +97,9 @@ pub struct Metrics {
     pub consumer_rebalances: Family<ServiceLabels, Counter>,
     pub consumer_replaced: Family<ServiceLabels, Counter>,
     pub dead_lettered: Family<TopicLabels, Counter>,
+    pub events_skipped: Family<SkippedLabels, Counter>,
+    pub events_parked: Family<TopicLabels, Counter>,
+    pub events_replayed: Family<TopicLabels, Counter>,
     pub dead_letter_failed: Family<TopicLabels, Counter>,
     pub consumer_batch_size: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub consumer_batch_seconds: Histograms<ServiceLabels>,
@@ -117,6 +128,9 @@ impl Metrics {
             consumer_rebalances: Family::default(),
             consumer_replaced: Family::default(),
             dead_lettered: Family::default(),
+            events_skipped: Family::default(),
+            events_parked: Family::default(),
+            events_replayed: Family::default(),
             dead_letter_failed: Family::default(),
             consumer_batch_size: Family::new_with_constructor(batch_size_histogram),
             consumer_batch_seconds: Family::new_with_constructor(latency_histogram),
@@ -163,6 +177,21 @@ impl Metrics {
             "consumer_replaced",
             "Consumers replaced by a new one after a fatal error (a static member fenced after its session timed out while the broker was away)",
             m.consumer_replaced.clone(),
+        );
+        registry.register(
+            "events_skipped",
+            "Well-formed events of a type this service does not handle (or does not know yet), acknowledged without being read",
+            m.events_skipped.clone(),
+        );
+        registry.register(
+            "events_parked",
+            "Events of a type this build does not know, kept in parked_events until a build that knows the type publishes them again",
+            m.events_parked.clone(),
+        );
+        registry.register(
+            "events_replayed",
+            "Parked events this build published again to their topic, since it handles their type",
+            m.events_replayed.clone(),
         );
         registry.register(
             "dead_lettered_messages",

@@ -1,5 +1,6 @@
 //! Forgets processed-event ids (the consumers' inbox) after
-//! [`INBOX_RETENTION`], off the hot path.
+//! [`INBOX_RETENTION`], and parked events of a type no build has known
+//! after [`PARKED_RETENTION`], off the hot path.
 //!
 //! It runs as its own task, so a long purge never holds up the relay or a
 //! consumer batch, and deletes in chunks of [`CHUNK`] rows, so no statement
@@ -17,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 /// than this (a consumer group reset to the beginning of a topic with older
 /// retention, say) would be processed again.
 pub const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long an event of a type no build has known is kept in
+/// `parked_events` (see [`crate::parked`]): as long as the inbox remembers.
+pub const PARKED_RETENTION: Duration = INBOX_RETENTION;
 /// How often a purge runs.
 const EVERY: Duration = Duration::from_secs(60);
 /// Rows deleted per statement.
@@ -39,6 +43,21 @@ pub async fn run(pool: PgPool, service: &'static str, shutdown: CancellationToke
             Ok(0) => {}
             Ok(n) => tracing::info!(service, rows = n, "purged old processed-event ids"),
             Err(e) => tracing::warn!(service, error = %e, "purging old processed-event ids failed"),
+        }
+        let cutoff = chrono::Utc::now() - PARKED_RETENTION;
+        let purged = tokio::select! {
+            r = purge_parked(&pool, cutoff) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match purged {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                service,
+                rows = n,
+                "forgot parked events of a type no build here has known for {} days",
+                PARKED_RETENTION.as_secs() / 86_400
+            ),
+            Err(e) => tracing::warn!(service, error = %e, "purging old parked events failed"),
         }
     }
 }
@@ -66,4 +85,18 @@ pub async fn purge_inbox(
             return Ok(total);
         }
     }
+}
+
+/// Deletes parked events stored before `cutoff`. Returns how many.
+pub async fn purge_parked(
+    pool: &PgPool,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("DELETE FROM parked_events WHERE parked_at < $1")
+            .bind(cutoff)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
 }

@@ -337,7 +337,17 @@ impl System {
 
     /// Starts a stopped or crashed service again on the same database and topics.
     pub async fn restart(&mut self, w: Which) -> anyhow::Result<()> {
-        let config = service_config(&self.prefix, &self.kafka, w)?;
+        self.restart_with(w, |_| {}).await
+    }
+
+    /// [`System::restart`] with the configuration changed by `change`.
+    pub async fn restart_with(
+        &mut self,
+        w: Which,
+        change: impl FnOnce(&mut ServiceConfig),
+    ) -> anyhow::Result<()> {
+        let mut config = service_config(&self.prefix, &self.kafka, w)?;
+        change(&mut config);
         self.services[idx(w)] = Some(launch(w, config, self.options.clone()).await?);
         Ok(())
     }
@@ -705,6 +715,7 @@ fn service_config(prefix: &str, kafka: &KafkaConfig, w: Which) -> anyhow::Result
         group_instance_id: None,
         group_protocol: saga_runtime::config::GroupProtocol::default(),
         auth: None,
+        unknown_event_types: Vec::new(),
     })
 }
 

@@ -49,13 +49,14 @@ async fn wait_compensated(sys: &System, id: &str) -> anyhow::Result<Value> {
         .await
 }
 
-/// Event types about `id` on `topic`, in the order they were published.
+/// Event types about `id` on `topic`, in the order they were published
+/// (by their services: a parked event published again is a copy).
 async fn types_on(sys: &System, topic: &str, id: &str) -> anyhow::Result<Vec<String>> {
     let mut msgs: Vec<TopicMessage> = sys
         .read_topic(&sys.topic(topic))
         .await?
         .into_iter()
-        .filter(|m| m.key.as_deref() == Some(id))
+        .filter(|m| m.key.as_deref() == Some(id) && m.header("parked.from").is_none())
         .collect();
     msgs.sort_by_key(|m| m.offset);
     Ok(msgs
@@ -772,5 +773,71 @@ async fn a_charge_is_refunded_once_whichever_of_cancel_and_out_of_stock_comes_fi
         };
         assert_eq!(payment["refund_reason"], want);
     }
+    sys.shutdown().await
+}
+
+/// Parked events in `w`'s database.
+async fn parked(sys: &System, w: Which) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM parked_events")
+        .fetch_one(sys.db(w))
+        .await?)
+}
+
+/// A rolling upgrade that deploys the producer of an event before one of
+/// its consumers: a payment-service of a release that did not know
+/// `OrderCancelled` (its build narrowed with `CONSUMER_UNKNOWN_EVENT_TYPES`)
+/// beside the current order-service. The older replica acknowledges the
+/// cancellation and parks it, nothing is dead-lettered, and the current
+/// payment-service that replaces it refunds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_upgrade_refunds_a_cancellation_the_older_payment_service_did_not_know(
+) -> anyhow::Result<()> {
+    let mut sys = System::start().await?;
+    sys.stop(Which::Payment).await?;
+    sys.restart_with(Which::Payment, |c| {
+        c.unknown_event_types = vec![events::EventType::OrderCancelled];
+    })
+    .await?;
+    sys.stock("SKU-U1", 5).await?;
+    let id = sys.place(items("SKU-U1", 2)).await?;
+    assert_eq!(sys.wait_terminal(&id).await?["status"], "CONFIRMED");
+    assert_eq!(cancel(&sys, &id).await?.0, 202);
+
+    // The older payment-service parks the cancellation, and moves on.
+    poll(
+        Duration::from_millis(50),
+        || async {
+            let n = parked(&sys, Which::Payment).await?;
+            Ok(if n == 1 { Ok(()) } else { Err(n) })
+        },
+        |n| anyhow::anyhow!("{n} events parked by payment-service, not 1"),
+    )
+    .await?;
+    let later = sys.place(items("SKU-U1", 1)).await?;
+    assert_eq!(sys.wait_terminal(&later).await?["status"], "CONFIRMED");
+    assert_eq!(sys.payment(&id).await?["status"], "CHARGED");
+
+    // The current payment-service replaces it, and refunds.
+    sys.stop(Which::Payment).await?;
+    sys.restart(Which::Payment).await?;
+    assert_fully_compensated(&sys, &id, "SKU-U1").await?;
+    assert_eq!(sys.payment(&id).await?["refund_reason"], "order cancelled");
+    assert_eq!(sys.stock_levels("SKU-U1").await?, (4, 1));
+    assert_eq!(parked(&sys, Which::Payment).await?, 0);
+    let copies: Vec<TopicMessage> = sys
+        .read_topic(&sys.topic("order-events"))
+        .await?
+        .into_iter()
+        .filter(|m| m.key.as_deref() == Some(id.as_str()) && m.header("parked.from").is_some())
+        .collect();
+    assert_eq!(copies.len(), 1, "the parked cancellation, sent again once");
+
+    for topic in ["order-events", "payment-events", "inventory-events"] {
+        let dlq = sys.read_topic(&format!("{}.dlq", sys.topic(topic))).await?;
+        assert!(dlq.is_empty(), "dead-lettered on {topic}: {dlq:?}");
+    }
+    let mut violations = Vec::new();
+    audit::run(&sys.audit_options(50), |v| violations.push(v.clone())).await?;
+    assert!(violations.is_empty(), "{violations:?}");
     sys.shutdown().await
 }

@@ -421,6 +421,87 @@ async fn malformed_messages_go_to_the_dead_letter_topic_and_do_not_block() -> an
     sys.shutdown().await
 }
 
+/// The tolerant reader (a rolling upgrade deploys a producer before its
+/// consumers): an event type payment-service does not know, with fields it
+/// does not know either, is acknowledged, counted and never dead-lettered;
+/// an envelope of a newer `schema_version` is dead-lettered with that
+/// reason, to be redriven once the consumer is upgraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_event_types_are_skipped_and_newer_schemas_dead_lettered() -> anyhow::Result<()> {
+    let sys = System::start().await?;
+    let order_topic = sys.topic("order-events");
+    let envelope = |event_type: &str, version: u32| {
+        format!(
+            r#"{{"event_id":"{}","order_id":"{}","correlation_id":"c","occurred_at":"2026-01-01T00:00:00Z","schema_version":{version},"event_type":"{event_type}","data":{{"points":10}},"channel":"app"}}"#,
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4()
+        )
+    };
+    // On every partition a later order might use.
+    for i in 0..6 {
+        sys.produce_raw(
+            &order_topic,
+            &format!("loyalty-{i}"),
+            envelope("LoyaltyPointsAwarded", 1).as_bytes(),
+            rdkafka::message::OwnedHeaders::new(),
+        )
+        .await?;
+    }
+    sys.produce_raw(
+        &order_topic,
+        "schema-2",
+        envelope("OrderCreated", 2).as_bytes(),
+        rdkafka::message::OwnedHeaders::new(),
+    )
+    .await?;
+
+    sys.confirm_orders(6).await?;
+    let series = format!(
+        r#"saga_events_skipped_total{{service="payment-service",topic="{order_topic}",event_type="LoyaltyPointsAwarded"}}"#
+    );
+    saga_tests::poll(
+        std::time::Duration::from_millis(100),
+        || async {
+            let skipped = saga_tests::metric_sum(&sys.metrics(Which::Payment).await?, &series);
+            Ok(if skipped == 6.0 { Ok(()) } else { Err(skipped) })
+        },
+        |skipped| anyhow::anyhow!("{series} is {skipped}, not 6"),
+    )
+    .await?;
+    // Kept for a build that knows the type (none does: they stay).
+    let want: Vec<(String, String)> = (0..6)
+        .map(|i| ("LoyaltyPointsAwarded".to_owned(), format!("loyalty-{i}")))
+        .collect();
+    saga_tests::poll(
+        std::time::Duration::from_millis(50),
+        || async {
+            let parked: Vec<(String, String)> = sqlx::query_as(
+                "SELECT event_type, convert_from(message_key, 'UTF8') FROM parked_events ORDER BY 2",
+            )
+            .fetch_all(sys.db(Which::Payment))
+            .await?;
+            Ok(if parked == want { Ok(()) } else { Err(parked) })
+        },
+        |parked| anyhow::anyhow!("parked by payment-service: {parked:?}"),
+    )
+    .await?;
+    let dlq = sys.wait_topic(&format!("{order_topic}.dlq"), 1).await?;
+    assert_eq!(
+        dlq.len(),
+        1,
+        "only the newer schema is dead-lettered: {dlq:?}"
+    );
+    assert_eq!(dlq[0].key.as_deref(), Some("schema-2"));
+    assert!(
+        dlq[0]
+            .header("dlq.reason")
+            .is_some_and(|r| r.contains("unsupported schema_version 2")),
+        "{:?}",
+        dlq[0]
+    );
+    sys.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_too_large_for_its_dead_letter_topic_goes_there_without_its_value(
 ) -> anyhow::Result<()> {

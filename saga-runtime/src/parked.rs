@@ -1,0 +1,284 @@
+//! Events a consumer skipped because its build does not know their type:
+//! kept, and sent again once a build that handles them runs.
+//!
+//! In a rolling upgrade a producer of a new event type may run before its
+//! consumers are upgraded. An older consumer acknowledges such an event
+//! (its partition must not wait for the upgrade, and the event is not
+//! malformed) and *parks* it: the message (topic, position, key, value,
+//! headers) goes to `parked_events` in the service's own database before
+//! the offset is stored. Every replica of a build that knows the type
+//! looks at the table at start and every [`EVERY`] afterwards: an event it
+//! handles is published again to its topic, whole, with
+//! [`headers::PARKED_FROM`](crate::kafka::headers::PARKED_FROM), as a
+//! dead-letter redrive would be (the consumers' inbox absorbs it wherever
+//! it was handled already); one it knows but does not handle is forgotten.
+//! Rows of a type still unknown stay for [`crate::retention::PARKED_RETENTION`].
+//!
+//! Events of a known type that a service does not handle are skipped
+//! without parking: they are none of its business in any release.
+
+use std::time::Duration;
+
+use events::EventType;
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::{self, headers};
+use crate::metrics;
+
+/// How often a running replica looks for parked events it can now handle
+/// (an older replica may park a copy again while the upgrade rolls on).
+pub const EVERY: Duration = Duration::from_secs(10);
+/// Parked events replayed per transaction.
+const CHUNK: i64 = 100;
+
+/// One parked message.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Parked {
+    pub topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub event_type: String,
+    pub message_key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub header_names: Vec<String>,
+    pub header_values: Vec<Vec<u8>>,
+}
+
+impl Parked {
+    /// The parked copy of `msg`, whose envelope names `event_type`.
+    pub fn of(msg: &BorrowedMessage<'_>, event_type: &str) -> Self {
+        let (header_names, header_values) = msg
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .unzip()
+            })
+            .unwrap_or_default();
+        Self {
+            topic: msg.topic().to_owned(),
+            kafka_partition: msg.partition(),
+            kafka_offset: msg.offset(),
+            event_type: event_type.to_owned(),
+            message_key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            header_names,
+            header_values,
+        }
+    }
+
+    /// Where it was read: `<topic>/<partition>@<offset>`.
+    pub fn position(&self) -> String {
+        format!(
+            "{}/{}@{}",
+            self.topic, self.kafka_partition, self.kafka_offset
+        )
+    }
+
+    /// The message to publish again: the same topic, key, value and
+    /// headers, and where it was parked.
+    fn record<'a>(&'a self, from: &'a str) -> FutureRecord<'a, [u8], [u8]> {
+        let original = self.header_names.iter().zip(&self.header_values).fold(
+            OwnedHeaders::new(),
+            |hs, (k, v)| {
+                hs.insert(rdkafka::message::Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                })
+            },
+        );
+        let hs = kafka::with_headers(original, [(headers::PARKED_FROM, from)]);
+        let mut record = FutureRecord::to(&self.topic)
+            .headers(hs)
+            .payload(self.payload.as_slice());
+        if let Some(k) = &self.message_key {
+            record = record.key(k.as_slice());
+        }
+        record
+    }
+}
+
+/// Stores `parked` (a redelivered message is stored once).
+pub async fn park(pool: &PgPool, parked: &[Parked]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for p in parked {
+        insert(&mut tx, p).await?;
+    }
+    tx.commit().await
+}
+
+async fn insert(conn: &mut PgConnection, p: &Parked) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO parked_events (topic, kafka_partition, kafka_offset, event_type,
+             message_key, payload, header_names, header_values)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&p.topic)
+    .bind(p.kafka_partition)
+    .bind(p.kafka_offset)
+    .bind(&p.event_type)
+    .bind(&p.message_key)
+    .bind(&p.payload)
+    .bind(&p.header_names)
+    .bind(&p.header_values)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed {
+    /// Published again to their topics.
+    pub published: u64,
+    /// Of a type this build knows and does not handle: forgotten.
+    pub forgotten: u64,
+}
+
+/// Why a replay stopped; the rows it held stay parked.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("publishing {position} again: {error}")]
+    Publish {
+        position: String,
+        error: rdkafka::error::KafkaError,
+    },
+}
+
+/// Which parked events this build can act on: it `handles` some of the
+/// types it knows; `unknown` are types it treats as unknown all the same
+/// (`CONSUMER_UNKNOWN_EVENT_TYPES`).
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub handles: Vec<EventType>,
+    pub unknown: Vec<EventType>,
+}
+
+impl Known {
+    /// The type names whose parked events this build acts on.
+    fn names(&self) -> Vec<&'static str> {
+        EventType::ALL
+            .iter()
+            .filter(|k| !self.unknown.contains(k))
+            .map(|k| k.as_str())
+            .collect()
+    }
+
+    fn handles(&self, event_type: &str) -> bool {
+        EventType::parse(event_type).is_some_and(|k| self.handles.contains(&k))
+    }
+}
+
+/// Publishes again (or forgets) the parked events of types this build
+/// knows, [`CHUNK`] at a time, each chunk in one transaction: a row is
+/// deleted only once the broker has acknowledged its copy. Replicas share
+/// the work (`SKIP LOCKED`).
+pub async fn replay(
+    pool: &PgPool,
+    producer: &FutureProducer,
+    known: &Known,
+    service: &'static str,
+) -> Result<Replayed, ReplayError> {
+    let names = known.names();
+    let mut done = Replayed::default();
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<Parked> = sqlx::query_as(
+            "DELETE FROM parked_events WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM parked_events WHERE event_type = ANY($1)
+                 ORDER BY parked_at, topic, kafka_partition, kafka_offset
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))
+             RETURNING topic, kafka_partition, kafka_offset, event_type,
+                 message_key, payload, header_names, header_values",
+        )
+        .bind(&names)
+        .bind(CHUNK)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(done);
+        }
+        let mut rows = rows;
+        rows.sort_by(|a, b| {
+            (&a.topic, a.kafka_partition, a.kafka_offset).cmp(&(
+                &b.topic,
+                b.kafka_partition,
+                b.kafka_offset,
+            ))
+        });
+        let mut published = 0;
+        let mut forgotten = 0;
+        for row in &rows {
+            if !known.handles(&row.event_type) {
+                forgotten += 1;
+                continue;
+            }
+            let from = row.position();
+            producer
+                .send(row.record(&from), Duration::from_secs(10))
+                .await
+                .map_err(|(error, _)| ReplayError::Publish {
+                    position: from.clone(),
+                    error,
+                })?;
+            metrics::global()
+                .events_replayed
+                .get_or_create(&metrics::TopicLabels {
+                    service: service.to_owned(),
+                    topic: row.topic.clone(),
+                })
+                .inc();
+            tracing::info!(service, parked = %from, event_type = %row.event_type, "parked event published again");
+            published += 1;
+        }
+        tx.commit().await?;
+        done.published += published;
+        done.forgotten += forgotten;
+        if rows.len() < usize::try_from(CHUNK).unwrap_or(usize::MAX) {
+            return Ok(done);
+        }
+    }
+}
+
+/// Replays at once and then every [`EVERY`] until `shutdown`.
+pub async fn run(
+    pool: PgPool,
+    producer: FutureProducer,
+    known: Known,
+    service: &'static str,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let result = tokio::select! {
+            r = replay(&pool, &producer, &known, service) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match result {
+            Ok(Replayed {
+                published: 0,
+                forgotten: 0,
+            }) => {}
+            Ok(r) => tracing::info!(
+                service,
+                published = r.published,
+                forgotten = r.forgotten,
+                "parked events replayed"
+            ),
+            Err(e) => {
+                tracing::warn!(service, error = %e, "replaying parked events failed; retrying later")
+            }
+        }
+    }
+}
