@@ -7,7 +7,6 @@ use uuid::Uuid;
 use crate::domain::{
     CancelReason, CorrelationId, CustomerId, FailureReason, LineItem, Money, OrderId, Sku,
 };
-use crate::topics;
 
 /// Version of the envelope and event payloads this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -46,21 +45,21 @@ pub enum Event {
     InventoryReleased(InventoryReleased),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OrderCreated {
     pub customer_id: CustomerId,
     pub items: Vec<LineItem>,
     pub total: Money,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OrderConfirmed {
     pub total: Money,
     /// When the order was accepted: the saga's start.
     pub order_created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OrderFailed {
     pub reason: FailureReason,
     /// Human-readable detail (which SKU ran out, why the card was declined).
@@ -73,7 +72,7 @@ pub struct OrderFailed {
 /// deadline passed while it was still PENDING. Whoever did something for it
 /// undoes that (payment refunds, and inventory releases on the refund).
 /// Carries the order so that a participant needs nothing else to react.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OrderCancelled {
     pub reason: CancelReason,
     /// When the order was accepted: the saga's start.
@@ -84,40 +83,40 @@ pub struct OrderCancelled {
 
 /// The order was charged. Carries the items so inventory can reserve them
 /// without asking anyone (choreography: events are self-contained).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PaymentSucceeded {
     pub payment_id: Uuid,
     pub amount: Money,
     pub items: Vec<LineItem>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PaymentFailed {
     pub amount: Money,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PaymentRefunded {
     pub payment_id: Uuid,
     pub amount: Money,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InventoryReserved {
     pub items: Vec<ReservedLine>,
 }
 
 /// One reserved SKU (an order's lines for the same SKU are merged, so the
 /// quantity may exceed one line's limit).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReservedLine {
     pub sku: Sku,
     pub quantity: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InventoryOutOfStock {
     /// Every SKU that could not be served; nothing was reserved.
     pub shortages: Vec<Shortage>,
@@ -125,12 +124,12 @@ pub struct InventoryOutOfStock {
 
 /// Stock held for an order went back to `available` (its payment was
 /// refunded after the reservation).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InventoryReleased {
     pub items: Vec<ReservedLine>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Shortage {
     pub sku: Sku,
     pub requested: u32,
@@ -179,18 +178,7 @@ impl Event {
 
     /// The (unprefixed) topic this event is published on: each service owns one.
     pub fn topic(&self) -> &'static str {
-        match self {
-            Event::OrderCreated(_)
-            | Event::OrderConfirmed(_)
-            | Event::OrderFailed(_)
-            | Event::OrderCancelled(_) => topics::ORDER_EVENTS,
-            Event::PaymentSucceeded(_) | Event::PaymentFailed(_) | Event::PaymentRefunded(_) => {
-                topics::PAYMENT_EVENTS
-            }
-            Event::InventoryReserved(_)
-            | Event::InventoryOutOfStock(_)
-            | Event::InventoryReleased(_) => topics::INVENTORY_EVENTS,
-        }
+        self.kind().topic()
     }
 }
 

@@ -17,11 +17,16 @@
 //! }
 //! ```
 
+pub mod asyncapi;
+pub mod compat;
+pub mod contract;
 mod domain;
 mod envelope;
+pub mod headers;
 mod named;
 pub mod topics;
 
+pub use contract::Service;
 pub use domain::{
     CancelReason, CorrelationId, CustomerId, DomainError, FailureReason, LineItem, Money, OrderId,
     Quantity, Sku, MAX_ITEMS_PER_ORDER, MAX_QUANTITY, MAX_UNIT_PRICE_MINOR,

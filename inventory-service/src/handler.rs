@@ -17,10 +17,7 @@ pub struct Reserver;
 
 impl Handler for Reserver {
     fn accepts(&self, kind: EventType) -> bool {
-        matches!(
-            kind,
-            EventType::PaymentSucceeded | EventType::PaymentRefunded
-        )
+        kind.consumed_by(events::Service::Inventory)
     }
 
     async fn handle(

@@ -16,15 +16,7 @@ pub struct OrderSaga;
 
 impl Handler for OrderSaga {
     fn accepts(&self, kind: EventType) -> bool {
-        matches!(
-            kind,
-            EventType::PaymentSucceeded
-                | EventType::PaymentFailed
-                | EventType::PaymentRefunded
-                | EventType::InventoryReserved
-                | EventType::InventoryOutOfStock
-                | EventType::InventoryReleased
-        )
+        kind.consumed_by(events::Service::Order)
     }
 
     async fn handle(

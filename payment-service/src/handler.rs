@@ -33,10 +33,7 @@ impl Gateway {
 
 impl Handler for Gateway {
     fn accepts(&self, kind: EventType) -> bool {
-        matches!(
-            kind,
-            EventType::OrderCreated | EventType::InventoryOutOfStock | EventType::OrderCancelled
-        )
+        kind.consumed_by(events::Service::Payment)
     }
 
     async fn handle(

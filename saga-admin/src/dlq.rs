@@ -42,9 +42,9 @@ pub const PAGE_BYTES: usize = 4 << 20;
 /// The (unprefixed) topic that remembers redrives.
 pub const REDRIVES_TOPIC: &str = "saga-admin.redrives";
 /// Header on a redriven message: the dead letter it came from.
-pub const REDRIVEN_FROM: &str = "dlq.redriven_from";
+pub const REDRIVEN_FROM: &str = events::headers::REDRIVEN_FROM;
 /// Header on a redriven message: when it was redriven (RFC 3339).
-pub const REDRIVEN_AT: &str = "dlq.redriven_at";
+pub const REDRIVEN_AT: &str = events::headers::REDRIVEN_AT;
 
 /// Where a message is: `topic/partition@offset`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! The API description, generated from the handlers: OpenAPI 3.1 at
 //! `GET /openapi.json` and Swagger UI at `GET /docs` (its assets are built
-//! into the binary; nothing is fetched at build or run time).
+//! into the binary; nothing is fetched at build or run time); and the
+//! event contract, AsyncAPI 3.0 at `GET /asyncapi.json`.
 //!
 //! Each service documents its routes with `#[utoipa::path]` and registers
 //! them through `utoipa_axum::routes!`, so a route cannot be served without
@@ -172,7 +173,19 @@ fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut
     .flatten()
 }
 
-/// `GET /openapi.json` and Swagger UI at `GET /docs`.
+/// Where the event contract (AsyncAPI 3.0, [`events::asyncapi`]) is served.
+pub const EVENTS_DOCUMENT_PATH: &str = "/asyncapi.json";
+
+/// `GET /openapi.json`, Swagger UI at `GET /docs`, and the event contract
+/// at `GET /asyncapi.json` (the whole saga's: what this service sends and
+/// receives is read beside what the others do).
 pub fn routes(api: OpenApi) -> Router {
-    Router::new().merge(SwaggerUi::new(DOCS_PATH).url(DOCUMENT_PATH, api))
+    static EVENTS: std::sync::LazyLock<serde_json::Value> =
+        std::sync::LazyLock::new(events::asyncapi::document);
+    Router::new()
+        .merge(SwaggerUi::new(DOCS_PATH).url(DOCUMENT_PATH, api))
+        .route(
+            EVENTS_DOCUMENT_PATH,
+            axum::routing::get(|| async { axum::Json(EVENTS.clone()) }),
+        )
 }

@@ -149,27 +149,8 @@ pub fn header<M: Message>(msg: &M, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Standard header names on every saga message.
-pub mod headers {
-    pub const EVENT_TYPE: &str = "event_type";
-    pub const EVENT_ID: &str = "event_id";
-    pub const CORRELATION_ID: &str = "correlation_id";
-    pub const TRACEPARENT: &str = "traceparent";
-    pub const CONTENT_TYPE: &str = "content-type";
-
-    pub const DLQ_CONSUMER: &str = "dlq.consumer";
-    pub const DLQ_REASON: &str = "dlq.reason";
-    pub const DLQ_TOPIC: &str = "dlq.original.topic";
-    pub const DLQ_PARTITION: &str = "dlq.original.partition";
-    pub const DLQ_OFFSET: &str = "dlq.original.offset";
-    pub const DLQ_FAILED_AT: &str = "dlq.failed_at";
-    /// Set to `true` on a copy sent without its value (too large).
-    pub const DLQ_TRUNCATED: &str = "dlq.truncated";
-    pub const DLQ_ORIGINAL_SIZE: &str = "dlq.original.size";
-    /// On an event published again from `parked_events`: where it had
-    /// been read (`<topic>/<partition>@<offset>`; see [`crate::parked`]).
-    pub const PARKED_FROM: &str = "parked.from";
-}
+/// Header names on saga messages (defined with the events).
+pub use events::headers;
 
 /// A consumer for reading topics outside any group's offsets (operator
 /// tools, tests): nothing is committed, and it reports reaching the end of

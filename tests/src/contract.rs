@@ -209,18 +209,20 @@ impl Contract {
                 }
             }
         };
-        let errors: Vec<String> = validator
-            .iter_errors(body)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect();
-        if !errors.is_empty() {
-            bail!(
-                "the body does not match its documented schema: {}\nbody: {body}",
-                errors.join("; ")
-            );
+        if let Some(errors) = errors(&validator, body) {
+            bail!("the body does not match its documented schema: {errors}\nbody: {body}");
         }
         Ok(())
     }
+}
+
+/// What `validator` finds wrong with `instance`, each with where, or `None`.
+pub fn errors(validator: &jsonschema::Validator, instance: &Value) -> Option<String> {
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    (!errors.is_empty()).then(|| errors.join("; "))
 }
 
 /// Checks that `doc` is a valid OpenAPI 3.1 document: it validates
@@ -231,12 +233,8 @@ pub fn validate_document(doc: &Value) -> anyhow::Result<()> {
     let schema: Value = serde_json::from_str(OPENAPI_3_1_SCHEMA)?;
     let validator = jsonschema::draft202012::new(&schema)
         .map_err(|e| anyhow::anyhow!("the OpenAPI 3.1 schema does not compile: {e}"))?;
-    let errors: Vec<String> = validator
-        .iter_errors(doc)
-        .map(|e| format!("{e} at {}", e.instance_path()))
-        .collect();
-    if !errors.is_empty() {
-        bail!("not a valid OpenAPI 3.1 document: {}", errors.join("; "));
+    if let Some(errors) = errors(&validator, doc) {
+        bail!("not a valid OpenAPI 3.1 document: {errors}");
     }
     if let Some(schemas) = doc["components"]["schemas"].as_object() {
         for (name, s) in schemas {

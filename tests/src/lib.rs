@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod contract;
+pub mod events_contract;
 pub mod jwt;
 pub mod procs;
 
@@ -812,7 +813,7 @@ pub fn read_topic_at(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMess
         linger_ms: 1,
     };
     let messages = saga_runtime::kafka::read_to_end(&cfg, topic, Duration::from_secs(30))?;
-    Ok(messages
+    messages
         .iter()
         .map(|m| TopicMessage {
             partition: m.partition(),
@@ -836,7 +837,12 @@ pub fn read_topic_at(brokers: &str, topic: &str) -> anyhow::Result<Vec<TopicMess
                 })
                 .unwrap_or_default(),
         })
-        .collect())
+        .map(|m| {
+            events_contract::check(topic, &m)
+                .with_context(|| format!("{topic}/{}@{}", m.partition, m.offset))?;
+            Ok(m)
+        })
+        .collect()
 }
 
 fn committed_offset(
@@ -859,4 +865,21 @@ fn committed_offset(
             Offset::Offset(o) => Some(o),
             _ => None,
         }))
+}
+
+#[cfg(test)]
+mod subscription_tests {
+    use events::Service;
+
+    /// Each service subscribes to the topics of the events the contract
+    /// says it receives (its handler accepts exactly those).
+    #[test]
+    fn each_service_reads_the_topics_of_what_it_receives() {
+        assert_eq!(order_service::SUBSCRIBES, Service::Order.subscribes());
+        assert_eq!(payment_service::SUBSCRIBES, Service::Payment.subscribes());
+        assert_eq!(
+            inventory_service::SUBSCRIBES,
+            Service::Inventory.subscribes()
+        );
+    }
 }

@@ -19,6 +19,20 @@ const ALL: [Which; 3] = [Which::Order, Which::Payment, Which::Inventory];
 async fn the_documents_are_valid_openapi_3_1_and_describe_the_api() -> anyhow::Result<()> {
     let sys = System::start().await?;
     for w in ALL {
+        // The event contract, beside the API document.
+        let events: Value = sys
+            .http
+            .get(sys.url(w, "/asyncapi.json"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        assert!(
+            events == events::asyncapi::document(),
+            "{}'s /asyncapi.json is the events crate's",
+            w.name()
+        );
         let doc = sys.contract(w).document();
         validate_document(doc).with_context(|| format!("{}'s /openapi.json", w.name()))?;
         assert_eq!(doc["openapi"], "3.1.0");

@@ -326,9 +326,13 @@ async fn a_refused_row_holds_back_only_its_own_order() -> anyhow::Result<()> {
     );
 
     // Fixed (an operator shortens it): its order goes out, in order.
+    let mut fixed = refused.clone();
+    if let Event::OrderFailed(failed) = &mut fixed.event {
+        failed.detail = "SKU-1 is out of stock".into();
+    }
     sqlx::query("UPDATE outbox SET payload = $2 WHERE event_id = $1")
         .bind(refused.event_id)
-        .bind(confirmed(stuck).to_json()?)
+        .bind(fixed.to_json()?)
         .execute(&db)
         .await?;
     let mut out = wait_published(&sys, &waiting).await?;
