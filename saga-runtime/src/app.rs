@@ -148,9 +148,20 @@ impl App {
             .method_not_allowed_fallback(http::method_not_allowed)
             .layer(axum::middleware::from_fn(http::trace_request))
             .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES));
+        let mut tasks: Vec<Worker> = Vec::new();
         let consumer = match subscription {
             None => None,
             Some((topics, handler)) => {
+                // Parked events this build now handles go out again.
+                let known = crate::parked::Known::new(
+                    |kind| handler.accepts(kind),
+                    cfg.unknown_event_types.clone(),
+                );
+                let (pool, producer, service) =
+                    (infra.pool.clone(), infra.producer.clone(), cfg.service_name);
+                tasks.push(Box::new(move |token| {
+                    Box::pin(crate::parked::run(pool, producer, known, service, token))
+                }));
                 let subscription = consumer::Subscription {
                     kafka: cfg.kafka.clone(),
                     service: cfg.service_name,
@@ -176,7 +187,6 @@ impl App {
                 Some(worker)
             }
         };
-        let mut tasks: Vec<Worker> = Vec::new();
         if let Some(v) = verifier {
             tasks.push(Box::new(move |token| Box::pin(v.refresh(token))));
         }

@@ -342,16 +342,6 @@ impl<H: Handler> EventLoop<H> {
         // when that is replaced.
         let mut progress = tokio::task::JoinSet::new();
         progress.spawn(self.watch_progress(&shutdown));
-        // Parked events this build now handles go out again (see
-        // [`crate::parked`]); ends with this loop.
-        let mut replay = tokio::task::JoinSet::new();
-        replay.spawn(crate::parked::run(
-            self.pool.clone(),
-            self.producer.clone(),
-            self.known(),
-            self.service,
-            shutdown.child_token(),
-        ));
         let mut last_fatal: Option<std::time::Instant> = None;
         loop {
             let first = tokio::select! {
@@ -416,7 +406,6 @@ impl<H: Handler> EventLoop<H> {
                 .observe(started.elapsed().as_secs_f64());
         }
         progress.abort_all();
-        replay.abort_all();
         // Closing commits what is stored and tells the group this member
         // leaves (a dynamic one: its partitions move at once instead of
         // after its session timeout). It waits on the broker: not on this
@@ -432,19 +421,6 @@ impl<H: Handler> EventLoop<H> {
         });
         if closed.await.is_err() {
             tracing::warn!(service, "closing the Kafka consumer failed");
-        }
-    }
-
-    /// Which parked events this build acts on.
-    fn known(&self) -> crate::parked::Known {
-        let unknown = self.options.unknown_event_types.clone();
-        crate::parked::Known {
-            handles: EventType::ALL
-                .iter()
-                .copied()
-                .filter(|k| self.handler.accepts(*k) && !unknown.contains(k))
-                .collect(),
-            unknown,
         }
     }
 

@@ -161,6 +161,19 @@ pub struct Known {
 }
 
 impl Known {
+    /// What a build whose handler `accepts` some types knows, with
+    /// `unknown` treated as unknown.
+    pub fn new(accepts: impl Fn(EventType) -> bool, unknown: Vec<EventType>) -> Self {
+        Self {
+            handles: EventType::ALL
+                .iter()
+                .copied()
+                .filter(|k| accepts(*k) && !unknown.contains(k))
+                .collect(),
+            unknown,
+        }
+    }
+
     /// The type names whose parked events this build acts on.
     fn names(&self) -> Vec<&'static str> {
         EventType::ALL
@@ -246,7 +259,9 @@ pub async fn replay(
     }
 }
 
-/// Replays at once and then every [`EVERY`] until `shutdown`.
+/// Replays at once and then every [`EVERY`] until `shutdown`. `pool` is
+/// the request handlers' (a replay holds its connection while the broker
+/// acknowledges, which the consumer's and relay's own must not wait for).
 pub async fn run(
     pool: PgPool,
     producer: FutureProducer,
