@@ -127,6 +127,8 @@ pub async fn measure(cfg: &FloorConfig) -> anyhow::Result<Floor> {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "0")
+        // As the services' clients (saga_runtime::kafka::client_config).
+        .set("socket.nagle.disable", "true")
         .create()
         .context("creating the floor's producer")?;
 
@@ -268,6 +270,7 @@ async fn hop_consumer(cfg: &FloorConfig, topic: &str) -> anyhow::Result<StreamCo
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", cfg.fetch_wait_ms.to_string())
         .set("fetch.min.bytes", "1")
+        .set("socket.nagle.disable", "true")
         .create()
         .context("creating the floor's consumer")?;
     let topic = topic.to_owned();
