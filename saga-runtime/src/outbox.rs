@@ -29,8 +29,9 @@
 //!   table for earlier rows of the same keys that are not in its batch
 //!   (another replica's, a sweep's, rows past the in-memory cap); rows
 //!   behind one wait until it is gone (published and deleted);
-//! - a sweep takes a row only with every earlier row of its key, and
-//!   sweeps of several replicas claim one at a time (an advisory lock).
+//! - a sweep takes a row only with every earlier row of its key (one that
+//!   another transaction holds a lock on included), and sweeps of several
+//!   replicas claim one at a time (an advisory lock).
 //!
 //! Nothing is ever set aside: a row the broker refuses for good (too large,
 //! wrong ACLs, topic missing) stays in the outbox, marked `refused_at`,
@@ -86,8 +87,9 @@ const MAX_HELD: usize = 10_000;
 const BLOCKED_RECHECK: Duration = Duration::from_millis(20);
 /// `pg_advisory_xact_lock` key that serialises the sweeps' claims (per
 /// database, so per service): two sweeps claiming at once could split one
-/// key's rows between them and publish them out of order.
-const SWEEP_LOCK: i64 = 0x5a6a_0b0c;
+/// key's rows between them and publish them out of order. Holding it (in a
+/// session of one's own) pauses every replica's sweep.
+pub const SWEEP_LOCK: i64 = 0x5a6a_0b0c;
 
 /// Writes events into the outbox and hands them to the relay.
 #[derive(Clone, Debug)]
@@ -606,14 +608,25 @@ impl Relay {
                      AND {t}.id NOT IN (SELECT unnest($2::bigint[]))"
                 )
             };
+            // `SKIP LOCKED` passes over a row someone holds a lock on (a
+            // relay marking it refused or deleting it, an operator's open
+            // transaction) though the snapshot calls it free; a row of its
+            // key behind it must not go without it, so a row is claimed only
+            // if every earlier row of its key still in the table was locked
+            // here too.
             format!(
-                "UPDATE outbox o SET claimed_until = now() + interval '{CLAIM_FOR}'
-                 FROM (SELECT id FROM outbox c
-                       WHERE {} AND NOT EXISTS (
-                           SELECT 1 FROM outbox e
-                           WHERE e.message_key = c.message_key AND e.id < c.id AND NOT ({}))
-                       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c
-                 WHERE o.id = c.id
+                "WITH c AS (
+                     SELECT id, message_key FROM outbox c
+                     WHERE {} AND NOT EXISTS (
+                         SELECT 1 FROM outbox e
+                         WHERE e.message_key = c.message_key AND e.id < c.id AND NOT ({}))
+                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 UPDATE outbox o SET claimed_until = now() + interval '{CLAIM_FOR}'
+                 FROM c
+                 WHERE o.id = c.id AND NOT EXISTS (
+                     SELECT 1 FROM outbox e
+                     WHERE e.message_key = c.message_key AND e.id < c.id
+                           AND e.id NOT IN (SELECT id FROM c))
                  RETURNING o.id, o.topic, o.message_key, o.event_type, o.event_id, o.correlation_id,
                            o.traceparent, o.payload, o.created_at",
                 free("c"),
