@@ -30,7 +30,8 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use saga_runtime::kafka::EventProducer;
 use saga_runtime::kafka::{self, headers};
 use saga_runtime::KafkaConfig;
 use serde::{Deserialize, Serialize};
@@ -278,7 +279,7 @@ pub struct Redriven {
 
 /// A redrive's producer and ledger.
 struct RedriveRun {
-    producer: FutureProducer,
+    producer: EventProducer,
     ledger_topic: String,
     ledger: Ledger,
 }
@@ -521,7 +522,7 @@ impl DeadLetters {
 
     async fn redrive_one(
         &self,
-        producer: &FutureProducer,
+        producer: &EventProducer,
         ledger_topic: &str,
         d: &DeadLetter,
         original: &Position,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use futures::future::BoxFuture;
-use rdkafka::producer::{FutureProducer, Producer};
+
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -24,7 +24,7 @@ use crate::config::{ConfigError, ServiceConfig};
 use crate::consumer::{self, ConsumerOptions, EventLoop, Handler};
 use crate::health::Health;
 use crate::http::{self, Probes};
-use crate::kafka;
+use crate::kafka::{self, EventProducer};
 use crate::outbox::{Outbox, Relay};
 use crate::telemetry;
 
@@ -37,7 +37,7 @@ pub struct Infra {
     /// For the consumer loop and the outbox relay only (see
     /// [`crate::db::background_pool`]).
     pub background: PgPool,
-    pub producer: FutureProducer,
+    pub producer: EventProducer,
     pub outbox: Outbox,
     /// What background work reports to `/ready`.
     pub health: Health,
@@ -220,7 +220,7 @@ impl App {
     }
 
     /// The producer of the outbox relay and the dead-letter path.
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &EventProducer {
         &self.infra.producer
     }
 
@@ -324,7 +324,7 @@ impl App {
 /// Resolves with the producer's fatal error once librdkafka raises one
 /// (e.g. a fenced idempotent producer): the producer can never deliver
 /// again, so the service must stop and be restarted.
-async fn producer_fatal(producer: &FutureProducer) -> String {
+async fn producer_fatal(producer: &EventProducer) -> String {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         every.tick().await;

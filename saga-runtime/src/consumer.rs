@@ -27,14 +27,14 @@ use events::{Envelope, Event, EventType};
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{GroupProtocol, KafkaConfig};
 use crate::group::GroupContext;
 use crate::health::Health;
-use crate::kafka::{self, headers};
+use crate::kafka::{self, headers, EventProducer};
 use crate::outbox::Outbox;
 use crate::parked::Parked;
 use crate::retry::Backoff;
@@ -251,7 +251,7 @@ pub struct EventLoop<H> {
     pub consumer: Arc<SagaConsumer>,
     pub pool: PgPool,
     pub outbox: Outbox,
-    pub producer: FutureProducer,
+    pub producer: EventProducer,
     pub handler: Arc<H>,
     pub options: ConsumerOptions,
     pub health: Health,

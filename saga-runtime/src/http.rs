@@ -6,7 +6,7 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use rdkafka::producer::{FutureProducer, Producer};
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -15,6 +15,8 @@ use std::time::Duration;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+
+use crate::kafka::EventProducer;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -212,7 +214,7 @@ fn json_rejection(r: JsonRejection) -> ApiError {
 #[derive(Clone)]
 pub struct Probes {
     pub pool: PgPool,
-    pub producer: FutureProducer,
+    pub producer: EventProducer,
     pub health: crate::health::Health,
 }
 

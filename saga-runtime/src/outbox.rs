@@ -51,13 +51,13 @@ use events::Envelope;
 use futures::future::join_all;
 use futures::FutureExt;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
-use crate::kafka::{self, headers};
+use crate::kafka::{self, headers, EventProducer};
 use crate::retry::Backoff;
 use crate::{metrics, telemetry};
 
@@ -348,7 +348,7 @@ impl Outbox {
 /// Publishes outbox rows to Kafka until cancelled.
 pub struct Relay {
     pool: PgPool,
-    producer: FutureProducer,
+    producer: EventProducer,
     outbox: Outbox,
     service: &'static str,
 }
@@ -373,7 +373,7 @@ struct Row {
 impl Relay {
     pub fn new(
         pool: PgPool,
-        producer: FutureProducer,
+        producer: EventProducer,
         outbox: Outbox,
         service: &'static str,
     ) -> Self {
@@ -441,12 +441,18 @@ impl Relay {
         }
     }
 
+    /// Counts the table's old rows, then sweeps if there are any: an idle
+    /// service asks one indexed question a second, not five.
     async fn sweep_and_log(&self) {
+        match self.measure().await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(service = self.service, error = %e, "could not measure the outbox");
+            }
+        }
         if let Err(e) = self.sweep().await {
             tracing::warn!(service = self.service, error = %format!("{e:#}"), "outbox sweep failed; will retry");
-        }
-        if let Err(e) = self.measure().await {
-            tracing::warn!(service = self.service, error = %e, "could not measure the outbox");
         }
     }
 
@@ -459,7 +465,11 @@ impl Relay {
     /// are nearly all on their way, and leaving them out lets two partial
     /// indexes find the others without reading the heap's dead rows (the
     /// migration `outbox_old_rows_by_index` says what a full count cost).
-    async fn measure(&self) -> Result<(), sqlx::Error> {
+    ///
+    /// Returns the number of rows counted: none means a sweep has nothing
+    /// to see or take (the count leaves out only rows younger than
+    /// [`SEE_AFTER`], which a sweep does not look at either).
+    async fn measure(&self) -> Result<i64, sqlx::Error> {
         static COUNT: LazyLock<String> = LazyLock::new(|| {
             format!(
                 "SELECT count(*), count(*) FILTER (WHERE refused_at IS NOT NULL)
@@ -475,7 +485,7 @@ impl Relay {
         let labels = metrics::Metrics::service(self.service);
         m.outbox_backlog.get_or_create(&labels).set(rows);
         m.outbox_refused.get_or_create(&labels).set(refused);
-        Ok(())
+        Ok(rows)
     }
 
     /// Publishes rows handed over in memory and deletes those the broker

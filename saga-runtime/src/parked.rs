@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use events::EventType;
 use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::kafka::EventProducer;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -194,7 +196,7 @@ impl Known {
 /// the work (`SKIP LOCKED`).
 pub async fn replay(
     pool: &PgPool,
-    producer: &FutureProducer,
+    producer: &EventProducer,
     known: &Known,
     service: &'static str,
 ) -> Result<Replayed, ReplayError> {
@@ -264,7 +266,7 @@ pub async fn replay(
 /// acknowledges, which the consumer's and relay's own must not wait for).
 pub async fn run(
     pool: PgPool,
-    producer: FutureProducer,
+    producer: EventProducer,
     known: Known,
     service: &'static str,
     shutdown: CancellationToken,

@@ -25,7 +25,6 @@ async fn a_fatal_producer_error_stops_the_service() -> anyhow::Result<()> {
     let token = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(app.run(token.clone()));
     {
-        use rdkafka::producer::Producer;
         let reason = c"test: fenced";
         // SAFETY: the producer is alive (we hold a clone) and the reason is
         // a NUL-terminated string that outlives the call.

@@ -93,7 +93,7 @@ async fn rows_handed_over_in_quick_succession_are_published_once_in_order_per_or
 /// is stopped, so nobody else's relay or sweep runs beside it).
 async fn own_relay(
     sys: &mut System,
-    producer: rdkafka::producer::FutureProducer,
+    producer: saga_runtime::kafka::EventProducer,
 ) -> anyhow::Result<(
     PgPool,
     Outbox,
