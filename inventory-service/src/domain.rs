@@ -194,6 +194,38 @@ fn sku(s: &str) -> Result<Sku, String> {
     Sku::parse(s).map_err(|e| e.to_string())
 }
 
+/// What a `PUT /products/{sku}` does, decided from the product as it is
+/// (read under a row lock) and the version the caller sent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PutPlan {
+    /// No such product and no version: create it; the ledger books its
+    /// units.
+    Create,
+    /// The caller's version is the product's: set it; the ledger books the
+    /// change of units.
+    Update { delta: i64 },
+    /// The product exists and the caller sent no version: a blind write
+    /// would overwrite what reservations did meanwhile.
+    VersionRequired { current: i64 },
+    /// The caller's version is not the product's (`None`: no product).
+    Stale { current: Option<i64> },
+}
+
+/// `current` is the product's `(available, version)`, if it exists.
+pub fn plan_put(current: Option<(i64, i64)>, expected: Option<i64>, available: i64) -> PutPlan {
+    match (current, expected) {
+        (None, None) => PutPlan::Create,
+        (None, Some(_)) => PutPlan::Stale { current: None },
+        (Some((_, version)), None) => PutPlan::VersionRequired { current: version },
+        (Some((_, version)), Some(e)) if version != e => PutPlan::Stale {
+            current: Some(version),
+        },
+        (Some((was, _)), Some(_)) => PutPlan::Update {
+            delta: available - was,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +318,27 @@ mod tests {
         assert_eq!(ReservationStatus::Reserved.shown(), Some("HELD"));
         assert_eq!(ReservationStatus::Released.shown(), Some("RELEASED"));
         assert_eq!(ReservationStatus::Void.shown(), None);
+    }
+
+    #[test]
+    fn a_put_creates_without_a_version_and_sets_only_with_the_current_one() {
+        assert_eq!(plan_put(None, None, 7), PutPlan::Create);
+        assert_eq!(plan_put(None, Some(1), 7), PutPlan::Stale { current: None });
+        assert_eq!(
+            plan_put(Some((7, 2)), None, 1_000),
+            PutPlan::VersionRequired { current: 2 }
+        );
+        assert_eq!(
+            plan_put(Some((7, 2)), Some(1), 1_000),
+            PutPlan::Stale { current: Some(2) }
+        );
+        assert_eq!(
+            plan_put(Some((7, 2)), Some(2), 1_000),
+            PutPlan::Update { delta: 993 }
+        );
+        assert_eq!(
+            plan_put(Some((7, 2)), Some(2), 3),
+            PutPlan::Update { delta: -4 }
+        );
     }
 }

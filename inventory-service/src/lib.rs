@@ -2,18 +2,17 @@
 //! order or none, never oversells, and releases a reservation when its
 //! payment is refunded (`PaymentRefunded` after a cancellation or deadline).
 
-mod catalog;
 mod domain;
 mod handler;
-mod reservations;
+mod routes;
 mod store;
 
 use saga_runtime::config::{self, ConfigError};
 use saga_runtime::{App, Infra, ServiceConfig};
 
-pub use catalog::{seed_if_empty as seed_demo_catalog, DEMO_CATALOG};
 pub use domain::{ReservationStatus, Stock};
 pub use handler::Reserver;
+pub use store::{seed_if_empty as seed_demo_catalog, DEMO_CATALOG};
 
 pub const SERVICE: &str = "inventory-service";
 pub const DEFAULT_PORT: u16 = 3002;
@@ -44,10 +43,9 @@ impl Settings {
 pub async fn build(config: ServiceConfig, settings: Settings) -> anyhow::Result<App> {
     let infra = Infra::connect(config, sqlx::migrate!("./migrations")).await?;
     if settings.seed_demo_catalog {
-        catalog::seed_if_empty(&infra.pool).await?;
+        store::seed_if_empty(&infra.pool).await?;
     }
-    let router =
-        catalog::router(infra.pool.clone()).merge(reservations::router(infra.pool.clone()));
+    let router = routes::router(infra.pool.clone());
     App::new(
         infra,
         router,

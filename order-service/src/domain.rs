@@ -1,5 +1,4 @@
-//! The order's domain: the `POST /orders` body parsed at the edge, the
-//! order's status, and the saga's rules as pure functions over an order's
+//! The order's domain: a new order and its rules, the order's status, and the saga's rules as pure functions over an order's
 //! state: how it reacts to the other services' events, when it may be
 //! cancelled, when its deadline expires it.
 
@@ -7,46 +6,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use events::{
-    CancelReason, CustomerId, DomainError, Envelope, Event, FailureReason, LineItem, Money,
-    OrderCancelled, OrderConfirmed, OrderFailed, Quantity, Sku, MAX_ITEMS_PER_ORDER,
-    MAX_UNIT_PRICE_MINOR,
+    CancelReason, CustomerId, Envelope, Event, FailureReason, LineItem, Money, OrderCancelled,
+    OrderConfirmed, OrderFailed,
 };
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use serde::Serialize;
 use uuid::Uuid;
-
-/// The body of `POST /orders` as it arrives. Field types are loose on
-/// purpose so that every rule is checked here and reported with the field
-/// that broke it.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({"customer_id": "c-42", "items": [{"sku": "SKU-1", "quantity": 2, "unit_price": "29.99"}]}))]
-pub struct CreateOrderRequest {
-    /// Who orders: 1 to 128 letters, digits, `-`, `_`, `.`, `@`, `:`.
-    /// Required when authentication is off; with it on, the token's `sub`
-    /// is the customer and this may be left out (if given, it must equal
-    /// `sub`, else 403).
-    #[serde(default)]
-    #[schema(example = "c-42")]
-    pub customer_id: Option<String>,
-    /// 1 to 100 lines.
-    pub items: Vec<ItemRequest>,
-}
-
-/// One line of `POST /orders`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ItemRequest {
-    /// 1 to 64 letters, digits, `-`, `_`, `.`.
-    #[schema(example = "SKU-1")]
-    pub sku: String,
-    /// 1 to 1000.
-    #[schema(example = 2)]
-    pub quantity: i64,
-    /// A decimal string, more than 0, at most two decimals.
-    #[schema(example = "29.99")]
-    pub unit_price: String,
-}
 
 /// Why the customer of a new order cannot be settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,162 +43,10 @@ pub struct NewOrder {
 }
 
 impl NewOrder {
-    /// Checks every rule; the error names the offending field.
-    pub fn parse(req: CreateOrderRequest) -> Result<Self, String> {
-        let field = |name: String| move |e: DomainError| format!("{name}: {e}");
-        let customer_id = req
-            .customer_id
-            .ok_or_else(|| "customer_id: required".to_owned())
-            .and_then(|c| CustomerId::parse(c).map_err(field("customer_id".into())))?;
-        if req.items.is_empty() {
-            return Err("items: an order needs at least one item".into());
-        }
-        if req.items.len() > MAX_ITEMS_PER_ORDER {
-            return Err(format!(
-                "items: at most {MAX_ITEMS_PER_ORDER} items per order, got {}",
-                req.items.len()
-            ));
-        }
-        let mut items = Vec::with_capacity(req.items.len());
-        let mut total = Money::ZERO;
-        for (i, item) in req.items.into_iter().enumerate() {
-            let sku = Sku::parse(item.sku).map_err(field(format!("items[{i}].sku")))?;
-            let quantity =
-                Quantity::new(item.quantity).map_err(field(format!("items[{i}].quantity")))?;
-            let unit_price = Money::parse_decimal(&item.unit_price)
-                .map_err(field(format!("items[{i}].unit_price")))?;
-            if unit_price.minor() <= 0 {
-                return Err(format!("items[{i}].unit_price: must be greater than 0"));
-            }
-            if unit_price.minor() > MAX_UNIT_PRICE_MINOR {
-                return Err(format!(
-                    "items[{i}].unit_price: at most {}",
-                    Money::from_minor(MAX_UNIT_PRICE_MINOR)
-                ));
-            }
-            let line = LineItem {
-                sku,
-                quantity,
-                unit_price,
-            };
-            total = line
-                .line_total()
-                .and_then(|t| total.checked_add(t))
-                .ok_or_else(|| "items: order total is too large".to_owned())?;
-            items.push(line);
-        }
-        Ok(Self {
-            customer_id,
-            items,
-            total,
-        })
-    }
-
     /// A stable text form of the order, to tell a retry from a different
     /// request under the same idempotency key.
     pub fn fingerprint(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_customer_is_the_tokens_subject() {
-        use super::{customer_for, CustomerRefusal};
-        assert_eq!(customer_for(Some("c-1"), None), Ok("c-1".to_owned()));
-        assert_eq!(customer_for(None, Some("c-1")), Ok("c-1".to_owned()));
-        assert_eq!(customer_for(Some("c-1"), Some("c-1")), Ok("c-1".to_owned()));
-        assert_eq!(
-            customer_for(Some("c-2"), Some("c-1")),
-            Err(CustomerRefusal::NotTheCaller)
-        );
-        assert_eq!(customer_for(None, None), Err(CustomerRefusal::Missing));
-    }
-
-    use super::*;
-
-    fn req(json: serde_json::Value) -> CreateOrderRequest {
-        serde_json::from_value(json).unwrap()
-    }
-
-    #[test]
-    fn valid_order_totals_in_minor_units() {
-        let order = NewOrder::parse(req(serde_json::json!({
-            "customer_id": "c-42",
-            "items": [
-                {"sku": "SKU-1", "quantity": 2, "unit_price": "29.99"},
-                {"sku": "SKU-2", "quantity": 1, "unit_price": "0.5"}
-            ]
-        })))
-        .unwrap();
-        assert_eq!(order.total, Money::from_minor(6048));
-        assert_eq!(order.items.len(), 2);
-    }
-
-    #[test]
-    fn each_rule_names_its_field() {
-        let cases = [
-            (
-                serde_json::json!({"customer_id": "", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}]}),
-                "customer_id",
-            ),
-            (
-                serde_json::json!({"customer_id": "c", "items": []}),
-                "items",
-            ),
-            (
-                serde_json::json!({"customer_id": "c", "items": [{"sku": "", "quantity": 1, "unit_price": "1"}]}),
-                "items[0].sku",
-            ),
-            (
-                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 0, "unit_price": "1"}]}),
-                "items[0].quantity",
-            ),
-            (
-                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1000000, "unit_price": "1"}]}),
-                "items[0].quantity",
-            ),
-            (
-                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "0"}]}),
-                "items[0].unit_price",
-            ),
-            (
-                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "-1.00"}]}),
-                "items[0].unit_price",
-            ),
-            (
-                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1.001"}]}),
-                "items[0].unit_price",
-            ),
-            (
-                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}, {"sku": "B", "quantity": -2, "unit_price": "1"}]}),
-                "items[1].quantity",
-            ),
-        ];
-        for (body, field) in cases {
-            let err = NewOrder::parse(req(body.clone())).unwrap_err();
-            assert!(err.starts_with(field), "{body} → {err}");
-        }
-    }
-
-    #[test]
-    fn too_many_items_are_refused() {
-        let items: Vec<_> = (0..=MAX_ITEMS_PER_ORDER)
-            .map(|i| serde_json::json!({"sku": format!("S{i}"), "quantity": 1, "unit_price": "1"}))
-            .collect();
-        let err = NewOrder::parse(req(serde_json::json!({"customer_id": "c", "items": items})))
-            .unwrap_err();
-        assert!(err.contains("at most"), "{err}");
-    }
-
-    #[test]
-    fn fingerprint_tells_bodies_apart() {
-        let a = NewOrder::parse(req(serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}]}))).unwrap();
-        let b = NewOrder::parse(req(serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 2, "unit_price": "1"}]}))).unwrap();
-        let a2 = NewOrder::parse(req(serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1.00"}]}))).unwrap();
-        assert_ne!(a.fingerprint(), b.fingerprint());
-        assert_eq!(a.fingerprint(), a2.fingerprint());
     }
 }
 
@@ -399,11 +211,11 @@ impl OrderState {
 }
 
 #[cfg(test)]
-mod rule_tests {
+mod tests {
     use super::*;
     use events::{
         CorrelationId, InventoryOutOfStock, InventoryReleased, InventoryReserved, OrderId,
-        PaymentFailed, PaymentRefunded, Shortage,
+        PaymentFailed, PaymentRefunded, Quantity, Shortage, Sku,
     };
 
     fn pending() -> OrderState {
@@ -631,5 +443,17 @@ mod rule_tests {
             OrderState::due_cutoff(now, Duration::from_secs(60)),
             now - chrono::Duration::seconds(60)
         );
+    }
+
+    #[test]
+    fn the_customer_is_the_tokens_subject() {
+        assert_eq!(customer_for(Some("c-1"), None), Ok("c-1".to_owned()));
+        assert_eq!(customer_for(None, Some("c-1")), Ok("c-1".to_owned()));
+        assert_eq!(customer_for(Some("c-1"), Some("c-1")), Ok("c-1".to_owned()));
+        assert_eq!(
+            customer_for(Some("c-2"), Some("c-1")),
+            Err(CustomerRefusal::NotTheCaller)
+        );
+        assert_eq!(customer_for(None, None), Err(CustomerRefusal::Missing));
     }
 }

@@ -11,14 +11,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use events::{
-    CorrelationId, CustomerId, Envelope, Event, FailureReason, LineItem, Money, OrderCreated,
-    OrderId,
+    CorrelationId, CustomerId, DomainError, Envelope, Event, FailureReason, LineItem, Money,
+    OrderCreated, OrderId, Quantity, Sku, MAX_ITEMS_PER_ORDER, MAX_UNIT_PRICE_MINOR,
 };
 use saga_runtime::http::ErrorBody;
 use saga_runtime::listing::{self, ListQuery, PageParams};
 use saga_runtime::telemetry;
 use saga_runtime::{ApiError, ApiJson, Caller, Outbox};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
@@ -26,12 +26,99 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::domain::{
-    customer_for, CreateOrderRequest, CustomerRefusal, NewOrder, NotCancellable, OrderStatus,
-};
+use crate::domain::{customer_for, CustomerRefusal, NewOrder, NotCancellable, OrderStatus};
 use crate::ending::{self, Cancelled};
 use crate::intake::{Intake, Pending};
 use crate::store::{self, OrderRow};
+
+/// The body of `POST /orders` as it arrives. Field types are loose on
+/// purpose so that every rule is checked here and reported with the field
+/// that broke it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"customer_id": "c-42", "items": [{"sku": "SKU-1", "quantity": 2, "unit_price": "29.99"}]}))]
+pub struct CreateOrderRequest {
+    /// Who orders: 1 to 128 letters, digits, `-`, `_`, `.`, `@`, `:`.
+    /// Required when authentication is off; with it on, the token's `sub`
+    /// is the customer and this may be left out (if given, it must equal
+    /// `sub`, else 403).
+    #[serde(default)]
+    #[schema(example = "c-42")]
+    pub customer_id: Option<String>,
+    /// 1 to 100 lines.
+    pub items: Vec<ItemRequest>,
+}
+
+/// One line of `POST /orders`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ItemRequest {
+    /// 1 to 64 letters, digits, `-`, `_`, `.`.
+    #[schema(example = "SKU-1")]
+    pub sku: String,
+    /// 1 to 1000.
+    #[schema(example = 2)]
+    pub quantity: i64,
+    /// A decimal string, more than 0, at most two decimals.
+    #[schema(example = "29.99")]
+    pub unit_price: String,
+}
+
+/// Parses the body at the edge: checks every rule of a new order; the
+/// error names the offending field.
+impl TryFrom<CreateOrderRequest> for NewOrder {
+    type Error = String;
+
+    fn try_from(req: CreateOrderRequest) -> Result<Self, String> {
+        let field = |name: String| move |e: DomainError| format!("{name}: {e}");
+        let customer_id = req
+            .customer_id
+            .ok_or_else(|| "customer_id: required".to_owned())
+            .and_then(|c| CustomerId::parse(c).map_err(field("customer_id".into())))?;
+        if req.items.is_empty() {
+            return Err("items: an order needs at least one item".into());
+        }
+        if req.items.len() > MAX_ITEMS_PER_ORDER {
+            return Err(format!(
+                "items: at most {MAX_ITEMS_PER_ORDER} items per order, got {}",
+                req.items.len()
+            ));
+        }
+        let mut items = Vec::with_capacity(req.items.len());
+        let mut total = Money::ZERO;
+        for (i, item) in req.items.into_iter().enumerate() {
+            let sku = Sku::parse(item.sku).map_err(field(format!("items[{i}].sku")))?;
+            let quantity =
+                Quantity::new(item.quantity).map_err(field(format!("items[{i}].quantity")))?;
+            let unit_price = Money::parse_decimal(&item.unit_price)
+                .map_err(field(format!("items[{i}].unit_price")))?;
+            if unit_price.minor() <= 0 {
+                return Err(format!("items[{i}].unit_price: must be greater than 0"));
+            }
+            if unit_price.minor() > MAX_UNIT_PRICE_MINOR {
+                return Err(format!(
+                    "items[{i}].unit_price: at most {}",
+                    Money::from_minor(MAX_UNIT_PRICE_MINOR)
+                ));
+            }
+            let line = LineItem {
+                sku,
+                quantity,
+                unit_price,
+            };
+            total = line
+                .line_total()
+                .and_then(|t| total.checked_add(t))
+                .ok_or_else(|| "items: order total is too large".to_owned())?;
+            items.push(line);
+        }
+        Ok(NewOrder {
+            customer_id,
+            items,
+            total,
+        })
+    }
+}
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -201,7 +288,7 @@ async fn create_order(
             ),
         })?,
     );
-    let order = NewOrder::parse(body).map_err(ApiError::validation)?;
+    let order = NewOrder::try_from(body).map_err(ApiError::validation)?;
 
     let span = tracing::Span::current();
     span.record("correlation_id", correlation_id.as_str());
@@ -482,5 +569,93 @@ impl From<&OrderRow> for Order {
             created_at: order.created_at,
             updated_at: order.updated_at,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: serde_json::Value) -> CreateOrderRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn valid_order_totals_in_minor_units() {
+        let order = NewOrder::try_from(req(serde_json::json!({
+            "customer_id": "c-42",
+            "items": [
+                {"sku": "SKU-1", "quantity": 2, "unit_price": "29.99"},
+                {"sku": "SKU-2", "quantity": 1, "unit_price": "0.5"}
+            ]
+        })))
+        .unwrap();
+        assert_eq!(order.total, Money::from_minor(6048));
+        assert_eq!(order.items.len(), 2);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases = [
+            (
+                serde_json::json!({"customer_id": "", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}]}),
+                "customer_id",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": []}),
+                "items",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "", "quantity": 1, "unit_price": "1"}]}),
+                "items[0].sku",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 0, "unit_price": "1"}]}),
+                "items[0].quantity",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1000000, "unit_price": "1"}]}),
+                "items[0].quantity",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "0"}]}),
+                "items[0].unit_price",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "-1.00"}]}),
+                "items[0].unit_price",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1.001"}]}),
+                "items[0].unit_price",
+            ),
+            (
+                serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}, {"sku": "B", "quantity": -2, "unit_price": "1"}]}),
+                "items[1].quantity",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = NewOrder::try_from(req(body.clone())).unwrap_err();
+            assert!(err.starts_with(field), "{body} → {err}");
+        }
+    }
+
+    #[test]
+    fn too_many_items_are_refused() {
+        let items: Vec<_> = (0..=MAX_ITEMS_PER_ORDER)
+            .map(|i| serde_json::json!({"sku": format!("S{i}"), "quantity": 1, "unit_price": "1"}))
+            .collect();
+        let err = NewOrder::try_from(req(serde_json::json!({"customer_id": "c", "items": items})))
+            .unwrap_err();
+        assert!(err.contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_tells_bodies_apart() {
+        let a = NewOrder::try_from(req(serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1"}]}))).unwrap();
+        let b = NewOrder::try_from(req(serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 2, "unit_price": "1"}]}))).unwrap();
+        let a2 = NewOrder::try_from(req(serde_json::json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1, "unit_price": "1.00"}]}))).unwrap();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint(), a2.fingerprint());
     }
 }

@@ -1,17 +1,25 @@
-//! The product catalog and its HTTP API.
+//! The HTTP API: the product catalog (`/products`) and the stock held for
+//! orders (`/reservations`). Handlers parse and check the request, call
+//! [`crate::store`] for the SQL and [`crate::domain`] for the rules, and
+//! shape the answer.
 //!
 //! Every write that changes the units put in goes through the stock ledger
 //! in the same statement, so `stocked` (the ledger's sum) always equals
 //! `available + reserved`: reservations only move units between the two.
+//!
+//! A reservation is `HELD`, or `RELEASED` after a refund gave the stock
+//! back; an order inventory refused (out of stock), or never reserved, has
+//! none. Reservations are operator data: with authentication on, only a
+//! token with the admin scope may read them.
 
-use anyhow::Context;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use events::Sku;
+use events::{CorrelationId, LineItem, OrderId, Sku};
 use saga_runtime::http::ErrorBody;
+use saga_runtime::listing::{self, ListQuery, PageParams};
 use saga_runtime::{ApiError, ApiJson, Caller};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -19,56 +27,20 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-/// Loaded on first start with an empty catalog: `(sku, name, units)`.
-/// `SKU-RARE` has only 5 units, for trying the out-of-stock path.
-pub const DEMO_CATALOG: &[(&str, &str, i64)] = &[
-    ("SKU-1", "Mechanical keyboard", 1_000),
-    ("SKU-2", "Wireless mouse", 1_000),
-    ("SKU-3", "USB-C cable", 5_000),
-    ("SKU-4", "27-inch monitor", 200),
-    ("SKU-RARE", "Signed first-edition print", 5),
-];
+use crate::domain::{plan_put, PutPlan, ReservationStatus};
+use crate::store::{self, ProductRow, ReservationRow, Restock};
 
 /// Most units one product may hold.
 const MAX_STOCK: i64 = 1_000_000_000;
 const MAX_NAME_LEN: usize = 200;
 
-/// Loads the demo catalog into an empty catalog. Safe when several
-/// replicas start at once: a product another replica inserted meanwhile is
-/// left alone, and only the rows this call inserted enter the ledger.
-pub async fn seed_if_empty(pool: &PgPool) -> anyhow::Result<()> {
-    let skus: Vec<&str> = DEMO_CATALOG.iter().map(|p| p.0).collect();
-    let names: Vec<&str> = DEMO_CATALOG.iter().map(|p| p.1).collect();
-    let units: Vec<i64> = DEMO_CATALOG.iter().map(|p| p.2).collect();
-    let inserted: i64 = sqlx::query_scalar(
-        "WITH seeded AS (
-             INSERT INTO products (sku, name, available)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
-             WHERE NOT EXISTS (SELECT 1 FROM products)
-             ON CONFLICT (sku) DO NOTHING
-             RETURNING sku, available),
-         booked AS (
-             INSERT INTO stock_ledger (sku, delta, reason)
-             SELECT sku, available, 'seed' FROM seeded)
-         SELECT count(*) FROM seeded",
-    )
-    .bind(&skus)
-    .bind(&names)
-    .bind(&units)
-    .fetch_one(pool)
-    .await
-    .context("seeding the demo catalog")?;
-    if inserted > 0 {
-        tracing::info!(products = inserted, "loaded the demo catalog");
-    }
-    Ok(())
-}
-
 pub fn router(pool: PgPool) -> OpenApiRouter {
     OpenApiRouter::new()
-        .routes(routes!(list))
-        .routes(routes!(show, upsert))
-        .routes(routes!(restock))
+        .routes(routes!(list_products))
+        .routes(routes!(show_product, put_product))
+        .routes(routes!(restock_product))
+        .routes(routes!(list_reservations))
+        .routes(routes!(show_reservation))
         .with_state(pool)
 }
 
@@ -98,22 +70,6 @@ pub struct ProductList {
     pub products: Vec<Product>,
 }
 
-#[derive(sqlx::FromRow)]
-struct ProductRow {
-    sku: String,
-    name: String,
-    available: i64,
-    reserved: i64,
-    stocked: i64,
-    version: i64,
-    updated_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// Columns of [`ProductRow`] from `products p`.
-const PRODUCT_COLUMNS: &str = "p.sku, p.name, p.available, p.reserved, \
-     COALESCE((SELECT sum(delta) FROM stock_ledger l WHERE l.sku = p.sku), 0)::bigint AS stocked, \
-     p.version, p.updated_at";
-
 impl From<&ProductRow> for Product {
     fn from(p: &ProductRow) -> Self {
         Self {
@@ -142,12 +98,8 @@ fn with_etag(status: StatusCode, p: &ProductRow) -> Response {
     responses(
         (status = 200, description = "Every product", body = ProductList),
     ))]
-async fn list(State(pool): State<PgPool>) -> Result<Json<ProductList>, ApiError> {
-    let rows: Vec<ProductRow> = sqlx::query_as(&format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products p ORDER BY p.sku"
-    ))
-    .fetch_all(&pool)
-    .await?;
+async fn list_products(State(pool): State<PgPool>) -> Result<Json<ProductList>, ApiError> {
+    let rows = store::list_products(&pool).await?;
     Ok(Json(ProductList {
         products: rows.iter().map(Product::from).collect(),
     }))
@@ -155,15 +107,6 @@ async fn list(State(pool): State<PgPool>) -> Result<Json<ProductList>, ApiError>
 
 fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
     Sku::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()))
-}
-
-async fn find(pool: &PgPool, sku: &Sku) -> Result<Option<ProductRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products p WHERE p.sku = $1"
-    ))
-    .bind(sku.as_str())
-    .fetch_optional(pool)
-    .await
 }
 
 /// A product.
@@ -175,9 +118,12 @@ async fn find(pool: &PgPool, sku: &Sku) -> Result<Option<ProductRow>, sqlx::Erro
         (status = 400, description = "Not a valid SKU", body = ErrorBody),
         (status = 404, description = "No such product", body = ErrorBody),
     ))]
-async fn show(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+async fn show_product(
+    State(pool): State<PgPool>,
+    Path(sku): Path<String>,
+) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
-    let row = find(&pool, &sku).await?;
+    let row = store::find_product(&pool, &sku).await?;
     row.map(|r| with_etag(StatusCode::OK, &r))
         .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))
 }
@@ -230,38 +176,6 @@ fn stale(sku: &Sku, expected: i64, current: Option<i64>) -> ApiError {
     )
 }
 
-/// What a `PUT /products/{sku}` does, decided from the product as it is
-/// (read under a row lock) and the version the caller sent.
-#[derive(Debug, PartialEq, Eq)]
-enum PutPlan {
-    /// No such product and no version: create it; the ledger books its
-    /// units.
-    Create,
-    /// The caller's version is the product's: set it; the ledger books the
-    /// change of units.
-    Update { delta: i64 },
-    /// The product exists and the caller sent no version: a blind write
-    /// would overwrite what reservations did meanwhile.
-    VersionRequired { current: i64 },
-    /// The caller's version is not the product's (`None`: no product).
-    Stale { current: Option<i64> },
-}
-
-/// `current` is the product's `(available, version)`, if it exists.
-fn plan_put(current: Option<(i64, i64)>, expected: Option<i64>, available: i64) -> PutPlan {
-    match (current, expected) {
-        (None, None) => PutPlan::Create,
-        (None, Some(_)) => PutPlan::Stale { current: None },
-        (Some((_, version)), None) => PutPlan::VersionRequired { current: version },
-        (Some((_, version)), Some(e)) if version != e => PutPlan::Stale {
-            current: Some(version),
-        },
-        (Some((was, _)), Some(_)) => PutPlan::Update {
-            delta: available - was,
-        },
-    }
-}
-
 fn version_required(sku: &Sku, current: i64) -> ApiError {
     ApiError::new(
         StatusCode::PRECONDITION_REQUIRED,
@@ -297,7 +211,7 @@ fn version_required(sku: &Sku, current: i64) -> ApiError {
         (status = 422, description = "A field breaks a rule", body = ErrorBody),
         (status = 428, description = "`precondition_required`: the product exists and no version was given", body = ErrorBody),
     ))]
-async fn upsert(
+async fn put_product(
     State(pool): State<PgPool>,
     caller: Caller,
     Path(sku): Path<String>,
@@ -322,33 +236,14 @@ async fn upsert(
     // Read and lock the product, decide, write it and book the change of
     // units in the ledger in one statement, commit.
     let mut tx = pool.begin().await?;
-    let current: Option<(i64, i64)> =
-        sqlx::query_as("SELECT available, version FROM products WHERE sku = $1 FOR UPDATE")
-            .bind(sku.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
+    let current = store::lock_product(&mut tx, &sku).await?;
     let created = match plan_put(current, expected, body.available) {
         PutPlan::VersionRequired { current } => return Err(version_required(&sku, current)),
         PutPlan::Stale { current } => {
             return Err(stale(&sku, expected.unwrap_or_default(), current))
         }
         PutPlan::Create => {
-            let created: i64 = sqlx::query_scalar(
-                "WITH up AS (
-                     INSERT INTO products (sku, name, available) VALUES ($1, $2, $3)
-                     ON CONFLICT (sku) DO NOTHING
-                     RETURNING sku),
-                 booked AS (
-                     INSERT INTO stock_ledger (sku, delta, reason)
-                     SELECT sku, $3, 'put' FROM up WHERE $3 <> 0)
-                 SELECT count(*) FROM up",
-            )
-            .bind(sku.as_str())
-            .bind(name)
-            .bind(body.available)
-            .fetch_one(&mut *tx)
-            .await?;
-            if created == 0 {
+            if !store::create_product(&mut tx, &sku, name, body.available).await? {
                 // Another request created it since we looked.
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -359,26 +254,12 @@ async fn upsert(
             true
         }
         PutPlan::Update { delta } => {
-            sqlx::query(
-                "WITH up AS (
-                     UPDATE products SET name = $2, available = $3, version = version + 1,
-                                         updated_at = now()
-                     WHERE sku = $1
-                     RETURNING sku)
-                 INSERT INTO stock_ledger (sku, delta, reason)
-                 SELECT sku, $4, 'put' FROM up WHERE $4 <> 0",
-            )
-            .bind(sku.as_str())
-            .bind(name)
-            .bind(body.available)
-            .bind(delta)
-            .execute(&mut *tx)
-            .await?;
+            store::update_product(&mut tx, &sku, name, body.available, delta).await?;
             false
         }
     };
     tx.commit().await?;
-    let row = find(&pool, &sku)
+    let row = store::find_product(&pool, &sku)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))?;
     tracing::info!(sku = %sku, available = row.available, version = row.version, created, "product stocked");
@@ -414,7 +295,7 @@ pub struct RestockRequest {
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "`quantity` out of range", body = ErrorBody),
     ))]
-async fn restock(
+async fn restock_product(
     State(pool): State<PgPool>,
     caller: Caller,
     Path(sku): Path<String>,
@@ -428,36 +309,139 @@ async fn restock(
             body.quantity
         )));
     }
-    let outcome: Option<bool> = sqlx::query_scalar(
-        "WITH cur AS (SELECT available FROM products WHERE sku = $1 FOR UPDATE),
-              up AS (
-                  UPDATE products SET available = available + $2, version = version + 1, updated_at = now()
-                  WHERE sku = $1 AND available + $2 <= $3
-                  RETURNING sku),
-              booked AS (
-                  INSERT INTO stock_ledger (sku, delta, reason)
-                  SELECT sku, $2, 'restock' FROM up)
-         SELECT EXISTS (SELECT 1 FROM up) FROM cur",
-    )
-    .bind(sku.as_str())
-    .bind(body.quantity)
-    .bind(MAX_STOCK)
-    .fetch_optional(&pool)
-    .await?;
-    match outcome {
-        None => return Err(ApiError::not_found(format!("product {sku} does not exist"))),
-        Some(false) => {
+    match store::restock(&pool, &sku, body.quantity, MAX_STOCK).await? {
+        Restock::NoSuchProduct => {
+            return Err(ApiError::not_found(format!("product {sku} does not exist")))
+        }
+        Restock::OverLimit => {
             return Err(ApiError::validation(format!(
                 "quantity: the product would hold more than {MAX_STOCK} units"
             )))
         }
-        Some(true) => {}
+        Restock::Added => {}
     }
-    let row = find(&pool, &sku)
+    let row = store::find_product(&pool, &sku)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("product {sku} does not exist")))?;
     tracing::info!(sku = %sku, added = body.quantity, available = row.available, "product restocked");
     Ok(with_etag(StatusCode::OK, &row))
+}
+
+/// Stock held for an order, or given back.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reservation {
+    pub order_id: OrderId,
+    /// `HELD`, or `RELEASED` after a refund gave the stock back.
+    #[schema(value_type = String, example = "HELD")]
+    pub status: Option<&'static str>,
+    #[schema(value_type = Vec<LineItem>)]
+    pub items: serde_json::Value,
+    #[schema(value_type = CorrelationId)]
+    pub correlation_id: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A page of `GET /reservations`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReservationPage {
+    /// Newest order first.
+    pub reservations: Vec<Reservation>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next: Option<String>,
+}
+
+/// `GET /reservations`'s filter, as documented ([`ListQuery`] reads it).
+#[allow(dead_code)]
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReservationFilter {
+    /// `HELD` or `RELEASED` (default: both).
+    #[param(pattern = "^(HELD|RELEASED)$")]
+    pub status: Option<String>,
+}
+
+/// The stored statuses the API shows.
+fn shown() -> Vec<&'static str> {
+    ReservationStatus::ALL
+        .iter()
+        .copied()
+        .filter(|s| s.shown().is_some())
+        .map(ReservationStatus::as_str)
+        .collect()
+}
+
+impl From<&ReservationRow> for Reservation {
+    fn from(r: &ReservationRow) -> Self {
+        Self {
+            order_id: OrderId::from_uuid(r.order_id),
+            status: r.status.shown(),
+            items: r.items.clone(),
+            correlation_id: r.correlation_id.clone(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// List reservations (operators).
+///
+/// Newest order first, paginated with `limit` and `after`.
+#[utoipa::path(get, path = "/reservations", tag = "reservations", operation_id = "list_reservations",
+    params(PageParams, ReservationFilter),
+    responses(
+        (status = 200, description = "A page of reservations", body = ReservationPage),
+        (status = 400, description = "A parameter is malformed, unknown or given twice", body = ErrorBody),
+        (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
+    ))]
+async fn list_reservations(
+    State(pool): State<PgPool>,
+    caller: Caller,
+    query: ListQuery,
+) -> Result<Json<ReservationPage>, ApiError> {
+    caller.require_admin("listing reservations")?;
+    let page = query.page(&["status"])?;
+    let statuses: Vec<&str> = match query.get("status") {
+        None => shown(),
+        Some(s) => vec![ReservationStatus::ALL
+            .iter()
+            .copied()
+            .find(|st| st.shown() == Some(s))
+            .map(ReservationStatus::as_str)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("status must be HELD or RELEASED, got {s:?}"))
+            })?],
+    };
+    let rows = store::list_reservations(&pool, &statuses, page.after, page.limit).await?;
+    let next = listing::next_cursor(page, rows.len(), rows.last().map(|r| r.order_id));
+    Ok(Json(ReservationPage {
+        reservations: rows.iter().map(Reservation::from).collect(),
+        next,
+    }))
+}
+
+/// An order's reservation (operators).
+#[utoipa::path(get, path = "/reservations/{order_id}", tag = "reservations", operation_id = "show_reservation",
+    params(("order_id" = OrderId, Path, description = "The order ID")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 403, description = "With authentication on: the token lacks scope `saga:admin`", body = ErrorBody),
+        (status = 404, description = "Inventory never reserved stock for this order", body = ErrorBody),
+    ))]
+async fn show_reservation(
+    State(pool): State<PgPool>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Reservation>, ApiError> {
+    caller.require_admin("reading reservations")?;
+    let order_id = saga_runtime::http::parse_order_id(&id)?;
+    let row = store::find_reservation(&pool, order_id.as_uuid(), &shown()).await?;
+    row.map(|r| Json(Reservation::from(&r))).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "inventory never reserved stock for order {order_id}"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -468,28 +452,6 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::IF_MATCH, HeaderValue::from_str(v).expect("header"));
         h
-    }
-
-    #[test]
-    fn a_put_creates_without_a_version_and_sets_only_with_the_current_one() {
-        assert_eq!(plan_put(None, None, 7), PutPlan::Create);
-        assert_eq!(plan_put(None, Some(1), 7), PutPlan::Stale { current: None });
-        assert_eq!(
-            plan_put(Some((7, 2)), None, 1_000),
-            PutPlan::VersionRequired { current: 2 }
-        );
-        assert_eq!(
-            plan_put(Some((7, 2)), Some(1), 1_000),
-            PutPlan::Stale { current: Some(2) }
-        );
-        assert_eq!(
-            plan_put(Some((7, 2)), Some(2), 1_000),
-            PutPlan::Update { delta: 993 }
-        );
-        assert_eq!(
-            plan_put(Some((7, 2)), Some(2), 3),
-            PutPlan::Update { delta: -4 }
-        );
     }
 
     #[test]
