@@ -179,7 +179,6 @@ impl From<FilterArgs> for Filter {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let token = cli.token;
     match cli.command {
         Command::DevToken {
             sub,
@@ -189,39 +188,18 @@ async fn main() -> ExitCode {
             kid,
             issuer,
             audience,
-        } => {
-            let claims = saga_admin::token::DevClaims {
+        } => dev_token(
+            &key,
+            &saga_admin::token::DevClaims {
                 subject: sub,
                 admin,
                 ttl,
                 issuer,
                 audience,
                 kid,
-            };
-            match saga_admin::token::mint(&key, &claims) {
-                Ok(t) => {
-                    println!("{t}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("saga-admin dev-token: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Command::DevJwks { key, kid } => match saga_admin::token::jwks(&key, &kid)
-            .map_err(|e| e.to_string())
-            .and_then(|set| serde_json::to_string_pretty(&set).map_err(|e| e.to_string()))
-        {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("saga-admin dev-jwks: {e}");
-                ExitCode::from(2)
-            }
-        },
+            },
+        ),
+        Command::DevJwks { key, kid } => dev_jwks(&key, &kid),
         Command::Dlq { brokers, command } => match run_dlq(brokers, command).await {
             Ok(code) => code,
             Err(e) => {
@@ -245,54 +223,91 @@ async fn main() -> ExitCode {
                 pending_older_than,
                 settle,
                 page_size,
-                token,
+                token: cli.token,
             };
-            let mut found: Vec<Violation> = Vec::new();
-            let outcome = audit::run(&options, |v| {
-                if json {
-                    found.push(v.clone());
-                } else {
-                    println!("VIOLATION {v}");
-                }
-            })
-            .await;
-            match outcome {
-                Ok(report) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({
-                                "orders_audited": report.orders,
-                                "orders_in_flight": report.in_flight,
-                                "skus_audited": report.skus,
-                                "violations": found,
-                            })
-                        );
-                    } else {
-                        if report.in_flight > 0 {
-                            println!(
-                                "{} orders changed in the last {} and were not judged",
-                                report.in_flight,
-                                humantime::format_duration(options.settle)
-                            );
-                        }
-                        println!(
-                            "{} orders audited, {} violations",
-                            report.orders, report.violations
-                        );
-                    }
-                    if report.violations == 0 {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("saga-admin audit: could not run: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            run_audit(&options, json).await
         }
+    }
+}
+
+/// Prints a development token: exit 0, or 2 with the reason.
+fn dev_token(key: &str, claims: &saga_admin::token::DevClaims) -> ExitCode {
+    match saga_admin::token::mint(key, claims) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("saga-admin dev-token: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints the development key set: exit 0, or 2 with the reason.
+fn dev_jwks(key: &str, kid: &str) -> ExitCode {
+    match saga_admin::token::jwks(key, kid)
+        .map_err(|e| e.to_string())
+        .and_then(|set| serde_json::to_string_pretty(&set).map_err(|e| e.to_string()))
+    {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("saga-admin dev-jwks: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Audits the books: each violation as it is found (or all of them in one
+/// JSON document), then the totals. Exit 0 when the books balance, 1 with
+/// violations, 2 when the audit could not run.
+async fn run_audit(options: &Options, json: bool) -> ExitCode {
+    let mut found: Vec<Violation> = Vec::new();
+    let outcome = audit::run(options, |v| {
+        if json {
+            found.push(v.clone());
+        } else {
+            println!("VIOLATION {v}");
+        }
+    })
+    .await;
+    let report = match outcome {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("saga-admin audit: could not run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "orders_audited": report.orders,
+                "orders_in_flight": report.in_flight,
+                "skus_audited": report.skus,
+                "violations": found,
+            })
+        );
+    } else {
+        if report.in_flight > 0 {
+            println!(
+                "{} orders changed in the last {} and were not judged",
+                report.in_flight,
+                humantime::format_duration(options.settle)
+            );
+        }
+        println!(
+            "{} orders audited, {} violations",
+            report.orders, report.violations
+        );
+    }
+    if report.violations == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
