@@ -257,6 +257,73 @@ pub struct EventLoop<H> {
     pub health: Health,
 }
 
+/// A batch's events sorted for the handler ([`EventLoop::apply`]).
+struct Sorted<'a> {
+    /// The fresh events, in arrival order.
+    steps: Vec<Step<'a>>,
+    /// The item each step came from.
+    step_items: Vec<usize>,
+    /// The types of the events the inbox had seen.
+    duplicates: Vec<&'static str>,
+}
+
+/// What the handler decided for a batch's steps.
+struct Verdicts {
+    /// `(item, reason)` of each refused event, to dead-letter.
+    dead: Vec<(usize, String)>,
+    /// Their event IDs, to take out of the inbox.
+    refused_ids: Vec<uuid::Uuid>,
+    /// The events to publish, and beside each the trace context of the
+    /// message that caused it.
+    emitted: Vec<Envelope>,
+    causes: Vec<Option<String>>,
+}
+
+impl Verdicts {
+    /// Logs each step's verdict in its span and takes the emitted events
+    /// out of the steps (each keeps an empty `Ok`).
+    fn collect(steps: &mut [Step<'_>], step_items: &[usize]) -> Self {
+        let mut v = Self {
+            dead: Vec::new(),
+            refused_ids: Vec::new(),
+            emitted: Vec::new(),
+            causes: Vec::new(),
+        };
+        for (step, &i) in steps.iter_mut().zip(step_items) {
+            let _entered = step.span.enter();
+            match &mut step.verdict {
+                Ok(out) if out.is_empty() => tracing::info!("event handled"),
+                Ok(out) => {
+                    for e in out.iter() {
+                        tracing::info!(emitted = e.event_type(), "event handled");
+                    }
+                    v.causes.resize(
+                        v.causes.len() + out.len(),
+                        telemetry::traceparent_of(&step.span),
+                    );
+                    v.emitted.append(out);
+                }
+                Err(why) => {
+                    telemetry::mark_error(&step.span, why);
+                    tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
+                    v.refused_ids.push(step.envelope.event_id);
+                    v.dead.push((i, why.clone()));
+                }
+            }
+        }
+        v
+    }
+
+    /// The emitted events with their causes' trace contexts, for the outbox.
+    fn traced(&self) -> Vec<(&Envelope, Option<&str>)> {
+        self.emitted
+            .iter()
+            .zip(&self.causes)
+            .map(|(e, tp)| (e, tp.as_deref()))
+            .collect()
+    }
+}
+
 /// One polled message, and what it turned out to be.
 struct Item<'m> {
     msg: BorrowedMessage<'m>,
@@ -707,26 +774,93 @@ impl<H: Handler> EventLoop<H> {
     ) -> Result<Vec<(usize, String)>, sqlx::Error> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
+        let fresh = self.inbox_insert(&mut tx, items, work).await?;
+        let Sorted {
+            mut steps,
+            step_items,
+            duplicates,
+        } = self.sort_out(items, work, fresh);
+        let db_spans = self.transaction_spans(&steps);
+        if !steps.is_empty() {
+            if let Err(e) = self.handler.handle(&mut tx, &mut steps).await {
+                for span in steps.iter().map(Step::span).chain(&db_spans) {
+                    telemetry::mark_error(span, &e.to_string());
+                }
+                return Err(e);
+            }
+        }
+        let verdicts = Verdicts::collect(&mut steps, &step_items);
+        self.inbox_forget(&mut tx, &verdicts.refused_ids).await?;
+        let staged = self
+            .outbox
+            .enqueue_traced(&mut tx, &verdicts.traced())
+            .await?;
+        tx.commit().await?;
+        drop(db_spans);
+        self.outbox.committed(staged);
+        if !verdicts.emitted.is_empty() {
+            self.handler.after_commit(&verdicts.emitted);
+        }
+        self.observe_batch(&steps, &duplicates, started.elapsed());
+        Ok(verdicts.dead)
+    }
+
+    /// The inbox: records the event IDs of `work` and returns those not
+    /// seen before. An ID seen before (or twice in this batch) comes back
+    /// once at most, so every other occurrence is a duplicate.
+    async fn inbox_insert(
+        &self,
+        conn: &mut PgConnection,
+        items: &[Item<'_>],
+        work: &[usize],
+    ) -> Result<HashSet<uuid::Uuid>, sqlx::Error> {
         let event_ids: Vec<uuid::Uuid> = work
             .iter()
             .filter_map(|&i| items[i].read.envelope().map(|e| e.event_id))
             .collect();
-        // The inbox: IDs seen before (or twice in this batch) come back
-        // once at most, so every other occurrence is a duplicate.
-        let mut fresh: HashSet<uuid::Uuid> = sqlx::query_scalar(
+        let fresh: Vec<uuid::Uuid> = sqlx::query_scalar(
             "INSERT INTO processed_events (consumer, event_id)
              SELECT $1, unnest($2::uuid[])
              ON CONFLICT DO NOTHING RETURNING event_id",
         )
         .bind(self.service)
         .bind(&event_ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        let mut steps: Vec<Step<'_>> = Vec::with_capacity(fresh.len());
-        let mut step_items: Vec<usize> = Vec::with_capacity(fresh.len());
-        let mut duplicates: Vec<&'static str> = Vec::new();
+        .fetch_all(conn)
+        .await?;
+        Ok(fresh.into_iter().collect())
+    }
+
+    /// Takes refused events out of the inbox, so that a replay from the
+    /// dead-letter topic is not taken for a duplicate.
+    async fn inbox_forget(
+        &self,
+        conn: &mut PgConnection,
+        refused: &[uuid::Uuid],
+    ) -> Result<(), sqlx::Error> {
+        if !refused.is_empty() {
+            sqlx::query("DELETE FROM processed_events WHERE consumer = $1 AND event_id = ANY($2)")
+                .bind(self.service)
+                .bind(refused)
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The events of `work` in arrival order: a step (with its message's
+    /// span) for each one `fresh` holds, the types of the others
+    /// (duplicates, logged as such).
+    fn sort_out<'a>(
+        &self,
+        items: &'a [Item<'_>],
+        work: &[usize],
+        mut fresh: HashSet<uuid::Uuid>,
+    ) -> Sorted<'a> {
+        let mut sorted = Sorted {
+            steps: Vec::with_capacity(fresh.len()),
+            step_items: Vec::with_capacity(fresh.len()),
+            duplicates: Vec::new(),
+        };
         for &i in work {
             let item = &items[i];
             let Some(env) = item.read.envelope() else {
@@ -734,17 +868,22 @@ impl<H: Handler> EventLoop<H> {
             };
             let span = message_span(self.service, &item.msg, env);
             if fresh.remove(&env.event_id) {
-                steps.push(Step::new(env, span));
-                step_items.push(i);
+                sorted.steps.push(Step::new(env, span));
+                sorted.step_items.push(i);
             } else {
                 span.in_scope(|| tracing::info!("duplicate event ignored"));
-                duplicates.push(env.event_type());
+                sorted.duplicates.push(env.event_type());
             }
         }
-        // Each event's trace shows the transaction it shared.
+        sorted
+    }
+
+    /// A span per step for the transaction it shares with the batch, so
+    /// that each event's trace shows it.
+    fn transaction_spans(&self, steps: &[Step<'_>]) -> Vec<tracing::Span> {
         let database = self.pool.connect_options();
         let database = database.get_database().unwrap_or("postgres");
-        let db_spans: Vec<tracing::Span> = steps
+        steps
             .iter()
             .map(|s| {
                 telemetry::db_span(
@@ -755,69 +894,16 @@ impl<H: Handler> EventLoop<H> {
                     s.envelope(),
                 )
             })
-            .collect();
-        if !steps.is_empty() {
-            if let Err(e) = self.handler.handle(&mut tx, &mut steps).await {
-                for span in steps.iter().map(Step::span).chain(&db_spans) {
-                    telemetry::mark_error(span, &e.to_string());
-                }
-                return Err(e);
-            }
-        }
-        let mut dead = Vec::new();
-        let mut refused_ids = Vec::new();
-        // Emitted events, and beside each the trace context of the message
-        // that caused it.
-        let mut emitted: Vec<Envelope> = Vec::new();
-        let mut causes: Vec<Option<String>> = Vec::new();
-        for (step, &i) in steps.iter_mut().zip(&step_items) {
-            let _entered = step.span.enter();
-            match &mut step.verdict {
-                Ok(out) if out.is_empty() => tracing::info!("event handled"),
-                Ok(out) => {
-                    for e in out.iter() {
-                        tracing::info!(emitted = e.event_type(), "event handled");
-                    }
-                    causes.resize(
-                        causes.len() + out.len(),
-                        telemetry::traceparent_of(&step.span),
-                    );
-                    // Moved out: the step keeps its (now empty) Ok verdict.
-                    emitted.append(out);
-                }
-                Err(why) => {
-                    telemetry::mark_error(&step.span, why);
-                    tracing::warn!(reason = %why, "event cannot be applied; dead-lettering");
-                    refused_ids.push(step.envelope.event_id);
-                    dead.push((i, why.clone()));
-                }
-            }
-        }
-        if !refused_ids.is_empty() {
-            sqlx::query("DELETE FROM processed_events WHERE consumer = $1 AND event_id = ANY($2)")
-                .bind(self.service)
-                .bind(&refused_ids)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let traced: Vec<(&Envelope, Option<&str>)> = emitted
-            .iter()
-            .zip(&causes)
-            .map(|(e, tp)| (e, tp.as_deref()))
-            .collect();
-        let staged = self.outbox.enqueue_traced(&mut tx, &traced).await?;
-        tx.commit().await?;
-        drop(db_spans);
-        self.outbox.committed(staged);
-        if !emitted.is_empty() {
-            self.handler.after_commit(&emitted);
-        }
-        // Each event's share of the batch's time: the handlers work on the
-        // batch as a whole, so no event has a time of its own.
+            .collect()
+    }
+
+    /// Each event's share of the batch's time, by outcome: the handlers
+    /// work on the batch as a whole, so no event has a time of its own.
+    fn observe_batch(&self, steps: &[Step<'_>], duplicates: &[&'static str], took: Duration) {
         let n = steps.len() + duplicates.len();
-        let share = started.elapsed() / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        let share = took / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
         let m = metrics::global();
-        for step in &steps {
+        for step in steps {
             let label = if step.verdict.is_ok() {
                 "applied"
             } else {
@@ -828,7 +914,6 @@ impl<H: Handler> EventLoop<H> {
         for event_type in duplicates {
             m.observe_handler(self.service, event_type, "duplicate", share);
         }
-        Ok(dead)
     }
 
     /// Copies `msg` to `<topic>.dlq` with headers saying who gave up and why,
