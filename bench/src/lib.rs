@@ -263,6 +263,34 @@ enum Note {
 
 /// Sets up stock, runs the load, waits for the sagas and reports.
 pub async fn run(cfg: Config) -> anyhow::Result<Report> {
+    let http = http_client(&cfg)?;
+    restock(&http, &cfg.inventory_url).await?;
+    // Measured first, so it also warms the broker and the database up for
+    // the run.
+    let floor = measure_floor(&cfg).await?;
+    let marks = if cfg.hops {
+        Some(hops::mark(&cfg).await?)
+    } else {
+        None
+    };
+    let (tx, rx) = mpsc::unbounded_channel::<Note>();
+    let watcher = watch_final_events(&cfg, tx.clone()).await?;
+    let bar = progress_bar(&cfg);
+    let mut tally = Tally::new(&cfg, floor)?;
+    let sender = tokio::spawn(send_all(cfg.clone(), http, tx));
+    let taken = tally.take_notes(rx, sender, cfg.grace, &bar).await;
+    watcher.abort();
+    bar.finish_and_clear();
+    taken?;
+    let (mut report, timings) = tally.finish();
+    if let Some(marks) = marks {
+        report.hops = Some(hops::breakdown(&cfg, marks, &timings).await?);
+    }
+    Ok(report)
+}
+
+/// The load generator's HTTP client, with the bearer token if there is one.
+fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = &cfg.token {
         let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -270,148 +298,153 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    let http = reqwest::Client::builder()
+    Ok(reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .timeout(Duration::from_secs(30))
         .default_headers(headers)
-        .build()?;
-    restock(&http, &cfg.inventory_url).await?;
-    // Measured first, so it also warms the broker and the database up for
-    // the run.
-    let floor = match &cfg.floor {
-        Some(run) => {
-            let rate = match cfg.load {
-                Load::Open { rate, .. } => rate,
-                Load::Closed { .. } => 200.0,
-            };
-            let measured = floor::measure(&floor::FloorConfig {
-                brokers: cfg.brokers.clone(),
-                topic_prefix: cfg.topic_prefix.clone(),
-                database_url: run.database_url.clone(),
-                rate,
-                duration: run.duration,
-                fetch_wait_ms: cfg.fetch_wait_ms,
-            })
-            .await
-            .context("measuring the floor")?;
-            Some(measured)
-        }
-        None => None,
-    };
+        .build()?)
+}
 
-    let marks = if cfg.hops {
-        Some(hops::mark(&cfg).await?)
-    } else {
-        None
+/// The floor ([`floor`]) at the run's rate (200/s for a closed loop), if
+/// asked for.
+async fn measure_floor(cfg: &Config) -> anyhow::Result<Option<floor::Floor>> {
+    let Some(run) = &cfg.floor else {
+        return Ok(None);
     };
-    let (tx, mut rx) = mpsc::unbounded_channel::<Note>();
-    let watcher = watch_final_events(&cfg, tx.clone()).await?;
+    let rate = match cfg.load {
+        Load::Open { rate, .. } => rate,
+        Load::Closed { .. } => 200.0,
+    };
+    let measured = floor::measure(&floor::FloorConfig {
+        brokers: cfg.brokers.clone(),
+        topic_prefix: cfg.topic_prefix.clone(),
+        database_url: run.database_url.clone(),
+        rate,
+        duration: run.duration,
+        fetch_wait_ms: cfg.fetch_wait_ms,
+    })
+    .await
+    .context("measuring the floor")?;
+    Ok(Some(measured))
+}
 
+/// Sagas done out of those expected, or nothing without `--progress`.
+fn progress_bar(cfg: &Config) -> ProgressBar {
+    if !cfg.progress {
+        return ProgressBar::hidden();
+    }
     let expected = match cfg.load {
         Load::Open { rate, duration } => (rate * duration.as_secs_f64()).round() as u64,
         Load::Closed { orders, .. } => orders,
     };
-    let bar = if cfg.progress {
-        let b = ProgressBar::new(expected);
-        b.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} sagas {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let b = ProgressBar::new(expected);
+    b.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} sagas {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b
+}
 
-    let started = Instant::now();
-    let started_wall = SystemTime::now();
-    // Wall-clock microseconds of an instant of this run, to compare with
-    // the events' timestamps.
-    let wall_us = |at: Instant| {
-        let since = started_wall + at.saturating_duration_since(started);
-        since
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-    };
-    // Confirmed orders: POST sent and final event seen (with `--hops`).
-    let mut timings: HashMap<String, (i64, i64)> = HashMap::new();
-    let sender = tokio::spawn(send_all(cfg.clone(), http.clone(), tx.clone()));
-    drop(tx);
+/// What the run has seen: the sender's and the watcher's notes, matched
+/// by order.
+struct Tally {
+    report: Report,
+    hops: bool,
+    started: Instant,
+    started_wall: SystemTime,
+    http_hist: Histogram<u64>,
+    e2e_hist: Histogram<u64>,
+    /// Accepted orders whose final event has not been seen yet.
+    pending: HashMap<String, (Instant, Kind)>,
+    /// Final events that beat their order's HTTP answer to us.
+    early: HashMap<String, (Instant, (String, String))>,
+    /// Confirmed orders, with `--hops`: POST sent and final event seen, in
+    /// wall-clock microseconds.
+    timings: HashMap<String, (i64, i64)>,
+    last_completion: Instant,
+}
 
-    let mut http_hist = Histogram::<u64>::new(3)?;
-    let mut e2e_hist = Histogram::<u64>::new(3)?;
-    let mut pending: HashMap<String, (Instant, Kind)> = HashMap::new();
-    let mut early: HashMap<String, (Instant, (String, String))> = HashMap::new();
-    let mut report = Report {
-        mode: match cfg.load {
-            Load::Open { rate, duration } => format!(
-                "open loop, {rate}/s for {}",
-                humantime::format_duration(duration)
-            ),
-            Load::Closed {
-                concurrency,
-                orders,
-            } => format!("closed loop, concurrency {concurrency}, {orders} orders"),
-        },
-        floor,
-        ..Report::default()
-    };
-    let mut last_completion = started;
-    let mut sending_done = false;
-    let mut deadline: Option<tokio::time::Instant> = None;
-    let mut sender = Some(sender);
+impl Tally {
+    /// Starts the clock.
+    fn new(cfg: &Config, floor: Option<floor::Floor>) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        Ok(Self {
+            report: Report {
+                mode: match cfg.load {
+                    Load::Open { rate, duration } => format!(
+                        "open loop, {rate}/s for {}",
+                        humantime::format_duration(duration)
+                    ),
+                    Load::Closed {
+                        concurrency,
+                        orders,
+                    } => format!("closed loop, concurrency {concurrency}, {orders} orders"),
+                },
+                floor,
+                ..Report::default()
+            },
+            hops: cfg.hops,
+            started,
+            started_wall: SystemTime::now(),
+            http_hist: Histogram::<u64>::new(3)?,
+            e2e_hist: Histogram::<u64>::new(3)?,
+            pending: HashMap::new(),
+            early: HashMap::new(),
+            timings: HashMap::new(),
+            last_completion: started,
+        })
+    }
 
-    let mut settle =
-        |report: &mut Report, kind: Kind, outcome: &(String, String), latency: Duration| {
-            let _ = e2e_hist.record(latency.as_micros() as u64);
-            match (outcome.0.as_str(), outcome.1.as_str()) {
-                ("OrderConfirmed", _) => report.confirmed += 1,
-                (_, "payment_declined") => report.failed_payment_declined += 1,
-                _ => report.failed_out_of_stock += 1,
+    /// Takes notes until every accepted order has ended, or `grace` after
+    /// the sender finished.
+    async fn take_notes(
+        &mut self,
+        mut rx: mpsc::UnboundedReceiver<Note>,
+        sender: tokio::task::JoinHandle<anyhow::Result<()>>,
+        grace: Duration,
+        bar: &ProgressBar,
+    ) -> anyhow::Result<()> {
+        let mut sending_done = false;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut sender = Some(sender);
+        loop {
+            // The sender finishing can win the race against its last notes
+            // (they are queued by then): only an empty queue means all are in.
+            if sending_done && self.pending.is_empty() && rx.is_empty() {
+                return Ok(());
             }
-            let as_expected = matches!(
-                (kind, outcome.0.as_str(), outcome.1.as_str()),
-                (Kind::Confirm, "OrderConfirmed", _)
-                    | (Kind::Decline, "OrderFailed", "payment_declined")
-                    | (Kind::OutOfStock, "OrderFailed", "out_of_stock")
-            );
-            if !as_expected {
-                report.unexpected += 1;
-            }
-        };
-
-    loop {
-        // The sender finishing can win the race against its last notes
-        // (they are queued by then): only an empty queue means all are in.
-        if sending_done && pending.is_empty() && rx.is_empty() {
-            break;
+            let note = tokio::select! {
+                n = rx.recv() => n,
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => return Ok(()),
+                r = async {
+                    match sender.as_mut() {
+                        Some(s) => s.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    sender = None;
+                    r.context("sender task failed")??;
+                    sending_done = true;
+                    deadline = Some(tokio::time::Instant::now() + grace);
+                    continue;
+                }
+            };
+            let Some(note) = note else { return Ok(()) };
+            self.take(note, bar);
         }
-        let note = tokio::select! {
-            n = rx.recv() => n,
-            _ = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            } => break,
-            r = async {
-                match sender.as_mut() {
-                    Some(s) => s.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                sender = None;
-                r.context("sender task failed")??;
-                sending_done = true;
-                deadline = Some(tokio::time::Instant::now() + cfg.grace);
-                continue;
-            }
-        };
-        let Some(note) = note else { break };
+    }
+
+    fn take(&mut self, note: Note, bar: &ProgressBar) {
         match note {
             Note::Rejected => {
-                report.sent += 1;
-                report.http_errors += 1;
+                self.report.sent += 1;
+                self.report.http_errors += 1;
             }
             Note::Sent {
                 order_id,
@@ -419,22 +452,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 kind,
                 http,
             } => {
-                report.sent += 1;
-                report.accepted += 1;
-                let _ = http_hist.record(http.as_micros() as u64);
-                if let Some((done_at, outcome)) = early.remove(&order_id) {
-                    settle(
-                        &mut report,
-                        kind,
-                        &outcome,
-                        done_at.saturating_duration_since(at),
-                    );
-                    if cfg.hops && outcome.0 == "OrderConfirmed" {
-                        timings.insert(order_id, (wall_us(at), wall_us(done_at)));
-                    }
-                    bar.inc(1);
+                self.report.sent += 1;
+                self.report.accepted += 1;
+                let _ = self.http_hist.record(http.as_micros() as u64);
+                if let Some((done_at, outcome)) = self.early.remove(&order_id) {
+                    self.complete(order_id, kind, &outcome, at, done_at, bar);
                 } else {
-                    pending.insert(order_id, (at, kind));
+                    self.pending.insert(order_id, (at, kind));
                 }
             }
             Note::Final {
@@ -442,49 +466,83 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 at,
                 outcome,
             } => {
-                if let Some((sent_at, kind)) = pending.remove(&order_id) {
-                    settle(
-                        &mut report,
-                        kind,
-                        &outcome,
-                        at.saturating_duration_since(sent_at),
-                    );
-                    if cfg.hops && outcome.0 == "OrderConfirmed" {
-                        timings.insert(order_id, (wall_us(sent_at), wall_us(at)));
-                    }
-                    last_completion = at;
-                    bar.inc(1);
-                    bar.set_message(format!(
-                        "confirmed {} · declined {} · out of stock {}",
-                        report.confirmed,
-                        report.failed_payment_declined,
-                        report.failed_out_of_stock
-                    ));
+                self.last_completion = at;
+                if let Some((sent_at, kind)) = self.pending.remove(&order_id) {
+                    self.complete(order_id, kind, &outcome, sent_at, at, bar);
                 } else {
                     // The event can beat the HTTP answer to us.
-                    early.insert(order_id, (at, outcome));
-                    last_completion = at;
+                    self.early.insert(order_id, (at, outcome));
                 }
             }
         }
     }
-    watcher.abort();
-    bar.finish_and_clear();
-    report.lost = pending.len() as u64;
-    report.elapsed_s = last_completion
-        .saturating_duration_since(started)
-        .as_secs_f64();
-    report.sagas_per_s = if report.elapsed_s > 0.0 {
-        report.completed() as f64 / report.elapsed_s
-    } else {
-        0.0
-    };
-    report.http = summarize(&http_hist);
-    report.end_to_end = summarize(&e2e_hist);
-    if let Some(marks) = marks {
-        report.hops = Some(hops::breakdown(&cfg, marks, &timings).await?);
+
+    /// An order whose POST was answered and whose final event was seen.
+    fn complete(
+        &mut self,
+        order_id: String,
+        kind: Kind,
+        outcome: &(String, String),
+        sent_at: Instant,
+        done_at: Instant,
+        bar: &ProgressBar,
+    ) {
+        let latency = done_at.saturating_duration_since(sent_at);
+        let _ = self.e2e_hist.record(latency.as_micros() as u64);
+        let report = &mut self.report;
+        match (outcome.0.as_str(), outcome.1.as_str()) {
+            ("OrderConfirmed", _) => report.confirmed += 1,
+            (_, "payment_declined") => report.failed_payment_declined += 1,
+            _ => report.failed_out_of_stock += 1,
+        }
+        let as_expected = matches!(
+            (kind, outcome.0.as_str(), outcome.1.as_str()),
+            (Kind::Confirm, "OrderConfirmed", _)
+                | (Kind::Decline, "OrderFailed", "payment_declined")
+                | (Kind::OutOfStock, "OrderFailed", "out_of_stock")
+        );
+        if !as_expected {
+            report.unexpected += 1;
+        }
+        if self.hops && outcome.0 == "OrderConfirmed" {
+            let span = (self.wall_us(sent_at), self.wall_us(done_at));
+            self.timings.insert(order_id, span);
+        }
+        bar.inc(1);
+        bar.set_message(format!(
+            "confirmed {} · declined {} · out of stock {}",
+            self.report.confirmed,
+            self.report.failed_payment_declined,
+            self.report.failed_out_of_stock
+        ));
     }
-    Ok(report)
+
+    /// Wall-clock microseconds of an instant of this run, to compare with
+    /// the events' timestamps.
+    fn wall_us(&self, at: Instant) -> i64 {
+        let since = self.started_wall + at.saturating_duration_since(self.started);
+        since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    /// The report, and the confirmed orders' timings for the legs.
+    fn finish(self) -> (Report, HashMap<String, (i64, i64)>) {
+        let mut report = self.report;
+        report.lost = self.pending.len() as u64;
+        report.elapsed_s = self
+            .last_completion
+            .saturating_duration_since(self.started)
+            .as_secs_f64();
+        report.sagas_per_s = if report.elapsed_s > 0.0 {
+            report.completed() as f64 / report.elapsed_s
+        } else {
+            0.0
+        };
+        report.http = summarize(&self.http_hist);
+        report.end_to_end = summarize(&self.e2e_hist);
+        (report, self.timings)
+    }
 }
 
 async fn restock(http: &reqwest::Client, inventory_url: &str) -> anyhow::Result<()> {
