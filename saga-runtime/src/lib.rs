@@ -1,41 +1,37 @@
-//! Machinery shared by the three saga services, written once:
+//! Machinery shared by the three saga services, written once, grouped by
+//! concern:
 //!
-//! - [`config`]: environment variables, one clear line per mistake;
-//! - [`db`]: create-if-missing, connect, migrate (shared + service tables);
-//! - [`group`]: a consumer's lag, stalled partitions and rebalances, as metrics;
-//! - [`outbox`]: transactional outbox and its relay to Kafka;
-//! - [`consumer`]: the idempotent, batched consumer loop with dead letters;
-//! - [`parked`]: events of a type the build does not know, kept for its upgrade;
-//! - [`health`]: what background work reports to `/ready`;
-//! - [`retention`]: purges old inbox ids and parked events off the hot path;
-//! - [`listing`]: paginated listings (`limit`, `after`), alike everywhere;
-//! - [`http`]: the JSON error type, JSON extractor, probes;
-//! - [`auth`]: optional bearer-token (JWT/JWK) authentication, the caller;
-//! - [`api`]: the OpenAPI document and Swagger UI;
-//! - [`telemetry`]: logs, tracing and W3C trace-context propagation;
-//! - [`app`]: start-up, run, graceful shutdown.
+//! - [`messaging`]: Kafka clients and their settings ([`kafka`]), the
+//!   transactional outbox and its relay ([`outbox`]), the idempotent,
+//!   batched consumer loop with its inbox and dead letters ([`consumer`]),
+//!   events of a type the build does not know ([`parked`]), group
+//!   membership and progress ([`group`]), purging old inbox rows
+//!   ([`retention`]), backoff ([`retry`]);
+//! - [`http`]: the JSON error type and extractor, probes, fallbacks;
+//!   bearer-token authentication ([`auth`]), paginated listings
+//!   ([`listing`]), the OpenAPI document and Swagger UI ([`api`]);
+//! - [`ops`]: logs and traces ([`telemetry`]), Prometheus metrics
+//!   ([`metrics`]), what background work reports to `/ready` ([`health`]);
+//! - at the top: start-up, run and graceful shutdown ([`app`]), the
+//!   configuration gathered ([`config`]) from the environment ([`env`]),
+//!   the database ([`db`]).
 //!
 //! Start-up glue returns `anyhow::Result` (its callers only report); the error
 //! types callers act on ([`config::ConfigError`], [`http::ApiError`]) are
 //! enums.
 
-pub mod api;
 pub mod app;
-pub mod auth;
 pub mod config;
-pub mod consumer;
 pub mod db;
-pub mod group;
-pub mod health;
+pub mod env;
 pub mod http;
-pub mod kafka;
-pub mod listing;
-pub mod metrics;
-pub mod outbox;
-pub mod parked;
-pub mod retention;
-pub mod retry;
-pub mod telemetry;
+pub mod messaging;
+pub mod ops;
+
+// The concerns' modules by their short names, as the services use them.
+pub use http::{api, auth, listing};
+pub use messaging::{consumer, group, kafka, outbox, parked, retention, retry};
+pub use ops::{health, metrics, telemetry};
 
 pub use app::{run_service, App, Infra};
 pub use auth::Caller;

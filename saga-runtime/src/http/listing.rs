@@ -14,7 +14,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-use crate::ApiError;
+use crate::http::ApiError;
 
 /// Most rows one page may hold.
 pub const MAX_LIMIT: i64 = 500;

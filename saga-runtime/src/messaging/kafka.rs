@@ -20,7 +20,87 @@ use rdkafka::producer::{
     BaseProducer, BaseRecord, DeliveryResult, FutureRecord, Producer as _, ProducerContext,
 };
 
-use crate::config::KafkaConfig;
+use crate::env::{parsed_with, var, ConfigError};
+
+/// Kafka settings shared by producer, consumer and admin client.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `KAFKA_BROKERS`, comma-separated `host:port` (default `localhost:9092`).
+    pub brokers: String,
+    /// `KAFKA_TOPIC_PREFIX`: prepended to every topic and consumer group, so
+    /// isolated systems (or test runs) can share one broker. Default empty.
+    pub topic_prefix: String,
+    /// `KAFKA_FETCH_WAIT_MS`: the consumer's `fetch.wait.max.ms` (default
+    /// 500, the Java consumer's). Kafka answers a fetch as soon as data
+    /// arrives, so this only sets how often an idle consumer asks again:
+    /// shorter costs the broker CPU for nothing (measured idle: the broker
+    /// at 14% of a core with 100 ms, 6% with 500 ms).
+    pub fetch_wait_ms: u32,
+    /// `KAFKA_PARTITIONS` for topics this service creates (default 3).
+    pub partitions: i32,
+    /// `KAFKA_REPLICATION_FACTOR` for topics this service creates (default 1).
+    pub replication_factor: i32,
+    /// `KAFKA_LINGER_MS`: producer batching delay (default 0: the relay
+    /// already sends what committed together as one wave, and under load
+    /// librdkafka batches what queues behind a request in flight; 1 ms
+    /// cost 2-7 ms of end-to-end p50 at 200 orders/s, docs/performance.md).
+    pub linger_ms: u32,
+}
+
+impl KafkaConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            brokers: var("KAFKA_BROKERS").unwrap_or_else(|| "localhost:9092".to_owned()),
+            topic_prefix: parsed_with("KAFKA_TOPIC_PREFIX", String::new(), |p| {
+                if p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    Ok(())
+                } else {
+                    Err("only letters, digits, '-', '_' and '.' are allowed".into())
+                }
+            })?,
+            fetch_wait_ms: parsed_with("KAFKA_FETCH_WAIT_MS", 500, |v| {
+                if (1..=10_000).contains(v) {
+                    Ok(())
+                } else {
+                    Err("must be between 1 and 10000".into())
+                }
+            })?,
+            partitions: parsed_with("KAFKA_PARTITIONS", 3, |v| {
+                if (1..=1000).contains(v) {
+                    Ok(())
+                } else {
+                    Err("must be between 1 and 1000".into())
+                }
+            })?,
+            replication_factor: parsed_with("KAFKA_REPLICATION_FACTOR", 1, |v| {
+                if (1..=10).contains(v) {
+                    Ok(())
+                } else {
+                    Err("must be between 1 and 10".into())
+                }
+            })?,
+            linger_ms: parsed_with("KAFKA_LINGER_MS", 0, |v| {
+                if *v <= 1000 {
+                    Ok(())
+                } else {
+                    Err("must be at most 1000".into())
+                }
+            })?,
+        })
+    }
+
+    /// The real name of an (unprefixed) saga topic.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.topic_prefix, name)
+    }
+
+    /// The consumer group of a service.
+    pub fn group_id(&self, service: &str) -> String {
+        format!("{}{}", self.topic_prefix, service)
+    }
+}
 
 /// Base client configuration shared by producer, consumer and admin client.
 pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {

@@ -43,7 +43,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, ConfigError};
+use crate::env::{self, ConfigError};
 use crate::health::Health;
 use crate::http::ApiError;
 
@@ -128,8 +128,8 @@ impl AuthConfig {
     /// must not be set either: a half-done configuration must not leave the
     /// API open by mistake).
     pub fn from_env() -> Result<Option<Self>, ConfigError> {
-        let url = config::var("AUTH_JWKS_URL");
-        let file = config::var("AUTH_JWKS_FILE");
+        let url = env::var("AUTH_JWKS_URL");
+        let file = env::var("AUTH_JWKS_FILE");
         let jwks = match (url, file) {
             (Some(_), Some(f)) => {
                 return Err(ConfigError::Invalid {
@@ -139,7 +139,7 @@ impl AuthConfig {
                 })
             }
             (Some(u), None) => {
-                let allow_http = config::flag("AUTH_JWKS_ALLOW_HTTP")?;
+                let allow_http = env::flag("AUTH_JWKS_ALLOW_HTTP")?;
                 let reason = if u.starts_with("https://") {
                     None
                 } else if u.starts_with("http://") {
@@ -161,7 +161,7 @@ impl AuthConfig {
             (None, Some(f)) => JwksSource::File(PathBuf::from(f)),
             (None, None) => {
                 for var in ["AUTH_ISSUER", "AUTH_AUDIENCE"] {
-                    if let Some(value) = config::var(var) {
+                    if let Some(value) = env::var(var) {
                         return Err(ConfigError::Invalid {
                             var: var.into(),
                             value,
@@ -175,16 +175,16 @@ impl AuthConfig {
             }
         };
         let hint = "the value every token must carry; required with AUTH_JWKS_URL/AUTH_JWKS_FILE";
-        let issuer = config::required("AUTH_ISSUER", hint)?;
-        let audience = config::required("AUTH_AUDIENCE", hint)?;
-        let secs: u64 = config::parsed_with("AUTH_JWKS_REFRESH_SECS", 300, |s| {
+        let issuer = env::required("AUTH_ISSUER", hint)?;
+        let audience = env::required("AUTH_AUDIENCE", hint)?;
+        let secs: u64 = env::parsed_with("AUTH_JWKS_REFRESH_SECS", 300, |s| {
             if *s >= 1 {
                 Ok(())
             } else {
                 Err("must be at least 1 (whole seconds)".into())
             }
         })?;
-        let max_stale: u64 = config::parsed_with("AUTH_JWKS_MAX_STALE_SECS", 3600, |s| {
+        let max_stale: u64 = env::parsed_with("AUTH_JWKS_MAX_STALE_SECS", 3600, |s| {
             if *s >= secs {
                 Ok(())
             } else {
@@ -199,7 +199,7 @@ impl AuthConfig {
             audience,
             refresh: Duration::from_secs(secs),
             max_stale: Duration::from_secs(max_stale),
-            allow_dev_key: config::flag("AUTH_ALLOW_DEV_KEY")?,
+            allow_dev_key: env::flag("AUTH_ALLOW_DEV_KEY")?,
         }))
     }
 }

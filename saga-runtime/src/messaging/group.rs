@@ -32,6 +32,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
 
+use crate::env::{var, ConfigError};
 use crate::metrics::{self, LagLabels};
 
 /// How often librdkafka reports statistics (`statistics.interval.ms`).
@@ -371,6 +372,72 @@ impl Progress {
         }
         self.seen = seen;
         stalled
+    }
+}
+
+/// How a consumer takes part in its group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupProtocol {
+    /// `KAFKA_GROUP_PROTOCOL=classic`: the members agree on an assignment
+    /// through the group's leader, with librdkafka's
+    /// `partition.assignment.strategy` (`KAFKA_PARTITION_ASSIGNMENT_STRATEGY`:
+    /// `cooperative-sticky` by default, which moves only the partitions that
+    /// must move; `range` or `roundrobin` stop every member for each
+    /// rebalance).
+    Classic { assignment_strategy: String },
+    /// `KAFKA_GROUP_PROTOCOL=consumer` (KIP-848, Kafka 4.0 and later): the
+    /// broker assigns partitions to members one by one; its session
+    /// timeout and heartbeat interval are the broker's
+    /// (`group.consumer.session.timeout.ms`).
+    Consumer,
+}
+
+impl Default for GroupProtocol {
+    fn default() -> Self {
+        Self::Classic {
+            assignment_strategy: "cooperative-sticky".to_owned(),
+        }
+    }
+}
+
+impl GroupProtocol {
+    pub(crate) fn from_env() -> Result<Self, ConfigError> {
+        const STRATEGIES: [&str; 3] = ["range", "roundrobin", "cooperative-sticky"];
+        let strategy = var("KAFKA_PARTITION_ASSIGNMENT_STRATEGY");
+        match var("KAFKA_GROUP_PROTOCOL").as_deref() {
+            None | Some("classic") => {
+                let Some(strategy) = strategy else {
+                    return Ok(Self::default());
+                };
+                let known = strategy
+                    .split(',')
+                    .all(|s| STRATEGIES.contains(&s.trim()));
+                if known {
+                    Ok(Self::Classic {
+                        assignment_strategy: strategy,
+                    })
+                } else {
+                    Err(ConfigError::Invalid {
+                        var: "KAFKA_PARTITION_ASSIGNMENT_STRATEGY".into(),
+                        value: strategy,
+                        reason: "must be range, roundrobin or cooperative-sticky (or a comma-separated list of the first two)".into(),
+                    })
+                }
+            }
+            Some("consumer") => match strategy {
+                None => Ok(Self::Consumer),
+                Some(value) => Err(ConfigError::Invalid {
+                    var: "KAFKA_PARTITION_ASSIGNMENT_STRATEGY".into(),
+                    value,
+                    reason: "the broker assigns partitions with KAFKA_GROUP_PROTOCOL=consumer: leave it unset".into(),
+                }),
+            },
+            Some(other) => Err(ConfigError::Invalid {
+                var: "KAFKA_GROUP_PROTOCOL".into(),
+                value: other.to_owned(),
+                reason: "must be classic or consumer".into(),
+            }),
+        }
     }
 }
 

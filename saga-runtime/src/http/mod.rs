@@ -1,5 +1,10 @@
 //! HTTP building blocks: the one JSON error type, a JSON extractor whose
-//! rejections are JSON too, probes and the fallbacks.
+//! rejections are JSON too, probes and the fallbacks; authentication
+//! ([`auth`]), listings ([`listing`]) and the API document ([`api`]).
+
+pub mod api;
+pub mod auth;
+pub mod listing;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
