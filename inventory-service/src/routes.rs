@@ -413,11 +413,8 @@ async fn list_reservations(
             })?],
     };
     let rows = store::list_reservations(&pool, &statuses, page.after, page.limit).await?;
-    let next = listing::next_cursor(page, rows.len(), rows.last().map(|r| r.order_id));
-    Ok(Json(ReservationPage {
-        reservations: rows.iter().map(Reservation::from).collect(),
-        next,
-    }))
+    let (reservations, next) = listing::one_page(page, &rows, |r| r.order_id, Reservation::from);
+    Ok(Json(ReservationPage { reservations, next }))
 }
 
 /// An order's reservation (operators).

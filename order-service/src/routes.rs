@@ -537,11 +537,8 @@ async fn list_orders(
         created_after: query.time("created_after")?,
     };
     let rows = store::list(&state.pool, &filter, page.after, page.limit).await?;
-    let next = listing::next_cursor(page, rows.len(), rows.last().map(|o| o.order_id));
-    Ok(Json(OrderPage {
-        orders: rows.iter().map(Order::from).collect(),
-        next,
-    }))
+    let (orders, next) = listing::one_page(page, &rows, |o| o.order_id, Order::from);
+    Ok(Json(OrderPage { orders, next }))
 }
 
 /// The order if `caller` may see it: auth off, an operator, or its customer.

@@ -96,11 +96,8 @@ async fn list_payments(
     caller.require_admin("listing payments")?;
     let page = query.page(&[])?;
     let rows = store::list(&pool, page.after, page.limit).await?;
-    let next = listing::next_cursor(page, rows.len(), rows.last().map(|p| p.order_id));
-    Ok(Json(PaymentPage {
-        payments: rows.iter().map(Payment::from).collect(),
-        next,
-    }))
+    let (payments, next) = listing::one_page(page, &rows, |p| p.order_id, Payment::from);
+    Ok(Json(PaymentPage { payments, next }))
 }
 
 impl From<&PaymentRow> for Payment {

@@ -136,6 +136,19 @@ pub fn next_cursor(page: Page, rows: usize, last: Option<Uuid>) -> Option<String
         .flatten()
 }
 
+/// A listing's page as the services answer it: each row shown as `T`
+/// (`show`), in the rows' order, and the cursor of the next page from the
+/// last row's order ID ([`next_cursor`]).
+pub fn one_page<'a, R, T>(
+    page: Page,
+    rows: &'a [R],
+    order_id: impl Fn(&'a R) -> Uuid,
+    show: impl Fn(&'a R) -> T,
+) -> (Vec<T>, Option<String>) {
+    let next = next_cursor(page, rows.len(), rows.last().map(order_id));
+    (rows.iter().map(show).collect(), next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +160,18 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_full_page_points_at_its_last_row_and_a_short_one_ends() {
+        let ids: Vec<Uuid> = (1..=3u128).map(Uuid::from_u128).collect();
+        let page = |limit| Page { limit, after: None };
+        let (shown, next) = one_page(page(3), &ids, |id| *id, |id| id.as_u128());
+        assert_eq!(shown, [1, 2, 3]);
+        assert_eq!(next, Some(ids[2].to_string()));
+        let (shown, next) = one_page(page(4), &ids, |id| *id, |id| id.as_u128());
+        assert_eq!(shown, [1, 2, 3]);
+        assert_eq!(next, None);
     }
 
     #[test]
