@@ -64,17 +64,15 @@ pub async fn connect_and_migrate(
 /// outbox relay, which each work on one connection at a time. They must not
 /// queue behind HTTP requests: under load the request handlers hold every
 /// connection of the main pool, and a consumer waiting for one stalls every
-/// saga behind it (measured: 40–90 ms per batch at 64 concurrent requests).
+/// saga behind it (figures in docs/performance.md).
 ///
 /// Every statement on it is a key lookup or a keyed write, so it plans each
 /// statement once (`plan_cache_mode = force_generic_plan`) with sequential
 /// scans ruled out (`enable_seqscan = off`). A plan cached by default rules
 /// is a trap here: made while the tables were still empty, it kept scanning
-/// `payments` and `orders` sequentially for the batch's keys as they grew
-/// (measured: the payment batch's lock went from under 1 ms to 22 ms over
-/// 50,000 orders). Planning every statement afresh avoided that but cost a
-/// third of these statements' time (at 200 orders/s: 2.4 s planning against
-/// 4.9 s executing over 20 s; 0.03 s planning this way).
+/// `payments` and `orders` sequentially for the batch's keys as they grew.
+/// Planning every statement afresh avoided that but cost a third of these
+/// statements' time (docs/performance.md).
 pub fn background_pool(main: &PgPool) -> PgPool {
     let options = (*main.connect_options()).clone().options([
         ("plan_cache_mode", "force_generic_plan"),

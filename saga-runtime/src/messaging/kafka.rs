@@ -33,8 +33,7 @@ pub struct KafkaConfig {
     /// `KAFKA_FETCH_WAIT_MS`: the consumer's `fetch.wait.max.ms` (default
     /// 500, the Java consumer's). Kafka answers a fetch as soon as data
     /// arrives, so this only sets how often an idle consumer asks again:
-    /// shorter costs the broker CPU for nothing (measured idle: the broker
-    /// at 14% of a core with 100 ms, 6% with 500 ms).
+    /// shorter costs the broker CPU for nothing (docs/performance.md).
     pub fetch_wait_ms: u32,
     /// `KAFKA_PARTITIONS` for topics this service creates (default 3).
     pub partitions: i32,
@@ -42,8 +41,8 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// `KAFKA_LINGER_MS`: producer batching delay (default 0: the relay
     /// already sends what committed together as one wave, and under load
-    /// librdkafka batches what queues behind a request in flight; 1 ms
-    /// cost 2-7 ms of end-to-end p50 at 200 orders/s, docs/performance.md).
+    /// librdkafka batches what queues behind a request in flight; a
+    /// millisecond of linger per hop only added latency, docs/performance.md).
     pub linger_ms: u32,
 }
 
@@ -137,11 +136,12 @@ const DELIVERY_POLL: Duration = Duration::from_secs(1);
 /// `FutureProducer`, and serves its delivery reports on a thread of its
 /// own. `FutureProducer`'s thread polls for 100 ms at a time, and rdkafka
 /// rounds the time left down to whole milliseconds, so the last fraction of
-/// each call is spent polling with a zero timeout in a loop: 0.8% of a
-/// core in an idle service, the larger part of its idle cost (librdkafka
-/// fixed the same rounding in its own loop, librdkafka#4684). Polling for a
-/// second at a time leaves one such fraction a second. Cheap to clone; the
-/// thread ends within [`DELIVERY_POLL`] after the last clone is dropped.
+/// each call is spent polling with a zero timeout in a loop, the larger
+/// part of an idle service's CPU (librdkafka fixed the same rounding in its
+/// own loop, librdkafka#4684; figures in docs/performance.md). Polling for
+/// a second at a time leaves one such fraction a second. Cheap to clone;
+/// the thread ends within [`DELIVERY_POLL`] after the last clone is
+/// dropped.
 #[derive(Clone)]
 pub struct EventProducer {
     base: Arc<BaseProducer<Deliveries>>,
