@@ -144,6 +144,30 @@ async fn commit_old_with(
     Ok(staged)
 }
 
+/// Commits `event` to the outbox without handing it over, with `set` (an
+/// `UPDATE outbox SET` list) applied to its row in the same transaction:
+/// a row as another replica or an earlier moment left it.
+async fn commit_as(
+    db: &PgPool,
+    outbox: &Outbox,
+    event: &Envelope,
+    set: &str,
+) -> anyhow::Result<()> {
+    let mut tx = db.begin().await?;
+    drop(outbox.enqueue_traced(&mut tx, &[(event, None)]).await?);
+    sqlx::query(&format!("UPDATE outbox SET {set} WHERE event_id = $1"))
+        .bind(event.event_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The `SET` of [`commit_as`] for a row another replica's sweep has
+/// claimed for an hour.
+const CLAIMED_ELSEWHERE: &str = "created_at = now() - interval '1 minute', \
+     seen_at = now() - interval '1 minute', claimed_until = now() + interval '1 hour'";
+
 /// A row the producer refuses for good (here: larger than its
 /// `message.max.bytes`; wrong ACLs or a missing topic are handled alike) is
 /// neither set aside nor dropped: it stays in the outbox, failures are
@@ -475,17 +499,7 @@ async fn the_sweep_keeps_its_schedule_while_the_relay_is_never_idle() -> anyhow:
     let order = OrderId::new();
     let (claimed, waiting) = (confirmed(order), confirmed(order));
     // Claimed for an hour by a sweep elsewhere, in the commit that writes it.
-    let mut tx = db.begin().await?;
-    drop(outbox.enqueue_traced(&mut tx, &[(&claimed, None)]).await?);
-    sqlx::query(
-        "UPDATE outbox SET created_at = now() - interval '1 minute', seen_at = now() - interval '1 minute',
-                           claimed_until = now() + interval '1 hour'
-         WHERE event_id = $1",
-    )
-    .bind(claimed.event_id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    commit_as(&db, &outbox, &claimed, CLAIMED_ELSEWHERE).await?;
     let mut tx = db.begin().await?;
     let staged = outbox.enqueue_traced(&mut tx, &[(&waiting, None)]).await?;
     tx.commit().await?;
@@ -496,16 +510,13 @@ async fn the_sweep_keeps_its_schedule_while_the_relay_is_never_idle() -> anyhow:
     // threshold is five): by then the relay has long been going round
     // (and a sweep already under way cannot take it).
     let orphan = confirmed(OrderId::new());
-    let mut tx = db.begin().await?;
-    drop(outbox.enqueue_traced(&mut tx, &[(&orphan, None)]).await?);
-    sqlx::query(
-        "UPDATE outbox SET created_at = now() - interval '1 minute', seen_at = now() - interval '3 seconds'
-         WHERE event_id = $1",
+    commit_as(
+        &db,
+        &outbox,
+        &orphan,
+        "created_at = now() - interval '1 minute', seen_at = now() - interval '3 seconds'",
     )
-    .bind(orphan.event_id)
-    .execute(&mut *tx)
     .await?;
-    tx.commit().await?;
     let ours = HashSet::from([orphan.event_id.to_string()]);
     wait_deleted(&db, &ours).await?;
     wait_published(&sys, &ours).await?;
@@ -631,17 +642,7 @@ async fn a_sweep_publishes_a_row_only_after_every_earlier_row_of_its_order() -> 
     let order = OrderId::new();
     let (first, second) = (confirmed(order), confirmed(order));
     // The first row, claimed by another replica's sweep.
-    let mut tx = db.begin().await?;
-    drop(outbox.enqueue_traced(&mut tx, &[(&first, None)]).await?);
-    sqlx::query(
-        "UPDATE outbox SET created_at = now() - interval '1 minute', seen_at = now() - interval '1 minute',
-                           claimed_until = now() + interval '1 hour'
-         WHERE event_id = $1",
-    )
-    .bind(first.event_id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    commit_as(&db, &outbox, &first, CLAIMED_ELSEWHERE).await?;
     // The second row of the same order, and a marker of another order,
     // both orphans: the next sweep looks at both.
     drop(commit_old(&db, &outbox, &second).await?);
