@@ -2,7 +2,8 @@
 //! every way an order can be cancelled or expire ends with the money given
 //! back and the stock returned, each order's events stay in commit order
 //! (also with two order-service replicas), and deadlines fire once, after a
-//! restart too.
+//! restart too; events parked during a rolling upgrade are published again
+//! in their order.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -839,5 +840,68 @@ async fn a_rolling_upgrade_refunds_a_cancellation_the_older_payment_service_did_
     let mut violations = Vec::new();
     audit::run(&sys.audit_options(50), |v| violations.push(v.clone())).await?;
     assert!(violations.is_empty(), "{violations:?}");
+    sys.shutdown().await
+}
+
+/// Two events of one order parked by an older replica (a cancellation the
+/// older build did not know, then what came after it), the first held by
+/// another transaction when a replica replays: the second must wait for
+/// it, whichever replica publishes the first, and both go out in the order
+/// they were parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parked_event_locked_elsewhere_holds_back_the_later_ones_of_its_order(
+) -> anyhow::Result<()> {
+    use saga_runtime::parked::{self, Known, Parked};
+
+    let mut sys = System::start().await?;
+    // Our replay alone on payment-service's table.
+    sys.stop(Which::Payment).await?;
+    let db = sys.db(Which::Payment).clone();
+    let topic = sys.topic("order-events");
+    let key = events::OrderId::new().to_string();
+    let rows: Vec<Parked> = (0..2)
+        .map(|i| Parked {
+            topic: topic.clone(),
+            kafka_partition: 0,
+            kafka_offset: 1_000 + i,
+            event_type: "OrderCancelled".to_owned(),
+            message_key: Some(key.clone().into_bytes()),
+            payload: b"{}".to_vec(),
+            header_names: Vec::new(),
+            header_values: Vec::new(),
+        })
+        .collect();
+    parked::park(&db, &rows).await?;
+    let known = Known::new(|k| k == events::EventType::OrderCancelled, Vec::new());
+    let producer = saga_runtime::kafka::producer(sys.kafka(), "parked-test")?;
+
+    // Another transaction holds the first (as a replica publishing it does).
+    let mut other = db.begin().await?;
+    sqlx::query("SELECT 1 FROM parked_events WHERE kafka_offset = 1000 FOR UPDATE")
+        .execute(&mut *other)
+        .await?;
+    let replayed = parked::replay(&db, &producer, &known, "parked-test").await?;
+    assert_eq!(
+        replayed.published, 0,
+        "the order's second event went out ahead of its first"
+    );
+    assert_eq!(parked(&sys, Which::Payment).await?, 2);
+
+    other.rollback().await?;
+    let replayed = parked::replay(&db, &producer, &known, "parked-test").await?;
+    assert_eq!(replayed.published, 2);
+    assert_eq!(parked(&sys, Which::Payment).await?, 0);
+    let copies: Vec<String> = sys
+        .read_topic(&topic)
+        .await?
+        .into_iter()
+        .filter(|m| m.key.as_deref() == Some(key.as_str()))
+        .filter_map(|m| m.header("parked.from").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        copies,
+        [format!("{topic}/0@1000"), format!("{topic}/0@1001")],
+        "each parked event once, in the order they were parked"
+    );
     sys.shutdown().await
 }

@@ -193,7 +193,11 @@ impl Known {
 /// Publishes again (or forgets) the parked events of types this build
 /// knows, [`CHUNK`] at a time, each chunk in one transaction: a row is
 /// deleted only once the broker has acknowledged its copy. Replicas share
-/// the work (`SKIP LOCKED`).
+/// the work (`SKIP LOCKED`), and each order's events go out in the order
+/// they were parked: a row is taken only with every earlier row of its key
+/// (of a type this build acts on) that is still in the table, so a row
+/// another replica is publishing, or that someone else holds a lock on,
+/// holds back the later rows of its order until it is gone.
 pub async fn replay(
     pool: &PgPool,
     producer: &EventProducer,
@@ -204,13 +208,30 @@ pub async fn replay(
     let mut done = Replayed::default();
     loop {
         let mut tx = pool.begin().await?;
+        // `SKIP LOCKED` passes over rows the snapshot calls free; the
+        // `NOT EXISTS` keeps a row whose key has an earlier row this
+        // statement did not lock (a key-less event has no order to keep).
         let rows: Vec<Parked> = sqlx::query_as(
-            "DELETE FROM parked_events WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM parked_events WHERE event_type = ANY($1)
+            "WITH c AS (
+                 SELECT topic, kafka_partition, kafka_offset, message_key, parked_at
+                 FROM parked_events WHERE event_type = ANY($1)
                  ORDER BY parked_at, topic, kafka_partition, kafka_offset
-                 LIMIT $2 FOR UPDATE SKIP LOCKED))
-             RETURNING topic, kafka_partition, kafka_offset, event_type,
-                 message_key, payload, header_names, header_values",
+                 LIMIT $2 FOR UPDATE SKIP LOCKED),
+             gone AS (
+                 DELETE FROM parked_events p USING c
+                 WHERE (p.topic, p.kafka_partition, p.kafka_offset)
+                       = (c.topic, c.kafka_partition, c.kafka_offset)
+                   AND NOT (c.message_key IS NOT NULL AND EXISTS (
+                       SELECT 1 FROM parked_events e
+                       WHERE e.message_key = c.message_key AND e.event_type = ANY($1)
+                         AND (e.parked_at, e.topic, e.kafka_partition, e.kafka_offset)
+                             < (c.parked_at, c.topic, c.kafka_partition, c.kafka_offset)
+                         AND (e.topic, e.kafka_partition, e.kafka_offset) NOT IN (
+                             SELECT topic, kafka_partition, kafka_offset FROM c)))
+                 RETURNING p.*)
+             SELECT topic, kafka_partition, kafka_offset, event_type, message_key, payload,
+                    header_names, header_values
+             FROM gone ORDER BY parked_at, topic, kafka_partition, kafka_offset",
         )
         .bind(&names)
         .bind(CHUNK)
@@ -219,14 +240,6 @@ pub async fn replay(
         if rows.is_empty() {
             return Ok(done);
         }
-        let mut rows = rows;
-        rows.sort_by(|a, b| {
-            (&a.topic, a.kafka_partition, a.kafka_offset).cmp(&(
-                &b.topic,
-                b.kafka_partition,
-                b.kafka_offset,
-            ))
-        });
         let mut published = 0;
         let mut forgotten = 0;
         for row in &rows {
