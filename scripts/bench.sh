@@ -20,6 +20,9 @@
 # and records each service's CPU and peak RSS per scenario, with the broker's
 # CPU and peak RSS and the whole machine's busy share.
 # BENCH_SCENARIOS picks a subset (e.g. "max"); BENCH_OUT another output file.
+# BENCH_REPEAT=N runs each scenario N times in a row, each on a fresh
+# system, and adds a table of the spread (median, lowest, highest): on a
+# shared machine one run can differ from the next by a third.
 # BENCH_AUTH=1 runs the services with authentication on (the development key
 # set in dev/auth/, a development operator token for the load generator), to
 # measure what authentication costs.
@@ -37,6 +40,8 @@ cd "$(dirname "$0")/.."
 source scripts/infra.sh
 
 orders=${BENCH_ORDERS:-60000}
+repeat=${BENCH_REPEAT:-1}
+case $repeat in '' | *[!0-9]* | 0) echo "BENCH_REPEAT must be a positive number, not '$repeat'" >&2; exit 2 ;; esac
 out=${BENCH_OUT:-BENCHMARKS.md}
 # Kafka answers a fetch as soon as data arrives: the wait only sets how
 # often an idle consumer asks again. The load generator reads it too.
@@ -290,16 +295,30 @@ run_scenario() {
 
 for scenario in $scenarios; do
   case $scenario in
-    idle) echo "==> idle, 20 s"; run_scenario idle idle ;;
-    rate10) echo "==> open loop 10/s for 30 s"; run_scenario rate10 --rate 10/s --duration 30s --hops ;;
-    rate50) echo "==> open loop 50/s for 30 s"; run_scenario rate50 --rate 50/s --duration 30s --hops ;;
-    rate200) echo "==> open loop 200/s for 30 s"; run_scenario rate200 --rate 200/s --duration 30s --hops ;;
-    max)
-      echo "==> closed loop, concurrency 64, $orders orders"
-      run_scenario max --concurrency 64 --orders "$orders" --grace 120s
-      ;;
+    idle | rate10 | rate50 | rate200 | max) ;;
     *) echo "unknown scenario $scenario (idle rate10 rate50 rate200 max)" >&2; exit 2 ;;
   esac
+done
+for scenario in $scenarios; do
+  for k in $(seq 1 "$repeat"); do
+    # With repeats, each run of a scenario has a name of its own: max-1, max-2...
+    name=$scenario
+    again=""
+    if [ "$repeat" -gt 1 ]; then
+      name="$scenario-$k"
+      again=" (run $k of $repeat)"
+    fi
+    case $scenario in
+      idle) echo "==> idle, 20 s$again"; run_scenario "$name" idle ;;
+      rate10) echo "==> open loop 10/s for 30 s$again"; run_scenario "$name" --rate 10/s --duration 30s --hops ;;
+      rate50) echo "==> open loop 50/s for 30 s$again"; run_scenario "$name" --rate 50/s --duration 30s --hops ;;
+      rate200) echo "==> open loop 200/s for 30 s$again"; run_scenario "$name" --rate 200/s --duration 30s --hops ;;
+      max)
+        echo "==> closed loop, concurrency 64, $orders orders$again"
+        run_scenario "$name" --concurrency 64 --orders "$orders" --grace 120s
+        ;;
+    esac
+  done
 done
 
 if [ -n "$ext_pg" ]; then
@@ -322,9 +341,10 @@ if [ "$auth" = 1 ]; then
 else
   access="authentication off"
 fi
-python3 - "$out" "$(nproc)" "$(date -u +%Y-%m-%d)" "$KAFKA_FETCH_WAIT_MS" "${KAFKA_LINGER_MS:-0}" "$database, $broker" "$command" "$access" "$ticks" "${results[@]}" <<'PY'
-import json, sys
-out, cores, day, fetch_wait, linger, servers, command, access, ticks, *rows = sys.argv[1:]
+python3 - "$out" "$(nproc)" "$(date -u +%Y-%m-%d)" "$KAFKA_FETCH_WAIT_MS" "${KAFKA_LINGER_MS:-0}" "$database, $broker" "$command" "$access" "$ticks" "$repeat" "${results[@]}" <<'PY'
+import json, statistics, sys
+out, cores, day, fetch_wait, linger, servers, command, access, ticks, repeat, *rows = sys.argv[1:]
+repeat = int(repeat)
 mem_kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal:"))
 mem_gib = round(mem_kib / 1024 / 1024)
 lines = [
@@ -358,6 +378,9 @@ for row in rows:
     done = r["confirmed"] + r["failed_payment_declined"] + r["failed_out_of_stock"]
     r["cpu_ticks"] = dict(kv.split("=") for kv in used.split())
     r["done"] = done
+    r["scenario"] = r["mode"]
+    if repeat > 1:
+        r["mode"] += f" (run {name.rsplit('-', 1)[1]} of {repeat})"
     runs.append(r)
     h, e = r["http"], r["end_to_end"]
     lines.append(
@@ -424,6 +447,31 @@ if cpu_runs:
     for r in cpu_runs:
         ms = [int(r["cpu_ticks"].get(p, 0)) * 1000 / int(ticks) / r["done"] for p in parts]
         lines.append(f"| {r['mode']} | " + " | ".join(f"{m:.2f}" for m in ms) + f" | {sum(ms):.2f} |")
+if repeat > 1 and runs:
+    def spread(values, fmt):
+        if not values:
+            return ""
+        return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
+    def cpu_ms(r):
+        return sum(int(t) for t in r["cpu_ticks"].values()) * 1000 / int(ticks) / r["done"]
+    lines += [
+        "",
+        f"The spread over the {repeat} runs of each scenario: median (lowest–highest).",
+        "",
+        "| scenario | throughput (sagas/s) | end-to-end p50 (ms) | end-to-end p99 (ms) | ratio p50 to the floor | CPU per saga, all parts (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario in dict.fromkeys(r["scenario"] for r in runs):
+        same = [r for r in runs if r["scenario"] == scenario]
+        f1 = lambda v: f"{v:.1f}"
+        ratios = [r["end_to_end"]["p50_ms"] / r["floor"]["saga_p50_ms"] for r in same if r.get("floor")]
+        lines.append(
+            f"| {scenario} | {spread([r['sagas_per_s'] for r in same], f1)} | "
+            f"{spread([r['end_to_end']['p50_ms'] for r in same], f1)} | "
+            f"{spread([r['end_to_end']['p99_ms'] for r in same], f1)} | "
+            f"{spread(ratios, lambda v: f'{v:.1f}×')} | "
+            f"{spread([cpu_ms(r) for r in same if r['done']], lambda v: f'{v:.2f}')} |"
+        )
 lines += ["", "CPU (share of one core, averaged over the scenario) and peak RSS per service:", ""]
 for name, use in usage:
     lines.append(f"- **{name}**: {use.strip().rstrip(';')}")

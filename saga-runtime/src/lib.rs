@@ -45,7 +45,7 @@ pub use tokio_util::sync::CancellationToken;
 /// tests) allocates with jemalloc. In a closed-loop profile glibc's malloc
 /// and free (with its fastbin consolidation) were about 30% of the services'
 /// worker threads' CPU; jemalloc took 10-15% off their CPU per saga, peak
-/// RSS unchanged (mimalloc saved as much but held 20-40 MiB more).
+/// RSS unchanged (mimalloc saved less and held 20-40 MiB more).
 /// See docs/performance.md.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
