@@ -334,6 +334,7 @@ else
 fi
 command="./scripts/bench.sh"
 [ "$auth" = 1 ] && command="BENCH_AUTH=1 $command"
+[ "$repeat" -gt 1 ] && command="BENCH_REPEAT=$repeat $command"
 [ -n "$ext_pg" ] && command="BENCH_DATABASE_URL=… $command"
 [ -n "$ext_kafka" ] && command="KAFKA_BROKERS=$ext_kafka $command"
 if [ "$auth" = 1 ]; then
