@@ -50,13 +50,7 @@ impl Settings {
                     Err("must not be negative".into())
                 }
             })?,
-            failure_rate: config::parsed_with("PAYMENT_FAILURE_RATE", d.failure_rate, |r| {
-                if (0.0..=1.0).contains(r) {
-                    Ok(())
-                } else {
-                    Err("must be between 0 and 1".into())
-                }
-            })?,
+            failure_rate: config::parsed_in("PAYMENT_FAILURE_RATE", d.failure_rate, 0.0..=1.0)?,
         })
     }
 }

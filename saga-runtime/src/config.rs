@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use events::EventType;
 
-pub use crate::env::{flag, parsed, parsed_with, required, var, ConfigError};
+pub use crate::env::{flag, parsed, parsed_in, parsed_with, required, var, ConfigError};
 pub use crate::group::GroupProtocol;
 pub use crate::kafka::KafkaConfig;
 
@@ -71,21 +71,9 @@ impl ServiceConfig {
             port: parsed("PORT", default_port)?,
             host: var("HOST").unwrap_or_else(|| "0.0.0.0".to_owned()),
             database_url,
-            max_connections: parsed_with("DATABASE_MAX_CONNECTIONS", 10, |v| {
-                if (2..=500).contains(v) {
-                    Ok(())
-                } else {
-                    Err("must be between 2 and 500".into())
-                }
-            })?,
+            max_connections: parsed_in("DATABASE_MAX_CONNECTIONS", 10, 2..=500)?,
             kafka: KafkaConfig::from_env()?,
-            shutdown_grace: Duration::from_secs(parsed_with("SHUTDOWN_GRACE_SECS", 10u64, |v| {
-                if (1..=3600).contains(v) {
-                    Ok(())
-                } else {
-                    Err("must be between 1 and 3600".into())
-                }
-            })?),
+            shutdown_grace: Duration::from_secs(parsed_in("SHUTDOWN_GRACE_SECS", 10u64, 1..=3600)?),
             group_instance_id: group_instance_id()?,
             group_protocol: GroupProtocol::from_env()?,
             auth: crate::auth::AuthConfig::from_env()?,

@@ -3,6 +3,7 @@
 //! concern reads its own settings with these; [`crate::config`] gathers
 //! them.
 
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 
 /// A configuration problem; `Display` is the one line shown to the operator.
@@ -81,4 +82,48 @@ where
         reason,
     })?;
     Ok(value)
+}
+
+/// Like [`parsed`], and the value must lie in `range` ("must be between
+/// {start} and {end}" otherwise).
+pub fn parsed_in<T>(name: &str, default: T, range: RangeInclusive<T>) -> Result<T, ConfigError>
+where
+    T: FromStr + PartialOrd + std::fmt::Display,
+    T::Err: std::fmt::Display,
+{
+    parsed_with(name, default, |v| within(&range, v))
+}
+
+fn within<T: PartialOrd + std::fmt::Display>(
+    range: &RangeInclusive<T>,
+    value: &T,
+) -> Result<(), String> {
+    if range.contains(value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be between {} and {}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::within;
+
+    #[test]
+    fn a_value_outside_its_range_is_refused_with_the_bounds() {
+        assert_eq!(within(&(1..=10), &1), Ok(()));
+        assert_eq!(within(&(1..=10), &10), Ok(()));
+        assert_eq!(
+            within(&(1..=10), &11),
+            Err("must be between 1 and 10".to_owned())
+        );
+        assert_eq!(
+            within(&(0.0..=1.0), &f64::NAN),
+            Err("must be between 0 and 1".to_owned())
+        );
+    }
 }

@@ -20,7 +20,7 @@ use rdkafka::producer::{
     BaseProducer, BaseRecord, DeliveryResult, FutureRecord, Producer as _, ProducerContext,
 };
 
-use crate::env::{parsed_with, var, ConfigError};
+use crate::env::{parsed_in, parsed_with, var, ConfigError};
 
 /// Kafka settings shared by producer, consumer and admin client.
 #[derive(Debug, Clone)]
@@ -59,34 +59,10 @@ impl KafkaConfig {
                     Err("only letters, digits, '-', '_' and '.' are allowed".into())
                 }
             })?,
-            fetch_wait_ms: parsed_with("KAFKA_FETCH_WAIT_MS", 500, |v| {
-                if (1..=10_000).contains(v) {
-                    Ok(())
-                } else {
-                    Err("must be between 1 and 10000".into())
-                }
-            })?,
-            partitions: parsed_with("KAFKA_PARTITIONS", 3, |v| {
-                if (1..=1000).contains(v) {
-                    Ok(())
-                } else {
-                    Err("must be between 1 and 1000".into())
-                }
-            })?,
-            replication_factor: parsed_with("KAFKA_REPLICATION_FACTOR", 1, |v| {
-                if (1..=10).contains(v) {
-                    Ok(())
-                } else {
-                    Err("must be between 1 and 10".into())
-                }
-            })?,
-            linger_ms: parsed_with("KAFKA_LINGER_MS", 0, |v| {
-                if *v <= 1000 {
-                    Ok(())
-                } else {
-                    Err("must be at most 1000".into())
-                }
-            })?,
+            fetch_wait_ms: parsed_in("KAFKA_FETCH_WAIT_MS", 500, 1..=10_000)?,
+            partitions: parsed_in("KAFKA_PARTITIONS", 3, 1..=1000)?,
+            replication_factor: parsed_in("KAFKA_REPLICATION_FACTOR", 1, 1..=10)?,
+            linger_ms: parsed_in("KAFKA_LINGER_MS", 0, 0..=1000)?,
         })
     }
 
